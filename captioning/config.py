@@ -1,0 +1,114 @@
+"""One Config dataclass holds every knob; presets fill it for the tiny set and for COCO.
+
+    cfg = get_config("tiny", epochs=3)      # preset + overrides
+    cfg.vocabulary_path                     # data_dir/tiny/vocabulary.pkl
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    preset: str = "coco"
+    data_dir: str = "data_dir/coco"        # a COCO-layout folder: train2014/ val2014/ annotations/
+    models_dir: str = ""                   # default: models_dir/<name of data_dir>
+    # vocabulary and images
+    vocab_threshold: int = 4
+    max_seq_len: int = 20
+    resize_size: int = 256                 # images are resized to size x size once, on disk
+    crop_size: int = 224                   # then randomly cropped to this for training
+    hflip: bool = True                     # horizontal flips (off for the tiny set: it has left/right)
+    # model
+    backbone: str = "resnet152"
+    weights: str | None = "DEFAULT"        # "DEFAULT", an enum name, None, or a local .pth file
+    train_backbone: bool = False
+    embedding_size: int = 256
+    hidden_layer_size: int = 512
+    num_layers: int = 1
+    # optimisation
+    batch_size: int = 128
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4              # only used when train_backbone=True
+    epochs: int = 5
+    group_by_image: bool = False           # one item = an image with all its captions (encoder runs once)
+    max_steps: int = 0                     # 0 = no limit
+    seed: int = 0
+    # feature cache (frozen backbone only)
+    cache: bool = True
+    cache_views: int = 5                   # K augmented views per training image
+    # bookkeeping
+    save_every: int = 1000
+    log_every: int = 10
+    val_max_captions: int = 5000           # validation loss on at most this many captions
+    num_workers: int = 2
+    amp: bool = True                       # autocast on CUDA (bf16 where supported, else fp16)
+    channels_last: bool = True             # CNN memory format on CUDA
+    device: str = ""                       # "" = cuda if available, else cpu
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.models_dir:
+            self.models_dir = os.path.join("models_dir", os.path.basename(os.path.normpath(self.data_dir)))
+        if self.crop_size > self.resize_size:
+            raise ValueError(f"crop_size ({self.crop_size}) must not exceed resize_size ({self.resize_size})")
+
+    # --- derived paths: the state files shared by the notebooks ---
+    def split_images(self, split):
+        return os.path.join(self.data_dir, f"{split}2014")
+
+    def resized_images(self, split):
+        return os.path.join(self.data_dir, "resized_images", f"{split}2014")
+
+    def captions_json(self, split):
+        return os.path.join(self.data_dir, "annotations", f"captions_{split}2014.json")
+
+    @property
+    def vocabulary_path(self):
+        return os.path.join(self.data_dir, "vocabulary.pkl")
+
+    @property
+    def features_dir(self):
+        return os.path.join(self.data_dir, "features")
+
+    @property
+    def use_cache(self):
+        return self.cache and not self.train_backbone
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # Chapter 2 on MS-COCO 2014: frozen ImageNet ResNet-152, batch 128, 5 epochs.
+    "coco": dict(preset="coco", data_dir="data_dir/coco"),
+    # The bundled synthetic set on a 2-core CPU. No pretrained weights can be had offline and
+    # a frozen random ResNet learns almost nothing, so a small backbone is fine-tuned instead.
+    "tiny": dict(
+        preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
+        hflip=False, backbone="resnet18", weights=None, train_backbone=True,
+        embedding_size=128, hidden_layer_size=256, batch_size=64, lr=2e-3, backbone_lr=2e-3,
+        group_by_image=True, epochs=4, save_every=100, log_every=10, num_workers=1, val_max_captions=1250,
+    ),
+}
+
+
+def get_config(preset="tiny", **overrides):
+    """A Config from a preset, with any field overridden; unknown fields are an error."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+    values = dict(PRESETS[preset])
+    values.update(overrides)
+    if "data_dir" in overrides and "models_dir" not in overrides:
+        values["models_dir"] = ""
+    return Config(**values)
+
+
+def config_from_dict(d):
+    """Rebuild a Config saved with `to_dict` (ignores fields from newer/older versions)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_cli(*args, timeout=300, check=True, **kwargs):
+    """Run `python -m captioning ...` from the repo root; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "captioning", *map(str, args)], cwd=kwargs.pop("cwd", ROOT),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small tiny-set in COCO layout (60 train / 16 val images), shared read-only by the tests."""
+    from captioning.tinyset import make_tinyset
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    make_tinyset(str(out), train=60, val=16, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tiny_data):
+    from captioning.vocabulary import build_vocabulary
+
+    return build_vocabulary(str(tiny_data / "annotations" / "captions_train2014.json"), threshold=1, progress=False)
+
+
+@pytest.fixture
+def tiny_copy(tiny_data, tmp_path):
+    """A private, writable copy of the tiny data (for tests that build vocabularies, caches, resized images)."""
+    import shutil
+
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_data, dst)
+    return dst
