@@ -1,0 +1,126 @@
+"""Text encoding: tokenize captions offline, build a Vocab, save and load it safely.
+
+The tokenizer needs no nltk data files (no `nltk.download('punkt')`), and drops the
+same punctuation that pycocoevalcap's PTB tokenizer drops, so what the model learns
+is what the evaluation scores.
+"""
+import io
+import os
+import pickle
+from collections import Counter
+
+from nltk.tokenize import NLTKWordTokenizer
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3, in the chapter's order
+
+# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS
+PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_word_tokenizer = NLTKWordTokenizer()
+
+
+def tokenize(text):
+    """'A dog on a Bench.' -> ['a', 'dog', 'on', 'a', 'bench']"""
+    tokens = _word_tokenizer.tokenize(str(text).lower().strip())
+    # the Treebank rules only split a period at the very end of the text; catch "bench." mid-text too
+    tokens = [t[:-1] if len(t) > 1 and t.endswith(".") and t.count(".") == 1 else t for t in tokens]
+    return [t for t in tokens if t not in PUNCTUATIONS]
+
+
+class Vocab:
+    """Maps words to ids and back; unknown words map to <unk>."""
+
+    def __init__(self):
+        self.w2i = {}
+        self.i2w = {}
+        self.index = 0
+
+    def add_token(self, token):
+        if token not in self.w2i:
+            self.w2i[token] = self.index
+            self.i2w[self.index] = token
+            self.index += 1
+
+    def __call__(self, token):
+        return self.w2i.get(token, self.w2i[UNK])
+
+    def __len__(self):
+        return len(self.w2i)
+
+    def words(self):
+        """The word list in id order: all a checkpoint needs to rebuild the Vocab."""
+        return [self.i2w[i] for i in range(len(self))]
+
+    @classmethod
+    def from_words(cls, words):
+        vocab = cls()
+        for w in words:
+            vocab.add_token(w)
+        if tuple(vocab.words()[:4]) != SPECIAL_TOKENS:
+            raise ValueError(f"a vocabulary must start with {SPECIAL_TOKENS}, got {vocab.words()[:4]}")
+        return vocab
+
+    def __repr__(self):
+        return f"Vocab({len(self)} words)"
+
+
+def build_vocabulary(json, threshold=4, progress=True):
+    """Count the tokens of every caption in a COCO captions file; keep those seen >= threshold times."""
+    from pycocotools.coco import COCO
+    from tqdm.auto import tqdm
+
+    if not os.path.isfile(json):
+        raise FileNotFoundError(f"captions file not found: {json}")
+    coco = COCO(json)
+    counter = Counter()
+    for ann in tqdm(coco.anns.values(), desc="tokenizing captions", unit="cap", disable=not progress):
+        counter.update(tokenize(ann["caption"]))
+    vocab = Vocab()
+    for token in SPECIAL_TOKENS:
+        vocab.add_token(token)
+    # most frequent first, ties alphabetical: the same file gives the same ids everywhere
+    for token, count in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+        if count >= threshold:
+            vocab.add_token(token)
+    return vocab
+
+
+def save_vocabulary(vocab, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(vocab, f, protocol=4)
+    os.replace(tmp, path)
+    return path
+
+
+class _VocabUnpickler(pickle.Unpickler):
+    """Only the Vocab class and plain builtins may appear in a vocabulary pickle."""
+
+    SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool"}
+
+    def find_class(self, module, name):
+        if name == "Vocab" and module in (__name__, "__main__"):  # "__main__": pickles from the chapter's notebook
+            return Vocab
+        if module == "builtins" and name in self.SAFE_BUILTINS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a vocabulary pickle: only {__name__}.Vocab "
+            f"and plain builtins are allowed (the file may be corrupt or malicious)")
+
+
+def load_vocabulary(path):
+    """Load a vocabulary.pkl without running arbitrary code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vocabulary not found: {path} (build it with notebook 02 or "
+                                f"`python -m captioning vocab`)")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        vocab = _VocabUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"{path}: {e}") from None
+    if not isinstance(vocab, Vocab) or not isinstance(getattr(vocab, "w2i", None), dict):
+        raise pickle.UnpicklingError(f"{path} does not hold a Vocab (got {type(vocab).__name__})")
+    return vocab

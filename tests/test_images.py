@@ -1,0 +1,96 @@
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from captioning.images import load_image, resize_images
+from conftest import ROOT, run_cli
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """Grayscale, CMYK, RGBA PNG, palette PNG with transparency, EXIF-rotated JPEG, a corrupt and a truncated file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("L", (40, 30), 128).save(src / "gray.jpg")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(src / "cmyk.jpg")
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(src / "rgba.png")
+    pal = Image.new("P", (40, 30), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.save(src / "palette.png", transparency=0)
+    # a 40x20 landscape stored with EXIF orientation 6 (rotate 90 degrees clockwise to display)
+    rotated = Image.new("RGB", (40, 20), (0, 200, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(src / "exif.jpg", exif=exif)
+    (src / "corrupt.jpg").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+    (src / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    (src / "notes.txt").write_text("not an image extension: ignored")
+    return src
+
+
+def test_load_image_gives_upright_rgb(odd_images):
+    for name in ("gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "exif.jpg"):
+        assert load_image(odd_images / name).mode == "RGB"
+    assert load_image(odd_images / "exif.jpg").size == (20, 40)  # EXIF rotation applied
+    assert load_image(odd_images / "rgba.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    r, g, b = load_image(odd_images / "cmyk.jpg").getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # CMYK (0, 255, 255, 0) is red
+
+
+def test_resize_handles_odd_and_corrupt_images(odd_images, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    result = resize_images(str(odd_images), str(dst), size=32, workers=2, progress=False)
+    good = {"gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "exif.jpg"}
+    assert set(os.listdir(dst)) == good  # same names, nothing for the broken files
+    for name in good:
+        with Image.open(dst / name) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+    assert sorted(f.split(":")[0] for f in result["failed"]) == ["corrupt.jpg", "truncated.jpg"]
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable image(s)" in out and "corrupt.jpg" in out and "truncated.jpg" in out
+
+
+def test_resize_is_idempotent(odd_images, tmp_path):
+    dst = tmp_path / "dst"
+    first = resize_images(str(odd_images), str(dst), size=16, progress=False)
+    assert first["resized"] == 5
+    second = resize_images(str(odd_images), str(dst), size=16, progress=False)
+    assert second["resized"] == 0 and second["skipped_up_to_date"] == 5
+    os.utime(odd_images / "gray.jpg")  # a newer source is redone
+    os.utime(dst / "gray.jpg", (0, 0))
+    assert resize_images(str(odd_images), str(dst), size=16, progress=False)["resized"] == 1
+
+
+def test_parallel_path_over_many_files(tiny_data, tmp_path):
+    dst = tmp_path / "r"
+    r = resize_images(str(tiny_data / "train2014"), str(dst), size=24, workers=2, progress=False)
+    assert r["resized"] == 60 and r["failed"] == []
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(tiny_data / "train2014"))
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="source image folder not found"):
+        resize_images(str(tmp_path / "nope"), str(tmp_path / "dst"))
+
+
+def test_cli_reports_and_exits_zero(odd_images, tmp_path):
+    proc = run_cli("resize", "--src", odd_images, "--dst", tmp_path / "d", "--size", 20, "--workers", 1)
+    assert "5 resized" in proc.stdout and "2 unreadable" in proc.stdout and "corrupt.jpg" in proc.stdout
+    proc = run_cli("resize", "--src", tmp_path / "missing", "--dst", tmp_path / "d", check=False)
+    assert proc.returncode != 0 and "missing" in proc.stderr
+
+
+def test_resize_cli_does_not_import_torch(odd_images, tmp_path):
+    code = ("import sys, runpy; sys.argv = ['captioning', 'resize', '--src', sys.argv[1], '--dst', sys.argv[2]];"
+            "import captioning.__main__ as m\ntry:\n m.main()\nfinally:\n print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+    out = subprocess.run([sys.executable, "-c", code, str(odd_images), str(tmp_path / "d")], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("NOTORCH")

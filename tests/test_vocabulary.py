@@ -1,0 +1,95 @@
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from captioning.vocabulary import (SPECIAL_TOKENS, Vocab, build_vocabulary, load_vocabulary, save_vocabulary,
+                                   tokenize)
+from conftest import ROOT, run_cli
+
+
+def test_tokenize_is_offline_lowercase_and_drops_punctuation():
+    assert tokenize("A dog on a Bench.") == ["a", "dog", "on", "a", "bench"]
+    assert tokenize("Two cats, sitting in the background.") == ["two", "cats", "sitting", "in", "the", "background"]
+    assert tokenize("a man's bike. it is red") == ["a", "man", "'s", "bike", "it", "is", "red"]
+
+
+def test_build_vocabulary_order_threshold_and_unknown(tiny_data):
+    json_path = str(tiny_data / "annotations" / "captions_train2014.json")
+    vocab = build_vocabulary(json_path, threshold=1, progress=False)
+    assert [vocab.i2w[i] for i in range(4)] == list(SPECIAL_TOKENS)
+    assert vocab("<pad>") == 0 and vocab("<start>") == 1 and vocab("<end>") == 2 and vocab("<unk>") == 3
+    assert vocab("zebra") == vocab("<unk>")
+    assert vocab("circle") > 3 and vocab.i2w[vocab("circle")] == "circle"
+    assert not any(w.endswith(".") for w in vocab.w2i)
+    strict = build_vocabulary(json_path, threshold=10_000, progress=False)
+    assert len(strict) == 4 < len(vocab)
+    assert build_vocabulary(json_path, threshold=1, progress=False).words() == vocab.words()  # stable ids
+
+
+def test_missing_captions_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        build_vocabulary(str(tmp_path / "nope.json"))
+
+
+def test_pickle_loads_from_any_process(tiny_vocab, tmp_path):
+    path = save_vocabulary(tiny_vocab, str(tmp_path / "vocabulary.pkl"))
+    code = ("from captioning.vocabulary import load_vocabulary; import pickle, sys;"
+            "v = load_vocabulary(sys.argv[1]); w = pickle.load(open(sys.argv[1], 'rb'));"
+            "print(len(v), len(w), v('circle'))")
+    out = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(len(tiny_vocab))] * 2 + [str(tiny_vocab("circle"))]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "vocabulary.pkl"
+    path.write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|os)\.system"):
+        load_vocabulary(str(path))
+    assert not marker.exists()
+
+
+def test_not_a_vocab_is_refused(tmp_path):
+    path = tmp_path / "v.pkl"
+    path.write_bytes(pickle.dumps({"w2i": {}}))
+    with pytest.raises(pickle.UnpicklingError, match="does not hold a Vocab"):
+        load_vocabulary(str(path))
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
+        load_vocabulary(str(tmp_path / "missing.pkl"))
+
+
+def test_chapter_style_main_pickle_still_loads(tmp_path):
+    """The chapter pickled a Vocab defined in its notebook (__main__); such files load too."""
+    code = ("import pickle\nclass Vocab:\n def __init__(self): self.w2i={}; self.i2w={}; self.index=0\n"
+            "v=Vocab()\nfor w in ['<pad>','<start>','<end>','<unk>','dog']:\n v.w2i[w]=v.index; v.i2w[v.index]=w; v.index+=1\n"
+            f"pickle.dump(v, open({str(tmp_path / 'old.pkl')!r}, 'wb'))\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    vocab = load_vocabulary(str(tmp_path / "old.pkl"))
+    assert isinstance(vocab, Vocab) and vocab("dog") == 4 and vocab("cat") == 3
+
+
+def test_from_words_roundtrip_and_validation(tiny_vocab):
+    assert Vocab.from_words(tiny_vocab.words()).w2i == tiny_vocab.w2i
+    with pytest.raises(ValueError, match="must start with"):
+        Vocab.from_words(["dog", "<pad>"])
+
+
+def test_cli(tiny_data, tmp_path):
+    out = tmp_path / "vocabulary.pkl"
+    proc = run_cli("vocab", "--captions", tiny_data / "annotations" / "captions_train2014.json", "--out", out,
+                   "--threshold", 2)
+    assert "saved" in proc.stdout
+    assert len(load_vocabulary(str(out))) > 10
+    proc = run_cli("vocab", "--captions", tmp_path / "missing.json", "--out", out, check=False)
+    assert proc.returncode != 0 and "missing.json" in proc.stderr
