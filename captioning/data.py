@@ -1,0 +1,157 @@
+"""Dataset, collate and loader (the chapter's names), plus the image transforms.
+
+Everything is defined at module level, so DataLoader workers also work under the
+`spawn` start method (macOS, Windows), where classes defined in a notebook cannot be found.
+"""
+import os
+
+import torch
+import torch.utils.data as data
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+from .images import load_image
+from .vocabulary import END, START, tokenize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_normalized_tensor(image):
+    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class TrainTransform:
+    """RandomCrop + optional horizontal flip + ImageNet normalisation, as in the chapter.
+
+    It takes an optional torch.Generator, so a resumed run and the feature cache can
+    reproduce exactly the same crops.
+    """
+
+    def __init__(self, crop_size=224, hflip=True):
+        self.crop_size, self.hflip = crop_size, hflip
+
+    def __call__(self, image, generator=None):
+        w, h = image.size
+        c = self.crop_size
+        if w < c or h < c:
+            image = TF.resize(image, [max(c, h * c // w), max(c, w * c // h)])
+            w, h = image.size
+        top = int(torch.randint(0, h - c + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - c + 1, (1,), generator=generator))
+        image = TF.crop(image, top, left, c, c)
+        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+            image = TF.horizontal_flip(image)
+        return _to_normalized_tensor(image)
+
+    def __repr__(self):
+        return f"TrainTransform(crop_size={self.crop_size}, hflip={self.hflip})"
+
+
+def eval_transform(resize_size=256, crop_size=224):
+    """Deterministic: resize to the training size (a no-op on resized images), then centre-crop."""
+    return T.Compose([T.Resize((resize_size, resize_size), antialias=True), T.CenterCrop(crop_size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def encode_caption(caption, vocabulary, max_seq_len=20):
+    """'A dog.' -> LongTensor [<start>, a, dog, <end>], at most max_seq_len long, <end> always kept."""
+    ids = [vocabulary(t) for t in tokenize(caption)][: max_seq_len - 2]
+    return torch.tensor([vocabulary(START)] + ids + [vocabulary(END)], dtype=torch.long)
+
+
+class CocoCaptionDataset(data.Dataset):
+    """One item per caption, as in the chapter: (image tensor, caption LongTensor).
+
+    With `group_by_image=True` an item is one image with all its captions: (image, [captions]).
+    The encoder then runs once per image instead of once per caption, which is what makes
+    fine-tuning the backbone affordable (the decoder is cheap; the CNN's backward is not).
+    """
+
+    def __init__(self, data_path, coco_json_path, vocabulary, transform=None, max_seq_len=20, seed=0,
+                 group_by_image=False):
+        from pycocotools.coco import COCO
+
+        if not os.path.isdir(data_path):
+            raise FileNotFoundError(f"image folder not found: {data_path}")
+        if not os.path.isfile(coco_json_path):
+            raise FileNotFoundError(f"captions file not found: {coco_json_path}")
+        self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
+        self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
+        self.coco = COCO(coco_json_path)
+        present = set(os.listdir(data_path))
+        image_ids = sorted(self.coco.imgs)
+        missing = [self.coco.imgs[i]["file_name"] for i in image_ids if self.coco.imgs[i]["file_name"] not in present]
+        if missing:
+            print(f"warning: {len(missing)} of {len(image_ids)} images listed in {coco_json_path} are missing "
+                  f"from {data_path} and will be skipped, e.g. {', '.join(missing[:5])}")
+        missing = set(missing)
+        # images that are present and captioned, in a fixed order
+        self.image_ids = [i for i in image_ids if self.coco.imgs[i]["file_name"] not in missing
+                          and self.coco.imgToAnns.get(i)]
+        if not self.image_ids:
+            raise ValueError(f"no captioned images found: {coco_json_path} lists none present in {data_path}")
+        # items: (index into image_ids, annotation ids)
+        anns = [sorted(a["id"] for a in self.coco.imgToAnns[i]) for i in self.image_ids]
+        if group_by_image:
+            self.items = list(enumerate(anns))
+        else:
+            self.items = sorted(((k, [a]) for k, ids in enumerate(anns) for a in ids), key=lambda it: it[1][0])
+
+    def set_epoch(self, epoch):
+        """Seeds the random crops of this epoch (call before creating the DataLoader iterator)."""
+        self.epoch = epoch
+
+    def image_path(self, image_index):
+        return os.path.join(self.data_path, self.coco.imgs[self.image_ids[image_index]]["file_name"])
+
+    def captions(self, idx):
+        """The encoded caption(s) of item `idx`, as a list of LongTensors."""
+        return [encode_caption(self.coco.anns[a]["caption"], self.vocabulary, self.max_seq_len)
+                for a in self.items[idx][1]]
+
+    def load(self, idx):
+        """The transformed image of item `idx` (its random crop is fixed by seed, epoch and idx)."""
+        image = load_image(self.image_path(self.items[idx][0]))
+        if isinstance(self.transform, TrainTransform):
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFF_FFFF_FFFF)
+            return self.transform(image, generator=g)
+        return self.transform(image) if self.transform is not None else image
+
+    def __getitem__(self, idx):
+        captions = self.captions(idx)
+        return self.load(idx), (captions if self.group_by_image else captions[0])
+
+    def __len__(self):
+        return len(self.items)
+
+
+def collate_function(data_batch):
+    """Pad captions with <pad>=0 and sort by length, longest first (what pack_padded_sequence wants).
+
+    Returns images (B, ...), captions (N, max_len) LongTensor and lengths (a list of ints).
+    For items grouped by image, a 4th value maps each caption to its image: (N,) LongTensor.
+    """
+    grouped = isinstance(data_batch[0][1], list)
+    pairs = [(k, c) for k, item in enumerate(data_batch) for c in (item[1] if grouped else [item[1]])]
+    pairs.sort(key=lambda kc: len(kc[1]), reverse=True)
+    lengths = [len(c) for _, c in pairs]
+    targets = torch.zeros(len(pairs), max(lengths), dtype=torch.long)
+    for i, (_, c) in enumerate(pairs):
+        targets[i, : lengths[i]] = c
+    if grouped:
+        images = torch.stack([item[0] for item in data_batch], 0)
+        return images, targets, lengths, torch.tensor([k for k, _ in pairs])
+    images = torch.stack([data_batch[k][0] for k, _ in pairs], 0)  # in caption order
+    return images, targets, lengths
+
+
+def get_loader(data_path, coco_json_path, vocabulary, transform, batch_size, shuffle, num_workers,
+               sampler=None, max_seq_len=20, seed=0, pin_memory=False, group_by_image=False):
+    """The chapter's loader; `sampler` (e.g. a DistributedSampler) replaces `shuffle` when given."""
+    coco_dataset = CocoCaptionDataset(data_path, coco_json_path, vocabulary, transform, max_seq_len, seed,
+                                      group_by_image)
+    return data.DataLoader(coco_dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                           sampler=sampler, num_workers=num_workers, collate_fn=collate_function,
+                           pin_memory=pin_memory, persistent_workers=False)

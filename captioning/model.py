@@ -1,0 +1,212 @@
+"""The chapter's CNN encoder and LSTM decoder, with batched greedy and beam-search decoding."""
+import os
+
+import torch
+import torch.nn as nn
+import torchvision.models as models
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .vocabulary import END, PAD, START
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def resolve_weights(backbone, weights):
+    """`weights` as given by a user -> a torchvision weights enum, None, or a local file path."""
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None
+    if isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt"))):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"local weights file not found: {weights}")
+        return weights
+    enum = models.get_model_weights(backbone)
+    if isinstance(weights, enum):
+        return weights
+    name = str(weights).split(".")[-1]  # "ResNet152_Weights.IMAGENET1K_V2" or "IMAGENET1K_V2"
+    try:
+        return enum[name]
+    except KeyError:
+        raise ValueError(f"unknown weights {weights!r} for {backbone}; choose from "
+                         f"{['DEFAULT', *enum.__members__]}, None, or a .pth file") from None
+
+
+def weights_id(weights):
+    """A string that names the weights (stored in checkpoints and feature-cache keys)."""
+    if weights is None or isinstance(weights, str):
+        return weights
+    return f"{type(weights).__name__}.{weights.name}"
+
+
+def _load_state_dict(weights):
+    if isinstance(weights, str):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # offline, proxy, disk full...
+        file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise RuntimeError(
+            f"could not download {weights_id(weights)} from {weights.url} ({type(e).__name__}: {e}). "
+            f"Download it elsewhere and place it at {file}, or pass weights='/path/to/file.pth'.") from e
+
+
+class CNNModel(nn.Module):
+    """ResNet without its fc layer -> Linear -> BatchNorm1d(momentum=0.01): one embedding per image."""
+
+    def __init__(self, embedding_size, backbone="resnet152", weights="DEFAULT", train_backbone=False):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+        self.backbone_name, self.train_backbone = backbone, train_backbone
+        weights = resolve_weights(backbone, weights)
+        self.weights_id = weights_id(weights)
+        resnet = getattr(models, backbone)(weights=None)
+        if weights is not None:
+            state = {k.removeprefix("module."): v for k, v in _load_state_dict(weights).items()}
+            resnet.load_state_dict(state)
+        self.feature_size = resnet.fc.in_features
+        self.resnet_module = nn.Sequential(*list(resnet.children())[:-1])  # drop the fc layer
+        self.linear_layer = nn.Linear(self.feature_size, embedding_size)
+        self.batch_norm = nn.BatchNorm1d(embedding_size, momentum=0.01)
+        if not train_backbone:
+            self.resnet_module.requires_grad_(False)
+            self.resnet_module.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.train_backbone:  # a frozen backbone's BatchNorm statistics must not drift
+            self.resnet_module.eval()
+        return self
+
+    def extract(self, input_images):
+        """(B, 3, H, W) -> pooled backbone features (B, feature_size): what the feature cache stores."""
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            return self.resnet_module(input_images).flatten(1)
+
+    def head(self, resnet_features):
+        """Pooled features -> image embedding (B, embedding_size); always trained."""
+        return self.batch_norm(self.linear_layer(resnet_features.float()))
+
+    def forward(self, input_images):
+        return self.head(self.extract(input_images))
+
+
+class LSTMModel(nn.Module):
+    """Image embedding first, then the caption's word embeddings, through an LSTM to word logits."""
+
+    def __init__(self, embedding_size, hidden_layer_size, vocabulary_size, num_layers, max_seq_len=20):
+        super().__init__()
+        self.embedding_layer = nn.Embedding(vocabulary_size, embedding_size)
+        self.lstm_layer = nn.LSTM(embedding_size, hidden_layer_size, num_layers, batch_first=True)
+        self.linear_layer = nn.Linear(hidden_layer_size, vocabulary_size)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, input_features, captions, lengths):
+        """Teacher forcing. Returns logits packed like `pack_padded_sequence(captions, lengths)[0]`:
+        (sum(lengths), vocabulary_size). The image predicts <start>, <start> predicts word 1, ..."""
+        embeddings = self.embedding_layer(captions)                              # (B, T, E)
+        lstm_input = torch.cat((input_features.unsqueeze(1), embeddings), 1)     # (B, 1+T, E)
+        packed = pack_padded_sequence(lstm_input, lengths, batch_first=True)
+        hidden_variables, _ = self.lstm_layer(packed)
+        return self.linear_layer(hidden_variables[0])                            # (sum(lengths), V)
+
+    def step(self, lstm_input, lstm_states=None):
+        """One time step: (B, E) input -> (B, V) log-probabilities and the new states."""
+        hidden, lstm_states = self.lstm_layer(lstm_input.unsqueeze(1), lstm_states)
+        return self.linear_layer(hidden.squeeze(1)).float().log_softmax(-1), lstm_states
+
+    @torch.no_grad()
+    def sample(self, input_features, lstm_states=None):
+        """Batched greedy decoding: (B, E) features -> (B, max_seq_len) token ids."""
+        sampled_indices = []
+        lstm_input = input_features
+        for _ in range(self.max_seq_len):
+            log_probs, lstm_states = self.step(lstm_input, lstm_states)
+            predicted = log_probs.argmax(-1)                                     # (B,)
+            sampled_indices.append(predicted)
+            lstm_input = self.embedding_layer(predicted)
+        return torch.stack(sampled_indices, 1)
+
+    @torch.no_grad()
+    def score(self, input_features, sequences, length_penalty=0.7):
+        """sum(log p) / length**length_penalty of token-id lists: what beam search maximises."""
+        lengths = torch.tensor([len(s) for s in sequences], device=input_features.device)
+        captions = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=input_features.device)
+        for i, seq in enumerate(sequences):
+            captions[i, : len(seq)] = torch.as_tensor(seq)
+        embeddings = self.embedding_layer(captions[:, :-1])                      # (B, T-1, E)
+        hidden, _ = self.lstm_layer(torch.cat((input_features.unsqueeze(1), embeddings), 1))
+        log_probs = self.linear_layer(hidden).float().log_softmax(-1)            # (B, T, V)
+        token_lp = log_probs.gather(2, captions.unsqueeze(2)).squeeze(2)        # (B, T)
+        mask = torch.arange(captions.size(1), device=captions.device) < lengths.unsqueeze(1)
+        return ((token_lp * mask).sum(1) / lengths.float() ** length_penalty).tolist()
+
+    @torch.no_grad()
+    def beam_search(self, input_features, beam_size=3, length_penalty=0.7, end_id=2):
+        """Batched beam search. Returns one token-id list per image, cut after <end>.
+
+        Beams are ranked by their summed log-probability while they grow; finished
+        captions are compared by sum(log p) / length**length_penalty (the GNMT-style
+        normalisation of the peers; 0 = raw sum, 1 = mean log-probability), so that
+        short captions are not favoured just for having fewer terms. The greedy caption
+        is scored the same way and kept if it beats every beam, so the result never
+        scores below greedy; beam_size=1 is exactly greedy.
+        """
+        B, K, T = input_features.size(0), beam_size, self.max_seq_len
+        device = input_features.device
+        log_probs, states = self.step(input_features)                            # (B, V)
+        V = log_probs.size(1)
+        k0 = min(K, V)
+        scores, tokens = log_probs.topk(k0, dim=1)                               # (B, k0)
+        if k0 < K:  # pad with dead beams
+            scores = torch.cat([scores, scores.new_full((B, K - k0), float("-inf"))], 1)
+            tokens = torch.cat([tokens, tokens.new_zeros(B, K - k0)], 1)
+        states = tuple(s.repeat_interleave(K, dim=1) for s in states)            # (L, B*K, H)
+        history = tokens.unsqueeze(2)                                            # (B, K, t)
+        best = [(float("-inf"), None)] * B                                       # (normalised score, ids)
+
+        def finish(b, k, t):
+            norm = scores[b, k].item() / t ** length_penalty
+            if norm > best[b][0]:
+                best[b] = (norm, history[b, k].tolist())
+
+        for t in range(1, T + 1):
+            ended = (tokens == end_id) | (t == T)
+            for b, k in ended.logical_and(scores > float("-inf")).nonzero().tolist():
+                finish(b, k, t)
+            scores = scores.masked_fill(tokens == end_id, float("-inf"))
+            if t == T or bool((scores == float("-inf")).all()):
+                break
+            log_probs, states = self.step(self.embedding_layer(tokens.view(-1)), states)
+            candidates = (scores.view(B * K, 1) + log_probs).view(B, K * V)     # (B, K*V)
+            scores, flat = candidates.topk(K, dim=1)                             # (B, K)
+            parent = torch.div(flat, V, rounding_mode="floor")                  # (B, K)
+            tokens = flat % V
+            gather = (parent + torch.arange(B, device=device).unsqueeze(1) * K).view(-1)
+            states = tuple(s[:, gather] for s in states)
+            history = torch.cat([history.gather(1, parent.unsqueeze(2).expand_as(history)),
+                                 tokens.unsqueeze(2)], 2)
+        results = [ids for _, ids in best]
+        if K > 1:  # never below greedy under the same score
+            greedy = [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
+            greedy_scores = self.score(input_features, greedy, length_penalty)
+            results = [g if gs > bs + 1e-6 else r
+                       for g, gs, r, (bs, _) in zip(greedy, greedy_scores, results, best)]
+        return results
+
+
+def cut_after_end(ids, end_id=2):
+    ids = list(ids)
+    return ids[: ids.index(end_id) + 1] if end_id in ids else ids
+
+
+def decode(ids, vocab):
+    """Token ids -> a clean sentence: stops at <end>, drops <start> and <pad>."""
+    words = []
+    for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+        word = vocab.i2w[int(i)]
+        if word == END:
+            break
+        if word not in (START, PAD):
+            words.append(word)
+    return " ".join(words)
