@@ -3,7 +3,9 @@
 Where the time goes when shrinking a 640x480 COCO JPEG to 256x256 (see benchmarks/resize.py):
 full-size JPEG decoding dominates, then the resampling filter, then encoding. So:
 - `Image.draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale straight from the DCT
-  coefficients, never producing the full-size pixels (only when the result stays >= the target);
+  coefficients, never producing the full-size pixels. We allow the drafted image to be up to
+  10% smaller than the target on an axis (640x480 decodes at 320x240 for a 256x256 target,
+  then is stretched 7% vertically): without that slack a 4:3 photo never qualifies;
 - the remaining downscale uses an antialiased bilinear filter (Pillow antialiases every filter
   when shrinking), about half the cost of LANCZOS and indistinguishable at this size for a CNN;
 - files are spread over all cores with a process pool.
@@ -43,7 +45,7 @@ def list_images(folder):
 def _resize_one(args):
     src, dst, size = args
     try:
-        image = load_image(src, draft_size=(size, size))
+        image = load_image(src, draft_size=(size * 9 // 10, size * 9 // 10))
         image = image.resize((size, size), Image.BILINEAR)
         tmp = dst + ".part"
         fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower(), "JPEG")

@@ -78,6 +78,27 @@ class CNNModel(nn.Module):
             self.resnet_module.eval()
         return self
 
+    @torch.no_grad()
+    def calibrate_batchnorm(self, batches):
+        """Estimate the backbone's BatchNorm statistics from image batches (a cumulative average).
+
+        A randomly initialised ResNet has running mean 0 and variance 1 everywhere, so frozen in
+        eval mode it does not normalise at all and its features carry little of the image
+        (BLEU-4 no better than a blind model). Measured on the tiny set, the same random weights
+        with statistics estimated from the training images give features the decoder can learn
+        from. Pretrained weights already carry their statistics and never need this.
+        """
+        norms = [m for m in self.resnet_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None                                   # cumulative moving average
+        self.resnet_module.train()
+        for images in batches:
+            self.resnet_module(images)
+        for m in norms:
+            m.momentum = 0.1
+        self.train(self.training)                              # frozen backbone back to eval mode
+
     def extract(self, input_images):
         """(B, 3, H, W) -> pooled backbone features (B, feature_size): what the feature cache stores."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
@@ -100,6 +121,13 @@ class LSTMModel(nn.Module):
         self.lstm_layer = nn.LSTM(embedding_size, hidden_layer_size, num_layers, batch_first=True)
         self.linear_layer = nn.Linear(hidden_layer_size, vocabulary_size)
         self.max_seq_len = max_seq_len
+        # Start with the forget gates mostly open (bias_ih + bias_hh = 2) so the image, seen only
+        # at step 0, is remembered while the words are learned; measured: the decoder starts
+        # using the image after ~50 steps instead of ~125 on the tiny set.
+        with torch.no_grad():
+            for name, bias in self.lstm_layer.named_parameters():
+                if name.startswith("bias"):
+                    bias[hidden_layer_size: 2 * hidden_layer_size] = 1.0
 
     def forward(self, input_features, captions, lengths):
         """Teacher forcing. Returns logits packed like `pack_padded_sequence(captions, lengths)[0]`:
@@ -210,3 +238,9 @@ def decode(ids, vocab):
         if word not in (START, PAD):
             words.append(word)
     return " ".join(words)
+
+
+def count_parameters(module):
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable

@@ -65,25 +65,37 @@ class Vocab:
         return f"Vocab({len(self)} words)"
 
 
-def build_vocabulary(json, threshold=4, progress=True):
-    """Count the tokens of every caption in a COCO captions file; keep those seen >= threshold times."""
+def count_tokens(json, progress=True):
+    """Tokenize every caption of a COCO captions file: (Counter of tokens, list of caption lengths)."""
     from pycocotools.coco import COCO
     from tqdm.auto import tqdm
 
     if not os.path.isfile(json):
         raise FileNotFoundError(f"captions file not found: {json}")
     coco = COCO(json)
-    counter = Counter()
+    counter, lengths = Counter(), []
     for ann in tqdm(coco.anns.values(), desc="tokenizing captions", unit="cap", disable=not progress):
-        counter.update(tokenize(ann["caption"]))
+        tokens = tokenize(ann["caption"])
+        counter.update(tokens)
+        lengths.append(len(tokens))
+    return counter, lengths
+
+
+def vocab_from_counts(counter, threshold=4):
+    """Special tokens first, then every token seen >= threshold times, most frequent first
+    (ties alphabetical), so the same captions give the same ids everywhere."""
     vocab = Vocab()
     for token in SPECIAL_TOKENS:
         vocab.add_token(token)
-    # most frequent first, ties alphabetical: the same file gives the same ids everywhere
     for token, count in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
         if count >= threshold:
             vocab.add_token(token)
     return vocab
+
+
+def build_vocabulary(json, threshold=4, progress=True):
+    """The chapter's function: a Vocab of the tokens seen >= threshold times in a COCO captions file."""
+    return vocab_from_counts(count_tokens(json, progress)[0], threshold)
 
 
 def save_vocabulary(vocab, path):

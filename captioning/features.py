@@ -1,0 +1,140 @@
+"""Encoder feature cache: run the frozen backbone once per image instead of once per caption per step.
+
+With a frozen backbone the chapter recomputes ResNet-152 for every caption at every step,
+so each image goes through it 5 times per epoch. Here each training image is encoded
+K times, once per augmented view (a random crop, and a flip where allowed), and training
+draws one view per caption per step. Only the Linear+BatchNorm head and the LSTM are
+trained on top, exactly as in the chapter.
+
+Layout: features_dir/<split>-<backbone>-<key>/features.npy  (fp16, shape (images, K, D))
+                                            /meta.json      (what the key was made of, rows done)
+The key hashes the backbone, its weights, the transform, the view count and the image list,
+so a change never reuses stale features. Extraction writes rows in order and records how
+many are done after each batch: an interrupted run resumes where it stopped.
+"""
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.utils.data as data
+
+from .data import TrainTransform
+
+
+def backbone_fingerprint(encoder):
+    """A cheap hash of the backbone's weights (first values of every tensor + shapes)."""
+    h = hashlib.sha1()
+    for name, tensor in encoder.resnet_module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _ImageViews(data.Dataset):
+    """Item i: the K transformed views of image i, stacked (K, 3, H, W)."""
+
+    def __init__(self, caption_dataset, transform, views, seed):
+        self.ds, self.transform, self.views, self.seed = caption_dataset, transform, views, seed
+
+    def __len__(self):
+        return len(self.ds.image_ids)
+
+    def __getitem__(self, i):
+        from .images import load_image
+
+        image = load_image(self.ds.image_path(i))
+        if isinstance(self.transform, TrainTransform):
+            gens = [torch.Generator().manual_seed(hash((self.seed, i, k)) & 0x7FFF_FFFF_FFFF) for k in range(self.views)]
+            return torch.stack([self.transform(image, generator=g) for g in gens])
+        return self.transform(image).unsqueeze(0).expand(self.views, -1, -1, -1)
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_feature_cache(encoder, caption_dataset, transform, views, features_dir, split, device,
+                        batch_size=64, num_workers=0, seed=0, amp_dtype=None, channels_last=False,
+                        progress=True):
+    """Extract (or resume extracting) the cache; returns a read-only (images, K, D) fp16 memmap."""
+    from tqdm.auto import tqdm
+
+    if views < 1:
+        raise ValueError(f"cache_views must be >= 1, got {views}")
+    names = [caption_dataset.coco.imgs[i]["file_name"] for i in caption_dataset.image_ids]
+    meta = {
+        "backbone": encoder.backbone_name, "weights": encoder.weights_id,
+        "fingerprint": backbone_fingerprint(encoder), "transform": repr(transform),
+        "views": views, "seed": seed, "split": split, "dim": encoder.feature_size,
+        "images": len(names), "image_list": hashlib.sha1("\n".join(names).encode()).hexdigest(),
+    }
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{key}")
+    os.makedirs(folder, exist_ok=True)
+    meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
+    shape = (len(names), views, encoder.feature_size)
+
+    done, cache = 0, None
+    if os.path.exists(meta_path) and os.path.exists(array_path):
+        with open(meta_path) as f:
+            done = json.load(f).get("done", 0)
+        cache = np.lib.format.open_memmap(array_path, mode="r+")
+        if cache.shape != shape:
+            done, cache = 0, None
+    if cache is None or done == 0:
+        cache = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape)
+        _write_json(meta_path, {**meta, "done": 0})
+    if done < len(names):
+        loader = data.DataLoader(data.Subset(_ImageViews(caption_dataset, transform, views, seed),
+                                             range(done, len(names))),
+                                 batch_size=batch_size, num_workers=num_workers)
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        encoder.eval()
+        with tqdm(total=len(names), initial=done, desc=f"extracting {split} features (K={views})",
+                  unit="img", disable=not progress) as bar:
+            for batch in loader:                                                   # (B, K, 3, H, W)
+                b = batch.size(0)
+                images = batch.flatten(0, 1).to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad(), autocast:
+                    feats = encoder.extract(images)                                 # (B*K, D)
+                rows = feats.view(b, views, -1).float().cpu().numpy().astype(np.float16)
+                if not np.isfinite(rows).all():
+                    raise FloatingPointError(f"backbone features overflow float16 (images {done}..{done + b}); "
+                                             f"is the backbone's weights file right?")
+                cache[done: done + b] = rows
+                cache.flush()
+                done += b
+                _write_json(meta_path, {**meta, "done": done})
+                bar.update(b)
+    del cache
+    return np.load(array_path, mmap_mode="r")
+
+
+class CachedCaptionDataset(data.Dataset):
+    """Items of a CocoCaptionDataset with the image replaced by one cached view of its features."""
+
+    def __init__(self, caption_dataset, cache, seed=0):
+        self.ds, self.cache, self.seed, self.epoch = caption_dataset, cache, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, idx):
+        view = hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
+        feature = torch.from_numpy(np.asarray(self.cache[self.ds.items[idx][0], view], dtype=np.float32))
+        captions = self.ds.captions(idx)
+        return feature, (captions if self.ds.group_by_image else captions[0])

@@ -1,0 +1,199 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.checkpoint import atomic_save, load_checkpoint
+from captioning.config import get_config
+from captioning.training import train
+from conftest import ROOT, run_cli
+
+SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
+             log_every=1, progress=False, vocab_threshold=1, val_max_captions=20, save_every=1000,
+             train_backbone=True, group_by_image=True)                # fine-tuning, one item per image
+FROZEN = dict(train_backbone=False, weights=None, cache=True, cache_views=2)  # the tiny preset's way
+
+
+def small_config(data, models, **kw):
+    return get_config("tiny", data_dir=str(data), models_dir=str(models), **{**SMALL, **kw})
+
+
+def losses(log_path):
+    with open(log_path) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_training_builds_prerequisites_and_writes_a_self_contained_checkpoint(tiny_copy, tmp_path):
+    assert not (tiny_copy / "vocabulary.pkl").exists() and not (tiny_copy / "resized_images").exists()
+    summary = train(small_config(tiny_copy, tmp_path / "m", epochs=1))
+    assert (tiny_copy / "vocabulary.pkl").exists()
+    assert len(os.listdir(tiny_copy / "resized_images" / "train2014")) == 60
+    ckpt = torch.load(summary["last"], weights_only=True)  # plain tensors and containers only
+    assert {"config", "vocab", "encoder", "decoder", "optimizer", "epoch", "step", "rng", "backbone"} <= set(ckpt)
+    assert ckpt["step"] == summary["step"] == 8 and ckpt["epoch"] == 1   # 60 images / 8 per step
+    assert ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert ckpt["config"]["crop_size"] == 32 and ckpt["backbone"]["trained"]
+    assert any(k.startswith("resnet_module.") for k in ckpt["encoder"])   # a trained backbone is saved
+    assert os.path.exists(summary["best"])
+    rows = [json.loads(line) for line in open(summary["log"])]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert any("val_loss" in r for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["finetune", "cached"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_copy, tmp_path, kind):
+    extra = FROZEN if kind == "cached" else {}
+    straight = train(small_config(tiny_copy, tmp_path / "a", epochs=4, max_steps=30, **extra))
+    first = train(small_config(tiny_copy, tmp_path / "b", epochs=4, max_steps=15, **extra))
+    assert first["step"] == 15
+    resumed = train(small_config(tiny_copy, tmp_path / "b", epochs=4, max_steps=30, **extra), resume=True)
+    assert straight["step"] == resumed["step"] == 30
+    a, b = losses(straight["log"]), losses(resumed["log"])
+    assert sorted(b) == list(range(1, 31))           # the resumed log continues the first one
+    assert max(abs(a[s] - b[s]) for s in range(16, 31)) < 1e-3
+    assert a[30] < a[1]                               # and it did learn something
+
+
+def test_cached_features_are_built_once_and_keyed(tiny_copy, tmp_path):
+    train(small_config(tiny_copy, tmp_path / "m", max_steps=3, **FROZEN))
+    folders = sorted(os.listdir(tiny_copy / "features"))
+    assert [f.split("-")[0] for f in folders] == ["train", "val"]
+    meta = json.load(open(tiny_copy / "features" / folders[0] / "meta.json"))
+    assert meta["done"] == meta["images"] == 60 and meta["views"] == 2
+    feats = np.load(tiny_copy / "features" / folders[0] / "features.npy", mmap_mode="r")
+    assert feats.shape == (60, 2, 512) and feats.dtype == np.float16
+    assert not np.array_equal(feats[:, 0], feats[:, 1])              # two different augmented views
+    ckpt = load_checkpoint(str(tmp_path / "m" / "last.ckpt"))
+    assert ckpt["backbone"]["included"]   # a random frozen backbone cannot be rebuilt from a name: it is saved
+    # a different transform (crop size) must not reuse these features
+    train(small_config(tiny_copy, tmp_path / "m2", max_steps=2, **{**FROZEN, "crop_size": 28}))
+    assert len(os.listdir(tiny_copy / "features")) == 4
+    # the chapter-faithful loop (no cache) trains too
+    summary = train(small_config(tiny_copy, tmp_path / "m3", max_steps=2, **{**FROZEN, "cache": False}))
+    assert summary["step"] == 2
+
+
+def test_feature_extraction_resumes_after_an_interruption(tiny_copy, tmp_path):
+    from captioning.data import CocoCaptionDataset, TrainTransform
+    from captioning.features import build_feature_cache
+    from captioning.model import CNNModel
+    from captioning.vocabulary import Vocab
+
+    vocab = Vocab.from_words(["<pad>", "<start>", "<end>", "<unk>"])
+    ds = CocoCaptionDataset(str(tiny_copy / "train2014"), str(tiny_copy / "annotations" / "captions_train2014.json"),
+                            vocab)
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = TrainTransform(32, hflip=True)
+    args = dict(transform=tf, views=2, split="train", device=torch.device("cpu"), batch_size=16, progress=False)
+    reference = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "ref"), **args))
+
+    calls = {"n": 0}
+    real_extract = encoder.extract
+
+    def flaky(images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_extract(images)
+
+    encoder.extract = flaky
+    with pytest.raises(KeyboardInterrupt):
+        build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
+    folder = tmp_path / "f" / os.listdir(tmp_path / "f")[0]
+    assert json.load(open(folder / "meta.json"))["done"] == 32
+    calls["n"] = -100  # no more failures; count the batches the second run needs
+    resumed = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args))
+    assert calls["n"] == -100 + 2                     # only the 28 images left: 2 batches of 16
+    assert np.array_equal(resumed, reference)
+
+
+def test_atomic_save_leaves_the_previous_file_when_a_write_dies(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, str(path))
+
+    def dies_halfway(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]      # no temp file left behind
+
+
+def _train_cmd(data, models, *extra):
+    return [sys.executable, "-m", "captioning", "train", "--preset", "tiny", "--data-dir", str(data),
+            "--models-dir", str(models), "--num-workers", "0", "--batch-size", "8", "--set", "resize_size=36",
+            "--set", "crop_size=32", "--set", "embedding_size=16", "--set", "hidden_layer_size=32",
+            "--set", "log_every=1", "--set", "vocab_threshold=1", "--set", "progress=false", *extra]
+
+
+def _wait_for_step(path, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path) and max(losses(path), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training never reached step {step}")
+
+
+def test_kill_9_during_training_then_resume(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "2"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(models / "train_log.jsonl", 7, proc)
+    finally:
+        proc.kill()                                   # SIGKILL: no chance to clean up
+        proc.wait()
+    saved = load_checkpoint(str(models / "last.ckpt"))["step"]
+    assert saved >= 6 and saved % 2 == 0
+    run_cli(*_train_cmd(tiny_copy, models, "--epochs", "50", "--max-steps", str(saved + 5), "--resume")[3:])
+    assert load_checkpoint(str(models / "last.ckpt"))["step"] == saved + 5
+    assert sorted(losses(models / "train_log.jsonl")) == list(range(1, saved + 6))
+
+
+def test_ctrl_c_saves_and_exits_130(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(models / "train_log.jsonl", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted at step" in out
+    ckpt = load_checkpoint(str(models / "last.ckpt"))
+    assert ckpt["step"] == max(losses(models / "train_log.jsonl")) >= 3
+
+
+def test_two_process_ddp_on_cpu(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "captioning"] + _train_cmd(tiny_copy, models, "--max-steps", "6")[3:]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("training on cpu (2 processes)") == 1     # only rank 0 logs
+    rows = [json.loads(line) for line in open(models / "train_log.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # one writer, no duplicates
+    assert load_checkpoint(str(models / "last.ckpt"))["step"] == 6
+
+
+def test_bad_data_dir_and_bad_overrides_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="COCO-layout"):
+        train(small_config(tmp_path / "nowhere", tmp_path / "m"))
+    proc = run_cli("train", "--set", "no_such_field=1", check=False)
+    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    proc = run_cli("train", "--set", "epochs=many", check=False)
+    assert proc.returncode != 0 and "epochs expects int" in proc.stderr
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("imagenet")
