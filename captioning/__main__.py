@@ -1,0 +1,199 @@
+"""Command line interface: the same functions the notebooks call.
+
+    python -m captioning tinyset  --out DIR [--train N] [--val N] [--seed S]
+    python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
+    python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
+    python -m captioning train    --preset tiny|coco [--data-dir D] [--resume] [--set FIELD=VALUE ...]
+    python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
+    python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
+
+Heavy imports (torch) happen inside each command, so `resize` and `tinyset` start fast.
+"""
+import argparse
+import dataclasses
+import json
+import pickle
+import sys
+
+
+def cmd_tinyset(args):
+    from .tinyset import make_tinyset
+
+    make_tinyset(args.out, train=args.train, val=args.val, seed=args.seed)
+    print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
+
+
+def cmd_vocab(args):
+    from .vocabulary import build_vocabulary, save_vocabulary
+
+    vocab = build_vocabulary(args.captions, args.threshold)
+    save_vocabulary(vocab, args.out)
+    print(f"vocabulary of {len(vocab)} words saved to {args.out}")
+
+
+def cmd_resize(args):
+    from .images import resize_images
+
+    r = resize_images(args.src, args.dst, args.size, args.workers)
+    print(f"{r['resized']} resized, {r['skipped_up_to_date']} already up to date, {len(r['failed'])} unreadable "
+          f"-> {args.dst}")
+
+
+def _parse_value(field, text):
+    """Text from --set FIELD=VALUE -> the field's type (bool, int, float, str, or None where allowed)."""
+    kinds = [t for t in getattr(field.type, "__args__", (field.type,)) if t is not type(None)]
+    if text.lower() == "none" and len(kinds) < len(getattr(field.type, "__args__", (field.type,))):
+        return None
+    kind = kinds[0]
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            sys.exit(f"error: {field.name} expects true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    try:
+        return kind(text)
+    except ValueError:
+        sys.exit(f"error: {field.name} expects {kind.__name__}, got {text!r}")
+
+
+def cmd_train(args):
+    from .config import Config, get_config
+    from .training import train
+
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {k: v for k, v in dict(
+        data_dir=args.data_dir, models_dir=args.models_dir, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+        num_workers=args.num_workers).items() if v is not None}
+    if args.no_cache:
+        overrides["cache"] = False
+    if args.dry_run:
+        overrides.update(max_steps=2, save_every=1)
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            sys.exit(f"error: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}; got {item!r}")
+        overrides[name] = _parse_value(fields[name], value)
+    config = get_config(args.preset, **overrides)
+    summary = train(config, resume=args.resume)
+    if summary["interrupted"]:
+        sys.exit(130)
+
+
+def cmd_caption(args):
+    import torch
+
+    from .checkpoint import load_captioner
+    from .inference import caption_images, expand_paths
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = expand_paths(args.images)
+    encoder, decoder, vocab, config = load_captioner(args.checkpoint, device, args.weights)
+    if not paths:
+        sys.exit("error: no images found in " + " ".join(args.images))
+    results = caption_images(paths, encoder, decoder, vocab, config, device, args.beam, args.batch_size,
+                             progress=len(paths) > args.batch_size)
+    failed = 0
+    for path, caption, error in results:
+        if error:
+            failed += 1
+            print(f"error: cannot read {path}: {error}", file=sys.stderr)
+    ok = [(p, c) for p, c, e in results if e is None]
+    if args.json:
+        print(json.dumps([{"image": p, "caption": c} for p, c in ok], indent=1))
+    else:
+        for path, caption in ok:
+            print(f"{path}\t{caption}")
+    if failed:
+        sys.exit(1)
+
+
+def cmd_evaluate(args):
+    import torch
+
+    from .evaluation import evaluate_checkpoint, format_table, results_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
+                            max_images=args.max_images, data_dir=args.data_dir)
+    print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "split": args.split, "beam": args.beam,
+                       "images": len(r["predictions"]), "metrics": r["metrics"]}, f, indent=1)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(results_json(r["predictions"]), f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tinyset", help="write the bundled synthetic dataset in COCO 2014 layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tinyset)
+
+    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file")
+    p.add_argument("--captions", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=int, default=4)
+    p.set_defaults(func=cmd_vocab)
+
+    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("train", help="train the CNN-LSTM captioner (torchrun-aware)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
+    p.add_argument("--data-dir", help="any COCO-layout folder (train2014/ val2014/ annotations/)")
+    p.add_argument("--models-dir")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
+    p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
+    p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any Config field, e.g. --set backbone=resnet50 --set cache_views=3")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("caption", cmd_caption, "caption image files or folders"),
+                              ("evaluate", cmd_evaluate, "BLEU/METEOR/ROUGE-L/CIDEr on the held-out split")):
+        p = sub.add_parser(name, help=help_)
+        if name == "caption":
+            p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+            p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+        else:
+            p.add_argument("--split", default="val", choices=["val", "train"])
+            p.add_argument("--out", help="write the metrics here (JSON)")
+            p.add_argument("--results", help="write the captions here in COCO results format")
+            p.add_argument("--max-images", type=int)
+            p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy, the chapter's sample())")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
+        p.add_argument("--device", default="")
+        p.set_defaults(func=func)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "beam", 1) < 1:
+        parser.error("--beam must be >= 1")
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+import json
+import shutil
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from captioning.checkpoint import load_captioner
+from captioning.config import get_config
+from captioning.evaluation import blind_baseline, heldout_split, score_captions
+from captioning.training import train
+from conftest import run_cli
+
+SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
+             progress=False, vocab_threshold=1, val_max_captions=20)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "tiny"
+    shutil.copytree(tiny_data, data)
+    summary = train(get_config("tiny", data_dir=str(data), models_dir=str(root / "m"), max_steps=4, **SMALL))
+    return data, summary["best"]
+
+
+@pytest.fixture
+def image_dir(tmp_path, trained):
+    data, _ = trained
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for src in sorted((data / "val2014").iterdir())[:2]:
+        shutil.copy(src, folder / src.name)
+    Image.open(folder / src.name).convert("L").save(folder / "gray.png")
+    Image.open(folder / src.name).convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return folder
+
+
+def test_caption_cli_reports_bad_files_and_captions_the_rest(trained, image_dir):
+    _, ckpt = trained
+    proc = run_cli("caption", image_dir, "--checkpoint", ckpt, "--beam", 2, check=False)
+    assert proc.returncode == 1
+    assert "broken.jpg" in proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert sorted(p.split("/")[-1] for p, _ in lines) == sorted(
+        f.name for f in image_dir.iterdir() if f.name != "broken.jpg")
+    assert all(c.strip() and "<start>" not in c and "<end>" not in c for _, c in lines)
+
+
+def test_caption_cli_json(trained, image_dir):
+    _, ckpt = trained
+    proc = run_cli("caption", image_dir / "gray.png", image_dir / "cmyk.jpg", "--checkpoint", ckpt, "--json", "--beam", 1)
+    items = json.loads(proc.stdout)
+    assert [i["image"].split("/")[-1] for i in items] == ["gray.png", "cmyk.jpg"]
+    assert all(isinstance(i["caption"], str) and "<" not in i["caption"] for i in items)
+
+
+def test_caption_cli_clear_errors(trained, tmp_path, image_dir):
+    _, ckpt = trained
+    proc = run_cli("caption", image_dir, "--checkpoint", tmp_path / "nope.ckpt", check=False)
+    assert proc.returncode != 0 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("caption", tmp_path / "no_such.jpg", "--checkpoint", ckpt, check=False)
+    assert proc.returncode != 0 and "no_such.jpg" in proc.stderr
+    bad = torch.load(ckpt, weights_only=True)
+    bad["vocab"] = bad["vocab"][:-3]
+    torch.save(bad, tmp_path / "mismatch.ckpt")
+    with pytest.raises(ValueError, match="does not match"):
+        load_captioner(str(tmp_path / "mismatch.ckpt"))
+
+
+def test_evaluate_cli_writes_metrics_and_coco_results(trained, tmp_path):
+    _, ckpt = trained
+    out, results = tmp_path / "metrics.json", tmp_path / "results.json"
+    proc = run_cli("evaluate", "--checkpoint", ckpt, "--beam", 2, "--out", out, "--results", results)
+    metrics = json.load(open(out))["metrics"]
+    assert set(metrics) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert "CIDEr" in proc.stdout
+    rows = json.load(open(results))
+    assert len(rows) == 16 and set(rows[0]) == {"image_id", "caption"}
+
+
+def test_metrics_reward_the_right_caption():
+    refs = {1: ["a red circle to the left of a blue square", "A red circle and a blue square."],
+            2: ["a green triangle above a yellow circle", "The green triangle is above the yellow circle"]}
+    right = {1: "a red circle to the left of a blue square", 2: "a green triangle above a yellow circle"}
+    wrong = {1: "a green triangle above a yellow circle", 2: "a red circle to the left of a blue square"}
+    good, per_image = score_captions(refs, right, use_java=True)
+    bad, _ = score_captions(refs, wrong, use_java=True)
+    assert good["Bleu_4"] > 0.9 and bad["Bleu_4"] < 0.5 and good["CIDEr"] > bad["CIDEr"]
+    assert good["METEOR"] > bad["METEOR"] and set(per_image) == {1, 2}
+    no_java, _ = score_captions(refs, right, use_java=False, log=lambda *a: None)
+    assert "METEOR" not in no_java and abs(no_java["Bleu_4"] - good["Bleu_4"]) < 1e-6
+    with pytest.raises(ValueError, match="no reference"):
+        score_captions({}, right)
+
+
+def test_heldout_split_rules(trained):
+    data, _ = trained
+    tiny = get_config("tiny", data_dir=str(data))
+    folder, coco, ids = heldout_split(tiny)
+    assert len(ids) == 16
+    coco_cfg = get_config("coco", data_dir=str(data))
+    _, _, ids_default = heldout_split(coco_cfg)
+    assert ids_default == sorted(ids)[:5000]
+    chosen = [coco.imgs[i]["file_name"] for i in sorted(ids)[:3]]
+    images = [{"filename": n, "split": "test"} for n in chosen] + [{"filename": "x.jpg", "split": "train"}]
+    (data / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    try:
+        _, _, ids_karpathy = heldout_split(coco_cfg)
+    finally:
+        (data / "dataset_coco.json").unlink()
+    assert [coco.imgs[i]["file_name"] for i in ids_karpathy] == chosen
+
+
+def test_blind_baseline_is_the_most_frequent_caption(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"annotations": [{"caption": c} for c in ["A dog.", "a dog", "a cat", "A Dog"]]}))
+    assert blind_baseline(str(path), [5, 6]) == {5: "a dog", 6: "a dog"}
+
+
+def test_frozen_pretrained_backbone_is_rebuilt_from_its_weights_file(tiny_copy, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    config = get_config("coco", data_dir=str(tiny_copy), models_dir=str(tmp_path / "m"), backbone="resnet18",
+                        weights=str(weights), cache_views=1, max_steps=2, **SMALL)
+    ckpt_path = train(config)["last"]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert not ckpt["backbone"]["included"] and ckpt["backbone"]["weights"] == str(weights)
+    assert not any(k.startswith("resnet_module.") for k in ckpt["encoder"])   # small file: head only
+    encoder, *_ = load_captioner(ckpt_path)
+    assert torch.equal(encoder.resnet_module[0].weight, torch.load(weights)["conv1.weight"])
+    moved = tmp_path / "elsewhere.pth"
+    weights.rename(moved)
+    with pytest.raises(FileNotFoundError, match="resnet18.pth"):
+        load_captioner(ckpt_path)
+    encoder, *_ = load_captioner(ckpt_path, weights=str(moved))               # --weights on another machine
+    assert torch.equal(encoder.resnet_module[0].weight, torch.load(moved)["conv1.weight"])
