@@ -42,10 +42,15 @@ def list_images(folder):
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def draft_size(size):
+    """The smallest decode size resize_images accepts for a size x size output (90% per axis)."""
+    return (size * 9 // 10, size * 9 // 10)
+
+
 def _resize_one(args):
     src, dst, size = args
     try:
-        image = load_image(src, draft_size=(size * 9 // 10, size * 9 // 10))
+        image = load_image(src, draft_size=draft_size(size))
         image = image.resize((size, size), Image.BILINEAR)
         tmp = dst + ".part"
         fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower(), "JPEG")

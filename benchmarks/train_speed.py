@@ -1,0 +1,64 @@
+"""Training speed: the chapter's loop (frozen encoder run at every step) vs training on cached features.
+
+    python benchmarks/train_speed.py [--images 300] [--epochs 5] [--size 48] [--views 2 1]
+
+Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
+512, Adam 1e-3), randomly initialised here since no weights can be downloaded; that changes
+nothing about the timing. Same data, same model, one run: wall time (feature extraction
+included for the cache) and the held-out loss after the last epoch.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from captioning.config import get_config  # noqa: E402
+from captioning.tinyset import make_tinyset  # noqa: E402
+from captioning.training import ensure_prerequisites, train  # noqa: E402
+
+
+def last_val_loss(log):
+    with open(log) as f:
+        return [json.loads(line) for line in f if "val_loss" in line][-1]["val_loss"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=48, help="crop size (images are resized to size + size/8)")
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 1], help="K values for the cache; the first is the default")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="train-bench-")
+    try:
+        data = os.path.join(work, "data")
+        make_tinyset(data, train=args.images, val=max(20, args.images // 6), seed=0)
+        common = dict(data_dir=data, weights=None, resize_size=args.size + args.size // 8, crop_size=args.size,
+                      batch_size=32, epochs=args.epochs, num_workers=0, progress=False, vocab_threshold=1,
+                      save_every=10 ** 9, log_every=10 ** 9)
+        ensure_prerequisites(get_config("coco", **common), log=lambda *a: None)
+        runs = [("chapter loop (--no-cache)", dict(cache=False))]
+        runs += [(f"cached features, K={k}", dict(cache=True, cache_views=k)) for k in args.views]
+        results = []
+        for name, extra in runs:
+            config = get_config("coco", models_dir=os.path.join(work, f"m{len(results)}"), **common, **extra)
+            shutil.rmtree(config.features_dir, ignore_errors=True)  # extraction is part of the cost
+            t = time.perf_counter()
+            summary = train(config)
+            results.append((name, time.perf_counter() - t, last_val_loss(summary["log"])))
+        base = results[0][1]
+        print(f"\nResNet-152 (frozen, random init) at {args.size}px, {args.images} images x 5 captions, "
+              f"{args.epochs} epochs, batch 32, {os.cpu_count()} CPUs\n")
+        print(f"{'method':<30}{'wall s':>9}{'speed-up':>10}{'held-out loss':>15}")
+        for name, secs, loss in results:
+            print(f"{name:<30}{secs:>9.1f}{base / secs:>9.1f}x{loss:>15.3f}")
+    finally:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
