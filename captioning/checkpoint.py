@@ -7,6 +7,7 @@
 `load_checkpoint` uses torch.load(weights_only=True), so a checkpoint cannot run code,
 and maps everything to the CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
+import contextlib
 import os
 import shutil
 import tempfile
@@ -40,8 +41,9 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def atomic_save(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
+@contextlib.contextmanager
+def _atomic_write(path):
+    """Yield a file in the same folder as `path`; on success fsync it and rename it over `path`.
 
     A crash or kill at any point leaves either the old file or the new one, never a torn one.
     """
@@ -50,7 +52,7 @@ def atomic_save(obj, path):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,24 +61,19 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, all or nothing: temp file, fsync, rename."""
+    with _atomic_write(path) as f:
+        torch.save(obj, f)
     return path
 
 
 def atomic_copy(src, dst):
     """Copy `src` to `dst` with the same all-or-nothing guarantee (used for best.ckpt)."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dst) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_write(dst) as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
     return dst
 
 

@@ -69,16 +69,13 @@ def score_captions(references, predictions, use_java=None, log=print):
         scorers.append((Spice(), ["SPICE"]))
     metrics, per_image = {}, {i: {} for i in ids}
     for scorer, names in scorers:
-        score, scores = scorer.compute_score(gts, res) if names != ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"] \
-            else scorer.compute_score(gts, res, verbose=0)
+        score, scores = scorer.compute_score(gts, res, **({"verbose": 0} if isinstance(scorer, Bleu) else {}))
         if len(names) == 1:
             score, scores = [score], [scores]
         for name, value, values in zip(names, score, scores):
             metrics[name] = float(value)
             for i, v in zip(ids, values):
                 per_image[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
-        if hasattr(scorer, "close"):
-            scorer.close()
     return metrics, per_image
 
 
