@@ -74,9 +74,9 @@ class CocoCaptionDataset(data.Dataset):
         from pycocotools.coco import COCO
 
         if not os.path.isdir(data_path):
-            raise FileNotFoundError(f"image folder not found: {data_path}")
+            raise FileNotFoundError(f"image folder not found: {data_path} (resized images come from notebook 03)")
         if not os.path.isfile(coco_json_path):
-            raise FileNotFoundError(f"captions file not found: {coco_json_path}")
+            raise FileNotFoundError(f"captions file not found: {coco_json_path} (get the data with notebook 01 first)")
         self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
         self.coco = COCO(coco_json_path)

@@ -74,7 +74,7 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
     from tqdm.auto import tqdm
 
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"source image folder not found: {src}")
+        raise FileNotFoundError(f"source image folder not found: {src} (get the data with notebook 01 first)")
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     os.makedirs(dst, exist_ok=True)

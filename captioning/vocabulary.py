@@ -71,7 +71,7 @@ def count_tokens(json, progress=True):
     from tqdm.auto import tqdm
 
     if not os.path.isfile(json):
-        raise FileNotFoundError(f"captions file not found: {json}")
+        raise FileNotFoundError(f"captions file not found: {json} (get the data with notebook 01 first)")
     coco = COCO(json)
     counter, lengths = Counter(), []
     for ann in tqdm(coco.anns.values(), desc="tokenizing captions", unit="cap", disable=not progress):
