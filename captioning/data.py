@@ -79,6 +79,7 @@ class CocoCaptionDataset(data.Dataset):
             raise FileNotFoundError(f"captions file not found: {coco_json_path} (get the data with notebook 01 first)")
         self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
+        self._encoded = {}  # annotation id -> caption ids
         self.coco = COCO(coco_json_path)
         present = set(os.listdir(data_path))
         image_ids = sorted(self.coco.imgs)
@@ -107,9 +108,14 @@ class CocoCaptionDataset(data.Dataset):
         return os.path.join(self.data_path, self.coco.imgs[self.image_ids[image_index]]["file_name"])
 
     def captions(self, idx):
-        """The encoded caption(s) of item `idx`, as a list of LongTensors."""
-        return [encode_caption(self.coco.anns[a]["caption"], self.vocabulary, self.max_seq_len)
-                for a in self.items[idx][1]]
+        """The encoded caption(s) of item `idx`, as a list of LongTensors (tokenised once, then remembered:
+        the tokenizer costs more than a cached feature lookup)."""
+        out = []
+        for a in self.items[idx][1]:
+            if a not in self._encoded:
+                self._encoded[a] = encode_caption(self.coco.anns[a]["caption"], self.vocabulary, self.max_seq_len)
+            out.append(self._encoded[a])
+        return out
 
     def load(self, idx):
         """The transformed image of item `idx` (its random crop is fixed by seed, epoch and idx)."""

@@ -50,6 +50,20 @@ def _load_state_dict(weights):
             f"Download it elsewhere and place it at {file}, or pass weights='/path/to/file.pth'.") from e
 
 
+@torch.no_grad()
+def calibrate_batchnorm(module, batches):
+    """Reset every BatchNorm in `module` and re-estimate its statistics as a cumulative average over batches."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                                      # cumulative moving average
+    module.train()
+    for images in batches:
+        module(images)
+    for m in norms:
+        m.momentum = 0.1
+
+
 class CNNModel(nn.Module):
     """ResNet without its fc layer -> Linear -> BatchNorm1d(momentum=0.01): one embedding per image."""
 
@@ -78,9 +92,8 @@ class CNNModel(nn.Module):
             self.resnet_module.eval()
         return self
 
-    @torch.no_grad()
     def calibrate_batchnorm(self, batches):
-        """Estimate the backbone's BatchNorm statistics from image batches (a cumulative average).
+        """Estimate the backbone's BatchNorm statistics from image batches, then freeze them again.
 
         A randomly initialised ResNet has running mean 0 and variance 1 everywhere, so frozen in
         eval mode it does not normalise at all and its features carry little of the image
@@ -88,16 +101,8 @@ class CNNModel(nn.Module):
         with statistics estimated from the training images give features the decoder can learn
         from. Pretrained weights already carry their statistics and never need this.
         """
-        norms = [m for m in self.resnet_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None                                   # cumulative moving average
-        self.resnet_module.train()
-        for images in batches:
-            self.resnet_module(images)
-        for m in norms:
-            m.momentum = 0.1
-        self.train(self.training)                              # frozen backbone back to eval mode
+        calibrate_batchnorm(self.resnet_module, batches)
+        self.train(self.training)                              # a frozen backbone goes back to eval mode
 
     def extract(self, input_images):
         """(B, 3, H, W) -> pooled backbone features (B, feature_size): what the feature cache stores."""
