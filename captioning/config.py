@@ -85,6 +85,7 @@ PRESETS = {
     # The bundled synthetic set on a 2-core CPU, where no pretrained weights can be downloaded.
     # A small ResNet-18, randomly initialised, its BatchNorm statistics estimated from the
     # training images, frozen, and cached: see README "Why the tiny preset does not fine-tune".
+    # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights=None, train_backbone=False, cache_views=8,
