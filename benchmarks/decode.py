@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from captioning.config import get_config  # noqa: E402
-from captioning.model import cut_after_end, decode  # noqa: E402
+from captioning.model import decode  # noqa: E402
 from captioning.training import build_models  # noqa: E402
 from captioning.vocabulary import Vocab  # noqa: E402
 
@@ -39,7 +39,7 @@ def batched(encoder, decoder, inputs, vocab, batch, beam):
     out = []
     for i in range(0, len(inputs), batch):
         feats = encoder(inputs[i:i + batch]) if encoder else inputs[i:i + batch]
-        seqs = decoder.beam_search(feats, beam) if beam > 1 else [cut_after_end(s) for s in decoder.sample(feats).tolist()]
+        seqs = decoder.beam_search(feats, beam) if beam > 1 else decoder.greedy(feats)
         out += [decode(s, vocab) for s in seqs]
     return out
 

@@ -6,7 +6,7 @@ import torch.utils.data as data
 
 from .data import eval_transform
 from .images import IMAGE_EXTENSIONS, load_image
-from .model import cut_after_end, decode
+from .model import decode
 
 
 def expand_paths(inputs):
@@ -49,7 +49,7 @@ def generate(encoder, decoder, images, beam_size=1):
     features = encoder(images)
     if beam_size > 1:
         return decoder.beam_search(features, beam_size)
-    return [cut_after_end(seq) for seq in decoder.sample(features).tolist()]
+    return decoder.greedy(features)
 
 
 def caption_images(paths, encoder, decoder, vocab, config, device="cpu", beam_size=1, batch_size=32,

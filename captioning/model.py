@@ -160,6 +160,10 @@ class LSTMModel(nn.Module):
             lstm_input = self.embedding_layer(predicted)
         return torch.stack(sampled_indices, 1)
 
+    def greedy(self, input_features, end_id=2):
+        """sample() as one token-id list per image, cut after <end> (the shape beam_search returns)."""
+        return [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
+
     @torch.no_grad()
     def score(self, input_features, sequences, length_penalty=0.7):
         """sum(log p) / length**length_penalty of token-id lists: what beam search maximises."""
@@ -221,7 +225,7 @@ class LSTMModel(nn.Module):
                                  tokens.unsqueeze(2)], 2)
         results = [ids for _, ids in best]
         if K > 1:  # never below greedy under the same score
-            greedy = [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
+            greedy = self.greedy(input_features, end_id)
             greedy_scores = self.score(input_features, greedy, length_penalty)
             results = [g if gs > bs + 1e-6 else r
                        for g, gs, r, (bs, _) in zip(greedy, greedy_scores, results, best)]

@@ -221,13 +221,15 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
         caches = {}
         for split, ds, tf, views in (("train", train_ds, train_tf, config.cache_views), ("val", val_ds, val_tf, 1)):
             if master:
-                build_feature_cache(encoder, ds, tf, views, config.features_dir, split, device,
-                                    batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed,
-                                    amp_dtype=amp_dtype, channels_last=channels_last, progress=config.progress)
+                caches[split] = build_feature_cache(
+                    encoder, ds, tf, views, config.features_dir, split, device, batch_size=config.batch_size,
+                    num_workers=config.num_workers, seed=config.seed, amp_dtype=amp_dtype,
+                    channels_last=channels_last, progress=config.progress)
             if world > 1:
                 dist.barrier()
-            caches[split] = build_feature_cache(encoder, ds, tf, views, config.features_dir, split, device,
-                                                seed=config.seed, progress=False)  # already complete: just opens it
+            if not master:  # rank 0 has written it: this only opens it
+                caches[split] = build_feature_cache(encoder, ds, tf, views, config.features_dir, split, device,
+                                                    seed=config.seed, progress=False)
         train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed)
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
     val_items = config.val_max_captions // 5 if group else config.val_max_captions  # ~5 captions per image

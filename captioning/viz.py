@@ -35,6 +35,13 @@ def show_images(images, captions, ncols=4, width=3.2, wrap=34):
     return fig
 
 
+def show_scored(result, image_ids, metric="CIDEr", ncols=4):
+    """Images from an evaluate_checkpoint() result, each with its score, the model's caption and a reference."""
+    captions = [f"{metric} {result['per_image'][i][metric]:.2f}\nmodel: {result['predictions'][i]}\n"
+                f"human: {result['references'][i][0]}" for i in image_ids]
+    return show_images([result["paths"][i] for i in image_ids], captions, ncols=ncols)
+
+
 def plot_length_histogram(lengths, max_seq_len=20):
     """Histogram of caption lengths in tokens (with <start> and <end>), the max_seq_len cut marked."""
     lengths = np.asarray(lengths) + 2

@@ -10,11 +10,7 @@ from captioning.checkpoint import load_captioner
 from captioning.config import get_config
 from captioning.evaluation import blind_baseline, heldout_split, score_captions
 from captioning.training import train
-from conftest import run_cli
-
-SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
-             progress=False, vocab_threshold=1, val_max_captions=20)
-
+from conftest import SMALL, run_cli
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):

@@ -12,16 +12,14 @@ import torch
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
 from captioning.training import train
-from conftest import ROOT, run_cli
+from conftest import ROOT, SMALL, run_cli
 
-SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
-             log_every=1, progress=False, vocab_threshold=1, val_max_captions=20, save_every=1000,
-             train_backbone=True, group_by_image=True)                # fine-tuning, one item per image
+FINETUNE = dict(SMALL, log_every=1, save_every=1000, train_backbone=True, group_by_image=True)  # one item per image
 FROZEN = dict(train_backbone=False, weights=None, cache=True, cache_views=2)  # the tiny preset's way
 
 
 def small_config(data, models, **kw):
-    return get_config("tiny", data_dir=str(data), models_dir=str(models), **{**SMALL, **kw})
+    return get_config("tiny", data_dir=str(data), models_dir=str(models), **{**FINETUNE, **kw})
 
 
 def losses(log_path):
