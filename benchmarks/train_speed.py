@@ -1,13 +1,14 @@
 """Training speed: the chapter's loop (frozen encoder run at every step) vs training on cached features.
 
-    python benchmarks/train_speed.py [--images 300] [--epochs 5] [--size 64] [--views 2 1 5]
+    python benchmarks/train_speed.py [--images 300] [--epochs 5] [--size 64] [--views 2 1 5] [--workers 0]
 
 Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
 512, Adam 1e-3, batch 128). No ImageNet weights can be downloaded here, so the benchmark
 writes a stand-in weights file first: a randomly initialised ResNet-152 whose BatchNorm
 statistics are estimated from the training images. Both runs load it like a pretrained file
 (`weights=path`), exactly the coco path. Same data, same model, one run each: wall time
-(feature extraction included for the cache) and the held-out loss.
+(feature extraction included for the cache) and the held-out loss. On a GPU machine it runs
+on CUDA like `train()` does (AMP, channels_last); give it data-loader workers there.
 """
 import argparse
 import json
@@ -39,13 +40,14 @@ def val_losses(log):
 def stand_in_weights(config, path):
     """A ResNet-152 state_dict with random weights and BatchNorm statistics measured on the training images."""
     torch.manual_seed(0)
-    resnet = torchvision.models.resnet152(weights=None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resnet = torchvision.models.resnet152(weights=None).to(device)
     ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"),
                             load_vocabulary(config.vocabulary_path), eval_transform(config.resize_size, config.crop_size),
                             group_by_image=True)
-    calibrate_batchnorm(resnet, (torch.stack([ds.load(i) for i in range(j, min(j + 64, len(ds)))])
+    calibrate_batchnorm(resnet, (torch.stack([ds.load(i) for i in range(j, min(j + 64, len(ds)))]).to(device)
                                  for j in range(0, len(ds), 64)))
-    torch.save(resnet.state_dict(), path)
+    torch.save(resnet.cpu().state_dict(), path)
     return path
 
 
@@ -55,13 +57,14 @@ def main():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=64, help="crop size (images are resized to size + size/8)")
     parser.add_argument("--views", type=int, nargs="+", default=[2, 1, 5], help="K values for the cache (2 is the default)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (0 on a 2-core CPU)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="train-bench-")
     try:
         data = os.path.join(work, "data")
         make_tinyset(data, train=args.images, val=max(20, args.images // 6), seed=0)
         common = dict(data_dir=data, resize_size=args.size + args.size // 8, crop_size=args.size,
-                      epochs=args.epochs, num_workers=0, progress=False, vocab_threshold=1,
+                      epochs=args.epochs, num_workers=args.workers, progress=False, vocab_threshold=1,
                       save_every=10 ** 9, log_every=10 ** 9)
         config = get_config("coco", **common)
         ensure_prerequisites(config, log=lambda *a: None)
@@ -76,8 +79,9 @@ def main():
             summary = train(config)
             results.append((name, time.perf_counter() - t, *val_losses(summary["log"])))
         base = results[0][1]
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
         print(f"\nResNet-152 (frozen, stand-in weights) at {args.size}px, {args.images} images x 5 captions, "
-              f"{args.epochs} epochs, batch {config.batch_size}, {os.cpu_count()} CPUs\n")
+              f"{args.epochs} epochs, batch {config.batch_size}, {where}, {args.workers} workers\n")
         print(f"{'method':<30}{'wall s':>9}{'speed-up':>10}{'held-out loss: last':>21}{'best':>7}")
         for name, secs, last, best in results:
             print(f"{name:<30}{secs:>9.1f}{base / secs:>9.1f}x{last:>21.3f}{best:>7.3f}")

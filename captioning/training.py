@@ -67,7 +67,7 @@ class _SkipSampler(data.Sampler):
 
 def setup_distributed():
     """(rank, world_size, device), from torchrun's environment variables when present."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # started by torchrun, even with 1 process
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
@@ -184,11 +184,11 @@ def train(config: Config, resume=False):
     try:
         if master:
             ensure_prerequisites(config, log)
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
         return _train(config, resume, rank, world, device, master, log, tqdm)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -225,7 +225,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                     encoder, ds, tf, views, config.features_dir, split, device, batch_size=config.batch_size,
                     num_workers=config.num_workers, seed=config.seed, amp_dtype=amp_dtype,
                     channels_last=channels_last, progress=config.progress)
-            if world > 1:
+            if dist.is_initialized():
                 dist.barrier()
             if not master:  # rank 0 has written it: this only opens it
                 caches[split] = build_feature_cache(encoder, ds, tf, views, config.features_dir, split, device,
@@ -273,7 +273,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+        if dist.is_initialized() else model
 
     log_file = open(log_path, "a") if master else None
 
@@ -293,7 +293,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    log(f"training on {device} ({world} process{'es' if world > 1 else ''}), {len(train_ds)} items, "
+    log(f"training on {device} ({world} process{'es' if world > 1 else ''}{', DDP' if dist.is_initialized() else ''}), {len(train_ds)} items, "
         f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, {'cached features' if config.use_cache else 'images'}, "
         f"amp={amp_dtype}, checkpoints in {config.models_dir}")
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="training", unit="step",
@@ -341,7 +341,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                     save(epoch, 0)
                     if improved:
                         atomic_copy(last_path, best_path)
-                if world > 1:
+                if dist.is_initialized():
                     dist.barrier()
     except KeyboardInterrupt:
         interrupted = True

@@ -174,13 +174,16 @@ def test_ctrl_c_saves_and_exits_130(tiny_copy, tmp_path):
     assert ckpt["step"] == max(losses(models / "train_log.jsonl")) >= 3
 
 
-def test_two_process_ddp_on_cpu(tiny_copy, tmp_path):
+@pytest.mark.parametrize("procs", [2, 1])
+def test_torchrun_ddp_on_cpu(tiny_copy, tmp_path, procs):
+    """torchrun means DDP, one process included (that is how a single GPU exercises NCCL)."""
     models = tmp_path / "m"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
            "-m", "captioning"] + _train_cmd(tiny_copy, models, "--max-steps", "6")[3:]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("training on cpu (2 processes)") == 1     # only rank 0 logs
+    expected = f"training on cpu ({procs} process{'es' if procs > 1 else ''}, DDP)"
+    assert proc.stdout.count(expected) == 1, proc.stdout                # only rank 0 logs
     rows = [json.loads(line) for line in open(models / "train_log.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # one writer, no duplicates
     assert load_checkpoint(str(models / "last.ckpt"))["step"] == 6
