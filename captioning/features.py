@@ -133,8 +133,20 @@ class CachedCaptionDataset(data.Dataset):
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, idx):
-        view = hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
-        feature = torch.from_numpy(np.asarray(self.cache[self.ds.items[idx][0], view], dtype=np.float32))
+    def _view(self, idx):
+        return hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
+
+    def _caption(self, idx):
         captions = self.ds.captions(idx)
-        return feature, (captions if self.ds.group_by_image else captions[0])
+        return captions if self.ds.group_by_image else captions[0]
+
+    def __getitem__(self, idx):
+        feature = torch.from_numpy(np.asarray(self.cache[self.ds.items[idx][0], self._view(idx)], dtype=np.float32))
+        return feature, self._caption(idx)
+
+    def __getitems__(self, indices):
+        """A whole batch in one gather from the memmap (the DataLoader calls this when it exists)."""
+        rows = [self.ds.items[i][0] for i in indices]
+        features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
+                                               dtype=np.float32))                   # (B, D)
+        return [(f, self._caption(i)) for f, i in zip(features, indices)]

@@ -126,9 +126,13 @@ def _set_rng_state(state):
     random.setstate((3, tuple(state["python"]), None))
 
 
-def _loader(dataset, sampler, config, device):
+def _loader(dataset, sampler, config, device, persistent=False):
+    """Images: `num_workers` processes decode and augment. Cached features: the main process, since
+    a batch is one gather from a memmap and starting workers would cost more than the work."""
+    workers = 0 if config.use_cache else config.num_workers
     return data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_function,
-                           num_workers=config.num_workers, pin_memory=device.type == "cuda")
+                           num_workers=workers, pin_memory=device.type == "cuda",
+                           persistent_workers=persistent and workers > 0)
 
 
 @torch.no_grad()
@@ -143,10 +147,10 @@ def evaluate_loss(model, loader, device, amp_dtype=None, channels_last=False):
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(inputs, captions.to(device), lengths, *[i.to(device) for i in image_index])
-        total += caption_loss(logits, captions.to(device), lengths).item() * sum(lengths)
+        total += caption_loss(logits, captions.to(device), lengths) * sum(lengths)   # stays on the device
         tokens += sum(lengths)
     model.train()
-    return total / max(tokens, 1)
+    return float(total) / max(tokens, 1)
 
 
 def build_models(config, vocab_size):
@@ -234,7 +238,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
     val_items = config.val_max_captions // 5 if group else config.val_max_captions  # ~5 captions per image
     val_subset = data.Subset(val_ds, range(min(len(val_ds), max(1, val_items))))
-    val_loader = _loader(val_subset, None, config, device)
+    val_loader = _loader(val_subset, None, config, device, persistent=True)  # workers kept across epochs
 
     model = EncoderDecoder(encoder, decoder, cached=config.use_cache)
     head_params = list(decoder.parameters()) + list(encoder.linear_layer.parameters()) + \
@@ -299,7 +303,7 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="training", unit="step",
                disable=not (master and config.progress))
     model.train()
-    interrupted, last_loss, t0 = False, None, time.time()
+    interrupted, last_loss, loss, t0 = False, None, None, time.time()
     try:
         while epoch < config.epochs and step < total_steps:
             sampler.set_epoch(epoch)
@@ -319,10 +323,11 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                 scaler.update()
                 step += 1
                 batch_in_epoch += 1
-                last_loss = loss.item()
                 bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", ppl=f"{math.exp(min(last_loss, 50)):.1f}")
                 if step % config.log_every == 0 or step == total_steps:
+                    # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
+                    last_loss = loss.item()
+                    bar.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", ppl=f"{math.exp(min(last_loss, 50)):.1f}")
                     write_log({"step": step, "epoch": epoch, "loss": last_loss, "perplexity": math.exp(min(last_loss, 50)),
                                "elapsed_s": round(time.time() - t0, 2)})
                 if step >= total_steps:
@@ -348,6 +353,8 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
         log(f"\ninterrupted at step {step}; saving {last_path} (continue with resume=True / --resume)")
     finally:
         bar.close()
+    if loss is not None:
+        last_loss = loss.item()
     save(epoch, batch_in_epoch)
     if master and not os.path.exists(best_path):  # no epoch finished yet: best is what we have
         atomic_copy(last_path, best_path)

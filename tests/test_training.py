@@ -112,6 +112,30 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_copy, tmp_path):
     assert np.array_equal(resumed, reference)
 
 
+def test_cached_batches_match_items_and_draw_every_view(tiny_copy):
+    """The loader fetches a batch with one gather (__getitems__): same rows as item by item."""
+    from captioning.data import CocoCaptionDataset
+    from captioning.features import CachedCaptionDataset
+    from captioning.vocabulary import Vocab
+
+    vocab = Vocab.from_words(["<pad>", "<start>", "<end>", "<unk>"])
+    ds = CocoCaptionDataset(str(tiny_copy / "train2014"), str(tiny_copy / "annotations" / "captions_train2014.json"),
+                            vocab)
+    cache = np.random.default_rng(0).standard_normal((len(ds.image_ids), 3, 6)).astype(np.float16)
+    cached = CachedCaptionDataset(ds, cache, seed=1)
+    indices = [7, 0, 33, 7, len(ds) - 1]
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        batch = cached.__getitems__(indices)
+        for i, (feature, caption) in zip(indices, batch):
+            single = cached[i]
+            assert torch.equal(feature, single[0]) and torch.equal(caption, single[1])
+            assert any(torch.equal(feature, torch.from_numpy(cache[ds.items[i][0], k].astype(np.float32)))
+                       for k in range(3))
+    views = {cached._view(i) for i in range(len(ds))}
+    assert views == {0, 1, 2}
+
+
 def test_atomic_save_leaves_the_previous_file_when_a_write_dies(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_save({"step": 1, "w": torch.ones(3)}, str(path))
