@@ -11,7 +11,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from .images import load_image
-from .vocabulary import END, START, tokenize
+from .vocabulary import END, START, caption_tokens, tokenize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +57,11 @@ def eval_transform(resize_size=256, crop_size=224):
 
 def encode_caption(caption, vocabulary, max_seq_len=20):
     """'A dog.' -> LongTensor [<start>, a, dog, <end>], at most max_seq_len long, <end> always kept."""
-    ids = [vocabulary(t) for t in tokenize(caption)][: max_seq_len - 2]
+    return encode_tokens(tokenize(caption), vocabulary, max_seq_len)
+
+
+def encode_tokens(tokens, vocabulary, max_seq_len=20):
+    ids = [vocabulary(t) for t in tokens][: max_seq_len - 2]
     return torch.tensor([vocabulary(START)] + ids + [vocabulary(END)], dtype=torch.long)
 
 
@@ -81,6 +85,7 @@ class CocoCaptionDataset(data.Dataset):
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
         self._encoded = {}  # annotation id -> caption ids
         self.coco = COCO(coco_json_path)
+        self._tokens = caption_tokens(coco_json_path, self.coco)  # tokenized once, cached on disk
         present = set(os.listdir(data_path))
         image_ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in image_ids if self.coco.imgs[i]["file_name"] not in present]
@@ -108,12 +113,11 @@ class CocoCaptionDataset(data.Dataset):
         return os.path.join(self.data_path, self.coco.imgs[self.image_ids[image_index]]["file_name"])
 
     def captions(self, idx):
-        """The encoded caption(s) of item `idx`, as a list of LongTensors (tokenised once, then remembered:
-        the tokenizer costs more than a cached feature lookup)."""
+        """The encoded caption(s) of item `idx`, as a list of LongTensors (encoded once, then remembered)."""
         out = []
         for a in self.items[idx][1]:
             if a not in self._encoded:
-                self._encoded[a] = encode_caption(self.coco.anns[a]["caption"], self.vocabulary, self.max_seq_len)
+                self._encoded[a] = encode_tokens(self._tokens[a], self.vocabulary, self.max_seq_len)
             out.append(self._encoded[a])
         return out
 

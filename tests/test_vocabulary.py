@@ -93,3 +93,48 @@ def test_cli(tiny_data, tmp_path):
     assert len(load_vocabulary(str(out))) > 10
     proc = run_cli("vocab", "--captions", tmp_path / "missing.json", "--out", out, check=False)
     assert proc.returncode != 0 and "missing.json" in proc.stderr
+
+
+def _captions_file(tiny_data, tmp_path):
+    path = tmp_path / "captions_train2014.json"
+    path.write_text((tiny_data / "annotations" / "captions_train2014.json").read_text())
+    return path
+
+
+def test_caption_tokens_are_cached_beside_the_file_and_rebuilt_when_it_changes(tiny_data, tmp_path, monkeypatch):
+    import json
+
+    import captioning.vocabulary as v
+
+    path = _captions_file(tiny_data, tmp_path)
+    anns = json.loads(path.read_text())["annotations"]
+    tokens = v.caption_tokens(str(path), progress=False)
+    assert tokens == {a["id"]: tokenize(a["caption"]) for a in anns}
+    assert os.path.isfile(str(path) + ".tokens")
+
+    calls = []
+    real = v.tokenize
+    monkeypatch.setattr(v, "tokenize", lambda text: calls.append(text) or real(text))
+    assert v.caption_tokens(str(path), progress=False) == tokens and calls == []  # read from the cache
+
+    anns[0]["caption"] = "A purple zebra."
+    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": anns}))
+    changed = v.caption_tokens(str(path), progress=False)
+    assert changed[anns[0]["id"]] == ["a", "purple", "zebra"] and len(calls) == len(anns)
+
+    (tmp_path / "captions_train2014.json.tokens").write_text("{not json")        # damaged: rebuilt, no crash
+    assert v.caption_tokens(str(path), progress=False) == changed
+
+
+def test_caption_tokens_in_parallel_match_and_an_unwritable_cache_only_warns(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    import captioning.vocabulary as v
+
+    path = _captions_file(tiny_data, tmp_path)
+    serial = v.caption_tokens(str(path), progress=False)
+    os.remove(str(path) + ".tokens")
+    os.mkdir(str(path) + ".tokens")                   # a folder in the way: the cache cannot be written
+    monkeypatch.setattr(v, "PARALLEL_ABOVE", 10)      # take the process-pool route on a small file
+    assert v.caption_tokens(str(path), progress=False) == serial
+    assert "could not cache the tokenized captions" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["captions_train2014.json", "captions_train2014.json.tokens"]  # no temp left
