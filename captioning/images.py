@@ -61,14 +61,34 @@ def _resize_one(args):
         return f"{os.path.basename(src)}: {type(e).__name__}: {e}"
 
 
-def _up_to_date(src, dst):
-    return os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src)
+SIZE_STAMP = ".resized-size"  # in the output folder: the size its images were made at
+
+
+def read_size_stamp(folder):
+    try:
+        with open(os.path.join(folder, SIZE_STAMP)) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _up_to_date(src, dst, check_size=None):
+    """dst exists, is newer than src and, when `check_size` is given, really is that size."""
+    if not (os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src)):
+        return False
+    if check_size is None:
+        return True
+    try:
+        with Image.open(dst) as image:
+            return image.size == (check_size, check_size)
+    except Exception:
+        return False
 
 
 def resize_images(src, dst, size=256, workers=None, progress=True):
     """Resize every image in `src` to size x size into `dst`, keeping file names.
 
-    Up-to-date outputs are skipped. Returns a dict with the counts and the list of
+    Up-to-date outputs of the same size are skipped. Returns a dict with the counts and the list of
     files that could not be read (reported by name, never fatal).
     """
     from tqdm.auto import tqdm
@@ -79,8 +99,15 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         raise ValueError(f"size must be positive, got {size}")
     os.makedirs(dst, exist_ok=True)
     names = list_images(src)
+    # The stamp says which size the folder holds. A different size redoes everything; no stamp
+    # (an interrupted or older run) means each existing file's header is checked.
+    done_size = read_size_stamp(dst)
+    if done_size is not None and done_size != size:
+        print(f"{dst} holds {done_size}x{done_size} images: resizing them again to {size}x{size}")
+        os.remove(os.path.join(dst, SIZE_STAMP))
+    check_size = None if done_size == size else size
     jobs = [(os.path.join(src, n), os.path.join(dst, n), size) for n in names
-            if not _up_to_date(os.path.join(src, n), os.path.join(dst, n))]
+            if done_size not in (None, size) or not _up_to_date(os.path.join(src, n), os.path.join(dst, n), check_size)]
     failed = []
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"resizing {os.path.basename(src.rstrip('/'))}", unit="img",
@@ -100,6 +127,9 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
+    if done_size != size:
+        with open(os.path.join(dst, SIZE_STAMP), "w") as f:
+            f.write(str(size))
     if failed:
         print(f"skipped {len(failed)} unreadable image(s):")
         for line in failed:

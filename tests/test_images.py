@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from captioning.images import load_image, resize_images
+from captioning.images import SIZE_STAMP, load_image, resize_images
 from conftest import ROOT, run_cli
 
 
@@ -49,7 +49,7 @@ def test_resize_handles_odd_and_corrupt_images(odd_images, tmp_path, capsys):
     dst = tmp_path / "dst"
     result = resize_images(str(odd_images), str(dst), size=32, workers=2, progress=False)
     good = {"gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "exif.jpg"}
-    assert set(os.listdir(dst)) == good  # same names, nothing for the broken files
+    assert set(os.listdir(dst)) == good | {SIZE_STAMP}  # same names, nothing for the broken files
     for name in good:
         with Image.open(dst / name) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
@@ -69,11 +69,25 @@ def test_resize_is_idempotent(odd_images, tmp_path):
     assert resize_images(str(odd_images), str(dst), size=16, progress=False)["resized"] == 1
 
 
+def test_a_new_size_redoes_the_folder_and_a_missing_stamp_checks_each_file(odd_images, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    resize_images(str(odd_images), str(dst), size=16, progress=False)
+    again = resize_images(str(odd_images), str(dst), size=24, progress=False)
+    assert again["resized"] == 5 and "resizing them again to 24x24" in capsys.readouterr().out
+    assert all(Image.open(dst / n).size == (24, 24) for n in os.listdir(dst) if n != SIZE_STAMP)
+    assert (dst / SIZE_STAMP).read_text() == "24"
+
+    os.remove(dst / SIZE_STAMP)                       # as after an interrupted run, or one from before stamps
+    Image.new("RGB", (16, 16)).save(dst / "gray.jpg")  # one file of the wrong size, newer than its source
+    third = resize_images(str(odd_images), str(dst), size=24, progress=False)
+    assert third["resized"] == 1 and Image.open(dst / "gray.jpg").size == (24, 24)
+
+
 def test_parallel_path_over_many_files(tiny_data, tmp_path):
     dst = tmp_path / "r"
     r = resize_images(str(tiny_data / "train2014"), str(dst), size=24, workers=2, progress=False)
     assert r["resized"] == 60 and r["failed"] == []
-    assert sorted(os.listdir(dst)) == sorted(os.listdir(tiny_data / "train2014"))
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(tiny_data / "train2014") + [SIZE_STAMP])
 
 
 def test_missing_source_is_a_clear_error(tmp_path):

@@ -31,7 +31,7 @@ def test_training_builds_prerequisites_and_writes_a_self_contained_checkpoint(ti
     assert not (tiny_copy / "vocabulary.pkl").exists() and not (tiny_copy / "resized_images").exists()
     summary = train(small_config(tiny_copy, tmp_path / "m", epochs=1))
     assert (tiny_copy / "vocabulary.pkl").exists()
-    assert len(os.listdir(tiny_copy / "resized_images" / "train2014")) == 60
+    assert len([f for f in os.listdir(tiny_copy / "resized_images" / "train2014") if f.endswith(".jpg")]) == 60
     ckpt = torch.load(summary["last"], weights_only=True)  # plain tensors and containers only
     assert {"config", "vocab", "encoder", "decoder", "optimizer", "epoch", "step", "rng", "backbone"} <= set(ckpt)
     assert ckpt["step"] == summary["step"] == 8 and ckpt["epoch"] == 1   # 60 images / 8 per step
