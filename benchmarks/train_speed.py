@@ -44,7 +44,7 @@ def stand_in_weights(config, path):
     resnet = torchvision.models.resnet152(weights=None).to(device)
     ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"),
                             load_vocabulary(config.vocabulary_path), eval_transform(config.resize_size, config.crop_size),
-                            group_by_image=True)
+                            group_by_image=True, progress=False)
     calibrate_batchnorm(resnet, (torch.stack([ds.load(i) for i in range(j, min(j + 64, len(ds)))]).to(device)
                                  for j in range(0, len(ds), 64)))
     torch.save(resnet.cpu().state_dict(), path)

@@ -5,7 +5,7 @@
 """
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

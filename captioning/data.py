@@ -74,7 +74,7 @@ class CocoCaptionDataset(data.Dataset):
     """
 
     def __init__(self, data_path, coco_json_path, vocabulary, transform=None, max_seq_len=20, seed=0,
-                 group_by_image=False):
+                 group_by_image=False, progress=True):
         from pycocotools.coco import COCO
 
         if not os.path.isdir(data_path):
@@ -85,7 +85,7 @@ class CocoCaptionDataset(data.Dataset):
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
         self._encoded = {}  # annotation id -> caption ids
         self.coco = COCO(coco_json_path)
-        self._tokens = caption_tokens(coco_json_path, self.coco)  # tokenized once, cached on disk
+        self._tokens = caption_tokens(coco_json_path, self.coco, progress)  # tokenized once, cached on disk
         present = set(os.listdir(data_path))
         image_ids = sorted(self.coco.imgs)
         missing = [self.coco.imgs[i]["file_name"] for i in image_ids if self.coco.imgs[i]["file_name"] not in present]

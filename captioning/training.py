@@ -210,9 +210,9 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     val_tf = eval_transform(config.resize_size, config.crop_size)
     group = config.group_by_image and not config.use_cache  # cached features are cheap per caption anyway
     train_ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, train_tf,
-                                  config.max_seq_len, config.seed, group_by_image=group)
+                                  config.max_seq_len, config.seed, group_by_image=group, progress=config.progress)
     val_ds = CocoCaptionDataset(config.resized_images("val"), config.captions_json("val"), vocab, val_tf,
-                                config.max_seq_len, config.seed, group_by_image=group)
+                                config.max_seq_len, config.seed, group_by_image=group, progress=config.progress)
     if not config.train_backbone and encoder.weights_id is None:
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, val_tf,
