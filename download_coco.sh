@@ -40,19 +40,22 @@ declare -A FALLBACK_MB=([annotations_trainval2014.zip]=1000 [train2014.zip]=2700
 
 done_marker() { echo "$DEST/.done-${1%.zip}"; }
 
-remote_mb() {  # size in MB from a HEAD request, or empty
-  local bytes
-  bytes=$(curl -sSIL --fail --max-time 30 "$1" 2>/dev/null | tr -d '\r' |
-          awk 'tolower($1)=="content-length:" {n=$2} END {if (n) print n}') || true
-  [ -n "$bytes" ] && echo $(( (bytes + 1048575) / 1048576 ))
+head_info() {  # "STATUS BYTES" of the final response to a HEAD request (either may be empty)
+  curl -sSIL --max-time 30 "$1" 2>/dev/null | tr -d '\r' |
+    awk 'toupper($1) ~ /^HTTP\// {code=$2; n=""} tolower($1)=="content-length:" {n=$2} END {print code, n}' || true
 }
 
-# --- 1. free disk space, for the steps still to do ---
+# --- 1. every file still needed is on the mirror, and there is disk space for it ---
 need_mb=0
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name url product <<<"$step"
-  [ -f "$(done_marker "$name")" ] && continue
-  mb=$(remote_mb "$url" || true)
+  [ -f "$(done_marker "$name")" ] && [ -e "$DEST/$product" ] && continue
+  read -r code bytes <<<"$(head_info "$url")"
+  case "$code" in  # a dead link fails now, not after the other downloads (403: S3's answer for a missing key)
+    403|404|410) die "$url: HTTP $code, the file is not on the mirror (a dead link? set COCO_MIRROR to another mirror)" ;;
+  esac
+  mb=""
+  if [ "$code" = "200" ] && [ -n "$bytes" ]; then mb=$(( (bytes + 1048575) / 1048576 )); fi
   if [ -n "$mb" ]; then
     have=0
     [ -f "$DEST/$name" ] && have=$(( $(stat -c %s "$DEST/$name") / 1048576 ))

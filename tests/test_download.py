@@ -347,6 +347,20 @@ def test_rerun_downloads_nothing(server, mirror_tree, tmp_path):
     assert_complete(dest, mirror_tree)
 
 
+def test_deleted_folder_with_its_done_marker_is_counted_again(server, mirror_tree, tmp_path):
+    """train2014/ removed by hand, .done-train2014 left behind: the step is checked and redone."""
+    dest = tmp_path / "coco"
+    assert run_script(server, dest).returncode == 0
+    shutil.rmtree(dest / "train2014")
+    server.log.clear()
+    proc = run_script(server, dest, mirror="huge")      # its train2014.zip claims about 1 PB
+    assert proc.returncode != 0 and "disk space" in proc.stderr, proc.report
+    assert server.gets() == [], proc.report
+    proc = run_script(server, dest)
+    assert proc.returncode == 0 and server.gets("/good/zips/train2014.zip"), proc.report
+    assert_complete(dest, mirror_tree)
+
+
 def test_keep_zips_keeps_the_zips(server, mirror_tree, tmp_path):
     dest = tmp_path / "coco"
     proc = run_script(server, dest, KEEP_ZIPS="1")
@@ -428,10 +442,11 @@ def test_missing_file_on_mirror_fails_clearly(server, tmp_path):
     assert re.search(r"404|not found", proc.stderr, re.I), proc.report
     # must not depend on the free space of the machine running the tests
     assert "disk space" not in proc.stderr, proc.report
-    assert not (dest / "val2014").exists()
-    assert not (dest / "val2014.zip").exists()
+    assert "dead link" in proc.stderr, proc.report
     assert any(r.path == "/missing/zips/val2014.zip" and r.status == 404
                for r in server.log), proc.report
+    assert server.gets() == [], proc.report          # found by the HEAD check, before any download
+    assert list(dest.iterdir()) == [], proc.report
 
 
 def test_not_enough_disk_space_stops_before_any_download(server, tmp_path):
