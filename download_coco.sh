@@ -52,7 +52,10 @@ for step in "${STEPS[@]}"; do
   [ -f "$(done_marker "$name")" ] && [ -e "$DEST/$product" ] && continue
   read -r code bytes <<<"$(head_info "$url")"
   case "$code" in  # a dead link fails now, not after the other downloads (403: S3's answer for a missing key)
-    403|404|410) die "$url: HTTP $code, the file is not on the mirror (a dead link? set COCO_MIRROR to another mirror)" ;;
+    403|404|410)
+      msg="$url: HTTP $code, the file is not on the mirror (a dead link? set COCO_MIRROR to another mirror)"
+      [ -f "$DEST/$name" ] || die "$msg"
+      say "warning: $msg; trying the $name already here" ;;
   esac
   mb=""
   if [ "$code" = "200" ] && [ -n "$bytes" ]; then mb=$(( (bytes + 1048575) / 1048576 )); fi

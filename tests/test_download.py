@@ -449,6 +449,15 @@ def test_missing_file_on_mirror_fails_clearly(server, tmp_path):
     assert list(dest.iterdir()) == [], proc.report
 
 
+def test_dead_link_with_the_zip_already_here_still_extracts(server, mirror_tree, tmp_path):
+    dest = tmp_path / "coco"
+    assert run_script(server, dest, KEEP_ZIPS="1").returncode == 0
+    shutil.rmtree(dest / "val2014")
+    proc = run_script(server, dest, mirror="missing")    # val2014.zip is gone from this mirror
+    assert proc.returncode == 0 and "dead link" in proc.stdout, proc.report
+    assert_complete(dest, mirror_tree)
+
+
 def test_not_enough_disk_space_stops_before_any_download(server, tmp_path):
     dest = tmp_path / "coco"
     proc = run_script(server, dest, mirror="huge")
