@@ -117,7 +117,7 @@ class CocoCaptionDataset(data.Dataset):
         out = []
         for a in self.items[idx][1]:
             if a not in self._encoded:
-                self._encoded[a] = encode_tokens(self._tokens[a], self.vocabulary, self.max_seq_len)
+                self._encoded[a] = encode_tokens(self._tokens[a].split(), self.vocabulary, self.max_seq_len)
             out.append(self._encoded[a])
         return out
 
