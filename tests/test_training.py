@@ -187,8 +187,11 @@ def test_kill_9_during_training_then_resume(tiny_copy, tmp_path):
 
 def test_ctrl_c_saves_and_exits_130(tiny_copy, tmp_path):
     models = tmp_path / "m"
+    # A shell that starts jobs in the background makes them ignore SIGINT, and Python then never
+    # raises KeyboardInterrupt: give the child the default disposition whatever runs the tests.
     proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_step(models / "train_log.jsonl", 3, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
