@@ -43,7 +43,7 @@ class Config:
     val_max_captions: int = 5000           # validation loss on at most this many captions
     num_workers: int = 2
     amp: bool = True                       # autocast on CUDA (bf16 where supported, else fp16)
-    channels_last: bool = True             # CNN memory format on CUDA
+    channels_last: bool = True             # CNN memory format on CUDA, and on a CPU for a frozen backbone
     device: str = ""                       # "" = cuda if available, else cpu
     progress: bool = True
 

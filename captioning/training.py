@@ -1,6 +1,7 @@
 """train(config): the chapter's loop (Adam, cross-entropy on packed targets), made fast and resumable.
 
-- CUDA when present: autocast (bf16 where supported, else fp16 + GradScaler), channels_last CNN.
+- CUDA when present: autocast (bf16 where supported, else fp16 + GradScaler), channels_last CNN
+  (channels_last on a CPU too when the backbone is frozen).
 - Frozen backbone: trains on cached features by default (features.py); `cache=False` is the
   chapter-faithful loop that runs the encoder at every step.
 - models_dir/<dataset>/last.ckpt every `save_every` steps, at each epoch end and when stopped
@@ -202,7 +203,9 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     vocab = load_vocabulary(config.vocabulary_path)
     encoder, decoder = build_models(config, len(vocab))
     amp_dtype = amp_dtype_for(device, config.amp)
-    channels_last = config.channels_last and device.type == "cuda"
+    # channels_last: on CUDA always; on a CPU only for a frozen backbone. Measured on 2 cores,
+    # ResNet forward passes run 1.15-1.19x faster in it, but ResNet-18's backward 5% slower.
+    channels_last = config.channels_last and (device.type == "cuda" or not config.train_backbone)
     encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     decoder.to(device)
 
