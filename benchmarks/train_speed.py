@@ -27,7 +27,7 @@ from captioning.data import CocoCaptionDataset, eval_transform  # noqa: E402
 from captioning.model import calibrate_batchnorm  # noqa: E402
 from captioning.vocabulary import load_vocabulary  # noqa: E402
 from captioning.tinyset import make_tinyset  # noqa: E402
-from captioning.training import ensure_prerequisites, train  # noqa: E402
+from captioning.training import ensure_prerequisites, pick_device, train  # noqa: E402
 
 
 def val_losses(log):
@@ -40,7 +40,7 @@ def val_losses(log):
 def stand_in_weights(config, path):
     """A ResNet-152 state_dict with random weights and BatchNorm statistics measured on the training images."""
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     resnet = torchvision.models.resnet152(weights=None).to(device)
     ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"),
                             load_vocabulary(config.vocabulary_path), eval_transform(config.resize_size, config.crop_size),

@@ -80,12 +80,11 @@ def cmd_train(args):
 
 
 def cmd_caption(args):
-    import torch
-
     from .checkpoint import load_captioner
     from .inference import caption_images, expand_paths
+    from .training import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     paths = expand_paths(args.images)
     encoder, decoder, vocab, config = load_captioner(args.checkpoint, device, args.weights)
     if not paths:
@@ -108,11 +107,10 @@ def cmd_caption(args):
 
 
 def cmd_evaluate(args):
-    import torch
-
     from .evaluation import evaluate_checkpoint, format_table, results_json
+    from .training import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))

@@ -7,12 +7,12 @@
 `load_checkpoint` uses torch.load(weights_only=True), so a checkpoint cannot run code,
 and maps everything to the CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
-import contextlib
 import os
 import shutil
-import tempfile
 
 import torch
+
+from .atomic import atomic_write
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -30,49 +30,16 @@ def strip_prefixes(state_dict):
     return out
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on some platforms
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_write(path):
-    """Yield a file in the same folder as `path`; on success fsync it and rename it over `path`.
-
-    A crash or kill at any point leaves either the old file or the new one, never a torn one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_save(obj, path):
     """torch.save, all or nothing: temp file, fsync, rename."""
-    with _atomic_write(path) as f:
+    with atomic_write(path) as f:
         torch.save(obj, f)
     return path
 
 
 def atomic_copy(src, dst):
     """Copy `src` to `dst` with the same all-or-nothing guarantee (used for best.ckpt)."""
-    with _atomic_write(dst) as out, open(src, "rb") as f:
+    with atomic_write(dst) as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out)
     return dst
 

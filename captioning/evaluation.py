@@ -10,7 +10,7 @@ import os
 import shutil
 from collections import Counter
 
-from .vocabulary import tokenize
+from .vocabulary import caption_tokens, tokenize
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -112,9 +112,7 @@ def heldout_split(config, split="val"):
 
 def blind_baseline(train_json, image_ids):
     """The most frequent training caption (after tokenisation), predicted for every image."""
-    with open(train_json) as f:
-        counts = Counter(" ".join(tokenize(a["caption"])) for a in json.load(f)["annotations"])
-    caption = counts.most_common(1)[0][0]
+    caption = Counter(caption_tokens(train_json, progress=False).values()).most_common(1)[0][0]
     return {i: caption for i in image_ids}
 
 

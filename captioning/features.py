@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.utils.data as data
 
+from .atomic import atomic_write
 from .data import TrainTransform
 
 
@@ -54,12 +55,8 @@ class _ImageViews(data.Dataset):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_feature_cache(encoder, caption_dataset, transform, views, features_dir, split, device,

@@ -64,7 +64,7 @@ def _resize_one(args):
 SIZE_STAMP = ".resized-size"  # in the output folder: the size its images were made at
 
 
-def read_size_stamp(folder):
+def _read_size_stamp(folder):
     try:
         with open(os.path.join(folder, SIZE_STAMP)) as f:
             return int(f.read())
@@ -101,7 +101,7 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
     names = list_images(src)
     # The stamp says which size the folder holds. A different size redoes everything; no stamp
     # (an interrupted or older run) means each existing file's header is checked.
-    done_size = read_size_stamp(dst)
+    done_size = _read_size_stamp(dst)
     if done_size is not None and done_size != size:
         print(f"{dst} holds {done_size}x{done_size} images: resizing them again to {size}x{size}")
         os.remove(os.path.join(dst, SIZE_STAMP))

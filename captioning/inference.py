@@ -5,7 +5,7 @@ import torch
 import torch.utils.data as data
 
 from .data import eval_transform
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import list_images, load_image
 from .model import decode
 
 
@@ -14,7 +14,7 @@ def expand_paths(inputs):
     paths = []
     for p in inputs:
         if os.path.isdir(p):
-            paths += [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            paths += [os.path.join(p, f) for f in list_images(p)]
         elif os.path.exists(p):
             paths.append(p)
         else:

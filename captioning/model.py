@@ -58,9 +58,8 @@ def calibrate_batchnorm(module, batches):
         m.reset_running_stats()
         m.momentum = None                                      # cumulative moving average
     module.train()
-    with torch.no_grad():                                      # running statistics update without autograd
-        for images in batches:
-            module(images)
+    for images in batches:
+        module(images)
     for m in norms:
         m.momentum = 0.1
 

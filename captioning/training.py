@@ -91,7 +91,7 @@ def amp_dtype_for(device, enabled=True):
 
 def ensure_prerequisites(config, log=print):
     """Build what training needs and is missing: the vocabulary and the resized images."""
-    from .images import list_images, read_size_stamp, resize_images
+    from .images import resize_images
     from .vocabulary import build_vocabulary, save_vocabulary
 
     for split in ("train", "val"):
@@ -105,11 +105,10 @@ def ensure_prerequisites(config, log=print):
         save_vocabulary(build_vocabulary(config.captions_json("train"), config.vocab_threshold,
                                          progress=config.progress), config.vocabulary_path)
     for split in ("train", "val"):
-        dst = config.resized_images(split)
-        if not os.path.isdir(dst) or read_size_stamp(dst) != config.resize_size \
-                or len(list_images(dst)) < len(list_images(config.split_images(split))):
-            log(f"resizing {split} images to {config.resize_size}x{config.resize_size}: {dst}")
-        resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
+        dst = config.resized_images(split)  # resize_images skips what is already done, at this size
+        report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
+        if report["resized"]:
+            log(f"resized {report['resized']} {split} images to {config.resize_size}x{config.resize_size}: {dst}")
 
 
 def _rng_state():

@@ -8,10 +8,11 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from collections import Counter
 
 from nltk.tokenize import NLTKWordTokenizer
+
+from .atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3, in the chapter's order
@@ -125,17 +126,11 @@ def caption_tokens(json_path, coco=None, progress=True):
             for chunk in chunks:
                 joined += _tokenize_all(chunk)
                 bar.update(len(chunk))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(cache_path)), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(cache_path, "w") as f:  # also safe with two processes writing at once
             json.dump({"format": TOKENS_FORMAT, "source": source, "tokens": dict(zip(map(str, ids), joined))}, f)
-        os.replace(tmp, cache_path)  # all or nothing, also with two processes writing at once
     except OSError as e:
         print(f"warning: could not cache the tokenized captions at {cache_path} ({e}); continuing without")
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
     return dict(zip(ids, joined))
 
 
@@ -167,11 +162,8 @@ def build_vocabulary(json, threshold=4, progress=True):
 
 
 def save_vocabulary(vocab, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         pickle.dump(vocab, f, protocol=4)
-    os.replace(tmp, path)
     return path
 
 

@@ -112,7 +112,9 @@ def test_heldout_split_rules(trained):
 
 def test_blind_baseline_is_the_most_frequent_caption(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"annotations": [{"caption": c} for c in ["A dog.", "a dog", "a cat", "A Dog"]]}))
+    captions = ["A dog.", "a dog", "a cat", "A Dog"]
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}],
+                                "annotations": [{"id": k, "image_id": 1, "caption": c} for k, c in enumerate(captions)]}))
     assert blind_baseline(str(path), [5, 6]) == {5: "a dog", 6: "a dog"}
 
 
