@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision.models as models
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .lstm import packed_lstm
 from .vocabulary import END, PAD, START
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -126,6 +127,7 @@ class LSTMModel(nn.Module):
         self.lstm_layer = nn.LSTM(embedding_size, hidden_layer_size, num_layers, batch_first=True)
         self.linear_layer = nn.Linear(hidden_layer_size, vocabulary_size)
         self.max_seq_len = max_seq_len
+        self.packed_cpu_lstm = True  # training on a CPU: lstm.py's LSTM (same weights, faster backward)
         # Start with the forget gates mostly open (bias_ih + bias_hh = 2) so the image, seen only
         # at step 0, is remembered while the words are learned; measured: the decoder starts
         # using the image after ~50 steps instead of ~125 on the tiny set.
@@ -140,8 +142,9 @@ class LSTMModel(nn.Module):
         embeddings = self.embedding_layer(captions)                              # (B, T, E)
         lstm_input = torch.cat((input_features.unsqueeze(1), embeddings), 1)     # (B, 1+T, E)
         packed = pack_padded_sequence(lstm_input, lengths, batch_first=True)
-        hidden_variables, _ = self.lstm_layer(packed)
-        return self.linear_layer(hidden_variables[0])                            # (sum(lengths), V)
+        hidden_variables = packed_lstm(self.lstm_layer, packed) if self.packed_cpu_lstm \
+            else self.lstm_layer(packed)[0].data                                 # (sum(lengths), H)
+        return self.linear_layer(hidden_variables)                               # (sum(lengths), V)
 
     def step(self, lstm_input, lstm_states=None):
         """One time step: (B, E) input -> (B, V) log-probabilities and the new states."""

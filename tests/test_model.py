@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 
+from captioning.lstm import _PackedLSTMLayer, packed_lstm
 from captioning.model import CNNModel, LSTMModel, cut_after_end, decode
 from captioning.training import caption_loss
 from captioning.vocabulary import Vocab
@@ -90,6 +91,70 @@ def test_loss_ignores_padding():
     manual = sum(torch.nn.functional.cross_entropy(
         dec(feats[i:i + 1], captions[i:i + 1, :n], [n]), captions[i, :n], reduction="sum") for i, n in enumerate(lengths))
     assert torch.allclose(loss, manual / sum(lengths), atol=1e-5) and logits.shape[0] == sum(lengths)
+
+
+def _packed(lengths, size):
+    x = torch.randn(len(lengths), max(lengths), size, requires_grad=True)
+    return x, torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+
+
+def test_packed_cpu_lstm_matches_nn_lstm_outputs_and_gradients():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(12, 20, num_layers=2, batch_first=True)
+    lengths = [9, 9, 7, 4, 4, 1]                       # steps whose batch shrinks, one single-token caption
+    x, _ = _packed(lengths, 12)
+    weight = torch.randn(sum(lengths), 20)             # a loss that weighs every output differently
+    grads = {}
+    for name, run in (("ours", lambda p: packed_lstm(lstm, p)), ("nn.LSTM", lambda p: lstm(p)[0].data)):
+        lstm.zero_grad()
+        x.grad = None
+        out = run(torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True))
+        (out * weight).sum().backward()
+        grads[name] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in lstm.parameters()]
+    assert len(grads["ours"]) == 2 + 8
+    for ours, ref in zip(grads["ours"], grads["nn.LSTM"]):
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_cpu_lstm_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    batch_sizes = [4, 3, 3, 1]                         # a packed batch: 4 captions of lengths 4, 3, 3, 1
+    data = torch.randn(sum(batch_sizes), 3, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+               for shape in ((16, 3), (16, 4), (16,), (16,))]
+    assert torch.autograd.gradcheck(lambda x, *w: _PackedLSTMLayer.apply(x, batch_sizes, *w), (data, *weights))
+
+
+def test_packed_cpu_lstm_falls_back_where_it_does_not_apply():
+    lstm = torch.nn.LSTM(6, 8, batch_first=True)
+    _, packed = _packed([3, 2], 6)
+    with torch.no_grad():                              # inference: nn.LSTM's own loop
+        assert packed_lstm(lstm, packed).grad_fn is None
+    assert type(packed_lstm(lstm, packed).grad_fn).__name__ == "_PackedLSTMLayerBackward"
+    bidirectional = torch.nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+    assert packed_lstm(bidirectional, packed).shape == (5, 16)
+
+
+def test_decoder_trains_the_same_with_either_lstm():
+    losses = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        dec = LSTMModel(16, 32, 20, 1)
+        dec.packed_cpu_lstm = fast
+        opt = torch.optim.Adam(dec.parameters(), 1e-2)
+        gen = torch.Generator().manual_seed(1)
+        run = []
+        for _ in range(5):
+            captions = torch.randint(3, 20, (6, 8), generator=gen)
+            lengths = [8, 8, 6, 5, 3, 2]
+            loss = caption_loss(dec(torch.randn(6, 16, generator=gen), captions, lengths), captions, lengths)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses[fast] = run
+    assert losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(4))
