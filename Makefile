@@ -28,6 +28,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/resize.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/decoder_speed.py
 	$(PY) benchmarks/train_speed.py
 
 clean:

@@ -90,7 +90,7 @@ PRESETS = {
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights=None, train_backbone=False, cache_views=8,
         embedding_size=128, hidden_layer_size=256, batch_size=256, lr=5e-3, backbone_lr=2e-3,
-        epochs=10, save_every=100, log_every=10, num_workers=0, val_max_captions=1250,
+        epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250,
     ),
 }
 
