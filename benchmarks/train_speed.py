@@ -1,6 +1,6 @@
 """Training speed: the chapter's loop (frozen encoder run at every step) vs training on cached features.
 
-    python benchmarks/train_speed.py [--images 300] [--epochs 5] [--size 64] [--views 2 1 5] [--workers 0]
+    python benchmarks/train_speed.py [--images 300] [--epochs 5] [--size 64] [--views 2 1 5] [--workers 0] [--profile]
 
 Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
 512, Adam 1e-3, batch 128). No ImageNet weights can be downloaded here, so the benchmark
@@ -9,10 +9,14 @@ statistics are estimated from the training images. Both runs load it like a pret
 (`weights=path`), exactly the coco path. Same data, same model, one run each: wall time
 (feature extraction included for the cache) and the held-out loss. On a GPU machine it runs
 on CUDA like `train()` does (AMP, channels_last); give it data-loader workers there.
+--profile runs the cached runs under cProfile and prints where their time went (extraction,
+the LSTM, setup); their wall times then include the profiler's overhead.
 """
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -58,6 +62,7 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="crop size (images are resized to size + size/8)")
     parser.add_argument("--views", type=int, nargs="+", default=[2, 1, 5], help="K values for the cache (2 is the default)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (0 on a 2-core CPU)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the cached runs")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="train-bench-")
     try:
@@ -75,8 +80,13 @@ def main():
         for name, extra in runs:
             config = get_config("coco", models_dir=os.path.join(work, f"m{len(results)}"), **common, **extra)
             shutil.rmtree(config.features_dir, ignore_errors=True)  # extraction is part of the cost
+            profiler = cProfile.Profile() if args.profile and config.use_cache else None
             t = time.perf_counter()
-            summary = train(config)
+            summary = profiler.runcall(train, config) if profiler else train(config)
+            if profiler:
+                print(f"\n{name}: cProfile, by cumulative time")
+                pstats.Stats(profiler).sort_stats("cumulative").print_stats(
+                    r"features.py.*build_feature_cache|lstm.py.*(forward|backward)|training.py.*(build_models|evaluate_loss)")
             results.append((name, time.perf_counter() - t, *val_losses(summary["log"])))
         base = results[0][1]
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"

@@ -3,9 +3,9 @@
 `nn.LSTM` on a CPU runs a packed sequence one time step at a time through autograd, and its
 backward pass turns each step's slice of the precomputed input projection into a zero-filled
 gradient the size of all tokens' projections, (N, 4H), then adds it to the total: one
-full-size fill and one full-size add per time step. In torch.profiler runs on the chapter's
-shapes (batch 128, embedding 256, hidden 512), those took a fifth to a third of the LSTM's
-forward+backward time. This is the same LSTM, same weights, same numbers up to float rounding
+full-size fill and one full-size add per time step. On the chapter's shapes (batch 128,
+embedding 256, hidden 512), those take about 30% of a whole training step in torch.profiler
+(`python benchmarks/decoder_speed.py --profile`). This is the same LSTM, same weights, same numbers up to float rounding
 (tests/test_model.py compares outputs and gradients with nn.LSTM), with a hand-written
 backward pass that does step by step only what is sequential:
 - forward: one matrix product for every token's input projection, then per step h @ W_hh

@@ -41,6 +41,7 @@ def test_local_weights_file(tmp_path):
     enc = CNNModel(8, "resnet18", weights=str(path))
     assert torch.equal(enc.resnet_module[0].weight, reference.conv1.weight)
     assert enc.weights_id == str(path) and enc.feature_size == 512
+    assert {t.device.type for t in enc.state_dict().values()} == {"cpu"}   # nothing left on the meta device
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         CNNModel(8, "resnet18", weights=str(tmp_path / "missing.pth"))
 
