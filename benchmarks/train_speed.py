@@ -112,8 +112,7 @@ def main():
                 config = get_config("coco", models_dir=os.path.join(work, "models"), seed=seed, **common, **extra)
                 shutil.rmtree(config.features_dir, ignore_errors=True)  # extraction is part of the cost
                 shutil.rmtree(config.models_dir, ignore_errors=True)
-                # A fresh process per run: measured here, a cached run right after a 12-minute chapter
-                # loop in the same process took 93-140 s, against 79 s on its own (128 px).
+                # A fresh process per run, so no run inherits another's allocator or thread-pool state.
                 with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
                     seconds, loss = pool.submit(one_run, config, args.profile and config.use_cache).result()
                 times[name].append(seconds)
