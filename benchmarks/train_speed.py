@@ -6,15 +6,17 @@
 Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
 512, Adam 1e-3, batch 128). No ImageNet weights can be downloaded here, so the benchmark
 writes a stand-in weights file first: a randomly initialised ResNet-152 whose BatchNorm
-statistics are estimated from the training images. Both runs load it like a pretrained file
+statistics are estimated from the training images. Every run loads it like a pretrained file
 (`weights=path`), exactly the coco path. Same data, same model; each method runs once per
 seed (the seed sets the decoder's initialisation, the data order and the augmentation), the
-methods taking turns, each run in a fresh process. Timed: train() from start to end, feature extraction included for the
-cache, with its per-epoch validation on the first max(20, images/6) held-out images, as
-before. Not timed: the held-out loss of each final model (last.ckpt), computed the same way
-for all of them, through the encoder on the images (eval transform), over all the --heldout
-images' captions. On a GPU machine it runs on CUDA like `train()` does (AMP, channels_last);
-give it data-loader workers there.
+methods taking turns, each run in a fresh process.
+- Timed: train() from start to end, feature extraction included for the cache, with its
+  per-epoch validation on the captions of max(20, images/6) held-out images.
+- Not timed: the held-out loss of each final model (last.ckpt), scored the same way for all
+  of them, through the encoder on the images (eval transform), over every caption of the
+  --heldout images.
+On a GPU machine it runs on CUDA like `train()` does (AMP, channels_last); give it data-loader
+workers there.
 --profile runs the cached runs under cProfile and prints where their time went (extraction,
 the LSTM, setup); their wall times then include the profiler's overhead.
 """
@@ -95,8 +97,9 @@ def main():
     work = tempfile.mkdtemp(prefix="train-bench-")
     try:
         data = os.path.join(work, "data")
-        val_images = max(20, args.images // 6)  # validated on during training (timed), as before
-        make_tinyset(data, train=args.images, val=max(args.heldout, val_images), seed=0)
+        val_images = max(20, args.images // 6)  # validated on during training (timed)
+        heldout = max(args.heldout, val_images)
+        make_tinyset(data, train=args.images, val=heldout, seed=0)
         common = dict(data_dir=data, resize_size=args.size + args.size // 8, crop_size=args.size,
                       epochs=args.epochs, num_workers=args.workers, progress=False, vocab_threshold=1,
                       save_every=10 ** 9, log_every=10 ** 9, val_max_captions=5 * val_images)
@@ -122,7 +125,7 @@ def main():
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
         print(f"\nResNet-152 (frozen, stand-in weights) at {args.size}px, {args.images} images x 5 captions, "
               f"{args.epochs} epochs, batch {config.batch_size}, {where}, {args.workers} workers; "
-              f"seeds {' '.join(map(str, args.seeds))}; held-out loss of the final model on {args.heldout} images\n")
+              f"seeds {' '.join(map(str, args.seeds))}; held-out loss of the final model on {heldout} images\n")
         spread = len(args.seeds) > 1
         print(f"{'method':<30}{'wall s':>9}{'speed-up':>10}{'held-out loss':>15}" + ("   per seed" if spread else ""))
         for name, _ in methods:
