@@ -89,5 +89,6 @@ def main():
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"fill_ and add_ on (all tokens, 4H) gradients: {wasted / total:.0%} of the profiled CPU time")
 
+
 if __name__ == "__main__":
     main()

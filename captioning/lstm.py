@@ -5,9 +5,9 @@ backward pass turns each step's slice of the precomputed input projection into a
 gradient the size of all tokens' projections, (N, 4H), then adds it to the total: one
 full-size fill and one full-size add per time step. On the chapter's shapes (batch 128,
 embedding 256, hidden 512), those take about 30% of a whole training step in torch.profiler
-(`python benchmarks/decoder_speed.py --profile`). This is the same LSTM, same weights, same numbers up to float rounding
-(tests/test_model.py compares outputs and gradients with nn.LSTM), with a hand-written
-backward pass that does step by step only what is sequential:
+(`python benchmarks/decoder_speed.py --profile`). This is the same LSTM, same weights, same
+numbers up to float rounding (tests/test_model.py compares outputs and gradients with
+nn.LSTM), with a hand-written backward pass that does step by step only what is sequential:
 - forward: one matrix product for every token's input projection, then per step h @ W_hh
   and the gates;
 - backward: per step the gate gradients and dh @ W_hh; then the weight and input gradients
