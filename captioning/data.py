@@ -71,10 +71,13 @@ class CocoCaptionDataset(data.Dataset):
     With `group_by_image=True` an item is one image with all its captions: (image, [captions]).
     The encoder then runs once per image instead of once per caption, which is what makes
     fine-tuning the backbone affordable (the decoder is cheap; the CNN's backward is not).
+    `max_captions` keeps only the fewest leading images (in image-id order) that hold that many
+    captions: a validation subset whose images are all used, so a feature cache built over it
+    encodes no image that validation never reads.
     """
 
     def __init__(self, data_path, coco_json_path, vocabulary, transform=None, max_seq_len=20, seed=0,
-                 group_by_image=False, progress=True):
+                 group_by_image=False, progress=True, max_captions=None):
         from pycocotools.coco import COCO
 
         if not os.path.isdir(data_path):
@@ -98,6 +101,16 @@ class CocoCaptionDataset(data.Dataset):
                           and self.coco.imgToAnns.get(i)]
         if not self.image_ids:
             raise ValueError(f"no captioned images found: {coco_json_path} lists none present in {data_path}")
+        if max_captions is not None:
+            if max_captions < 1:
+                raise ValueError(f"max_captions must be >= 1, got {max_captions}")
+            kept, held = [], 0
+            for i in self.image_ids:
+                if held >= max_captions:
+                    break
+                kept.append(i)
+                held += len(self.coco.imgToAnns[i])
+            self.image_ids = kept
         # items: (index into image_ids, annotation ids)
         anns = [sorted(a["id"] for a in self.coco.imgToAnns[i]) for i in self.image_ids]
         if group_by_image:

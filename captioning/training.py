@@ -213,8 +213,11 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
     group = config.group_by_image and not config.use_cache  # cached features are cheap per caption anyway
     train_ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, train_tf,
                                   config.max_seq_len, config.seed, group_by_image=group, progress=config.progress)
+    # Only the images validation reads: on COCO 5,000 captions are ~1,000 of val2014's 40,504 images,
+    # and the feature cache would otherwise encode all of them.
     val_ds = CocoCaptionDataset(config.resized_images("val"), config.captions_json("val"), vocab, val_tf,
-                                config.max_seq_len, config.seed, group_by_image=group, progress=config.progress)
+                                config.max_seq_len, config.seed, group_by_image=group, progress=config.progress,
+                                max_captions=max(1, config.val_max_captions))
     if not config.train_backbone and encoder.weights_id is None:
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, val_tf,

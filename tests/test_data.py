@@ -30,6 +30,16 @@ def test_grouped_items_hold_all_captions_of_an_image(tiny_data, tiny_vocab):
     assert image.shape == (3, 40, 40) and len(captions) == 5
 
 
+def test_max_captions_keeps_the_fewest_leading_images_that_hold_them(tiny_data, tiny_vocab):
+    full = _dataset(tiny_data, tiny_vocab)
+    ds = _dataset(tiny_data, tiny_vocab, max_captions=12)     # 5 captions per image: 3 images hold 12
+    assert ds.image_ids == full.image_ids[:3] and len(ds) == 15
+    assert _dataset(tiny_data, tiny_vocab, max_captions=10).image_ids == full.image_ids[:2]
+    assert len(_dataset(tiny_data, tiny_vocab, max_captions=10 ** 6)) == len(full)
+    with pytest.raises(ValueError, match="max_captions"):
+        _dataset(tiny_data, tiny_vocab, max_captions=0)
+
+
 def test_truncation_keeps_end():
     vocab = Vocab.from_words(["<pad>", "<start>", "<end>", "<unk>", "dog"])
     ids = encode_caption("dog " * 50, vocab, max_seq_len=20)

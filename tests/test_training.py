@@ -67,6 +67,8 @@ def test_cached_features_are_built_once_and_keyed(tiny_copy, tmp_path):
     feats = np.load(tiny_copy / "features" / folders[0] / "features.npy", mmap_mode="r")
     assert feats.shape == (60, 2, 512) and feats.dtype == np.float16
     assert not np.array_equal(feats[:, 0], feats[:, 1])              # two different augmented views
+    val_meta = json.load(open(tiny_copy / "features" / folders[1] / "meta.json"))
+    assert val_meta["images"] == 4 and val_meta["views"] == 1        # val_max_captions=20: 4 of the 16 val images
     ckpt = load_checkpoint(str(tmp_path / "m" / "last.ckpt"))
     assert ckpt["backbone"]["included"]   # a random frozen backbone cannot be rebuilt from a name: it is saved
     # a different transform (crop size) must not reuse these features
