@@ -215,9 +215,10 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                                   config.max_seq_len, config.seed, group_by_image=group, progress=config.progress)
     # Only the images validation reads: on COCO 5,000 captions are ~1,000 of val2014's 40,504 images,
     # and the feature cache would otherwise encode all of them.
+    val_captions = max(1, config.val_max_captions)
     val_ds = CocoCaptionDataset(config.resized_images("val"), config.captions_json("val"), vocab, val_tf,
                                 config.max_seq_len, config.seed, group_by_image=group, progress=config.progress,
-                                max_captions=max(1, config.val_max_captions))
+                                max_captions=val_captions)
     if not config.train_backbone and encoder.weights_id is None:
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, val_tf,
@@ -242,8 +243,8 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                                                     seed=config.seed, progress=False)
         train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed)
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
-    val_items = config.val_max_captions // 5 if group else config.val_max_captions  # ~5 captions per image
-    val_subset = data.Subset(val_ds, range(min(len(val_ds), max(1, val_items))))
+    # grouped items are whole images, already only those that hold val_captions captions
+    val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))
     val_loader = _loader(val_subset, None, config, device, persistent=True)  # workers kept across epochs
 
     model = EncoderDecoder(encoder, decoder, cached=config.use_cache)
