@@ -4,6 +4,7 @@
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
     python -m captioning train    --preset tiny|coco [--data-dir D] [--resume] [--set FIELD=VALUE ...]
+    python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
 
@@ -77,6 +78,25 @@ def cmd_train(args):
     summary = train(config, resume=args.resume)
     if summary["interrupted"]:
         sys.exit(130)
+
+
+def cmd_features(args):
+    from .config import get_config
+    from .features import format_caches, list_feature_caches, prune_feature_caches
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    features_dir = get_config(args.preset, **overrides).features_dir
+    if args.prune:
+        removed = prune_feature_caches(features_dir, args.keep)
+        freed = sum(c["bytes"] for c in removed) / 1e6
+        print(f"removed {len(removed)} feature cache(s), {freed:.1f} MB; "
+              f"kept the {args.keep} most recently used of each split")
+    caches = list_feature_caches(features_dir)
+    if not caches:
+        print(f"no feature caches in {features_dir}")
+        return
+    print(f"{features_dir}:")
+    print(format_caches(caches))
 
 
 def cmd_caption(args):
@@ -164,6 +184,13 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any Config field, e.g. --set backbone=resnet50 --set cache_views=3")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("features", help="list the feature caches; --prune removes the ones no longer used")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
+    p.add_argument("--data-dir", help="the dataset folder whose features/ to look at")
+    p.add_argument("--prune", action="store_true", help="delete all but the most recently used cache of each split")
+    p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
+    p.set_defaults(func=cmd_features)
 
     for name, func, help_ in (("caption", cmd_caption, "caption image files or folders"),
                               ("evaluate", cmd_evaluate, "BLEU/METEOR/ROUGE-L/CIDEr on the held-out split")):

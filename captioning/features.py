@@ -11,10 +11,15 @@ Layout: features_dir/<split>-<backbone>-<key>/features.npy  (fp16, shape (images
 The key hashes the backbone, its weights, the transform, the view count and the image list,
 so a change never reuses stale features. Extraction writes rows in order and records how
 many are done after each batch: an interrupted run resumes where it stopped.
+Opening a cache touches its meta.json, so its modification time says when it was last used;
+`prune_feature_caches` (`python -m captioning features --prune`) removes the caches that
+a change of backbone, size, K or seed left behind.
 """
 import hashlib
 import json
 import os
+import shutil
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -87,6 +92,7 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
         cache = np.lib.format.open_memmap(array_path, mode="r+")
         if cache.shape != shape:
             done, cache = 0, None
+        os.utime(meta_path)                                          # last used: now
     if cache is None or done == 0:
         cache = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape)
         _write_json(meta_path, {**meta, "done": 0})
@@ -116,6 +122,62 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                 bar.update(b)
     del cache
     return np.load(array_path, mmap_mode="r")
+
+
+def list_feature_caches(features_dir):
+    """The cache folders under features_dir, most recently used first.
+
+    Each is a dict: folder, split, backbone, views, seed, images, done, bytes, used (a Unix time).
+    Folders without a readable meta.json are not caches this code wrote, and are left out.
+    """
+    caches = []
+    if not os.path.isdir(features_dir):
+        return caches
+    for name in os.listdir(features_dir):
+        folder = os.path.join(features_dir, name)
+        meta_path = os.path.join(folder, "meta.json")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            used = os.path.getmtime(meta_path)
+        except (OSError, ValueError):
+            continue
+        size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
+                   if os.path.isfile(os.path.join(folder, n)))
+        caches.append({"folder": folder, "split": meta.get("split", "?"), "backbone": meta.get("backbone", "?"),
+                       "views": meta.get("views"), "seed": meta.get("seed"), "images": meta.get("images", 0),
+                       "done": meta.get("done", 0), "bytes": size, "used": used})
+    return sorted(caches, key=lambda c: c["used"], reverse=True)
+
+
+def prune_feature_caches(features_dir, keep=1):
+    """Delete all but the `keep` most recently used caches of each split; returns the deleted ones.
+
+    A training run that has a cache open keeps reading it even if it is deleted (the memmap holds
+    the file), but its next start would extract again.
+    """
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    kept, removed = {}, []
+    for cache in list_feature_caches(features_dir):
+        kept[cache["split"]] = kept.get(cache["split"], 0) + 1
+        if kept[cache["split"]] > keep:
+            shutil.rmtree(cache["folder"])
+            removed.append(cache)
+    return removed
+
+
+def format_caches(caches, now=None):
+    """A table of list_feature_caches' entries, for the CLI."""
+    now = time.time() if now is None else now
+    lines = [f"{'split':<6}{'backbone':<11}{'K':>3}{'seed':>6}{'images':>15}{'MB':>9}{'last used':>12}  folder"]
+    for c in caches:
+        age = now - c["used"]
+        when = f"{age / 86400:.1f} d ago" if age >= 86400 else f"{age / 3600:.1f} h ago"
+        done = f"{c['done']}/{c['images']}"
+        lines.append(f"{c['split']:<6}{c['backbone']:<11}{c['views']!s:>3}{c['seed']!s:>6}{done:>15}"
+                     f"{c['bytes'] / 1e6:>9.1f}{when:>12}  {os.path.basename(c['folder'])}")
+    return "\n".join(lines)
 
 
 class CachedCaptionDataset(data.Dataset):

@@ -74,6 +74,17 @@ def test_cached_features_are_built_once_and_keyed(tiny_copy, tmp_path):
     # a different transform (crop size) must not reuse these features
     train(small_config(tiny_copy, tmp_path / "m2", max_steps=2, **{**FROZEN, "crop_size": 28}))
     assert len(os.listdir(tiny_copy / "features")) == 4
+    # opening a cache marks it used; --prune keeps the most recently used one of each split
+    for folder in os.listdir(tiny_copy / "features"):
+        os.utime(tiny_copy / "features" / folder / "meta.json", (time.time() - 86400,) * 2)
+    train(small_config(tiny_copy, tmp_path / "m4", max_steps=1, **FROZEN))   # the first caches again
+    assert len(os.listdir(tiny_copy / "features")) == 4
+    listed = run_cli("features", "--data-dir", tiny_copy).stdout
+    assert all(f in listed for f in folders) and "60/60" in listed
+    assert "removed 2 feature cache(s)" in run_cli("features", "--data-dir", tiny_copy, "--prune").stdout
+    assert sorted(os.listdir(tiny_copy / "features")) == folders
+    bad = run_cli("features", "--data-dir", tiny_copy, "--prune", "--keep", "-1", check=False)
+    assert bad.returncode == 1 and "keep must be >= 0" in bad.stderr
     # the chapter-faithful loop (no cache) trains too
     summary = train(small_config(tiny_copy, tmp_path / "m3", max_steps=2, **{**FROZEN, "cache": False}))
     assert summary["step"] == 2
