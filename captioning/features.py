@@ -167,9 +167,9 @@ def prune_feature_caches(features_dir, keep=1):
     return removed
 
 
-def format_caches(caches, now=None):
+def format_caches(caches):
     """A table of list_feature_caches' entries, for the CLI."""
-    now = time.time() if now is None else now
+    now = time.time()
     lines = [f"{'split':<6}{'backbone':<11}{'K':>3}{'seed':>6}{'images':>15}{'MB':>9}{'last used':>12}  folder"]
     for c in caches:
         age = now - c["used"]
