@@ -70,14 +70,12 @@ def stand_in_weights(config, path):
     return path
 
 
-def one_run(config, profile=False, start_method="fork"):
+def one_run(config, profile, start_method):
     """train(config) timed, then the final model's held-out loss (not timed); run in a fresh process.
 
-    A spawned process makes spawn the default for the processes it starts in turn, so without
-    `start_method` (the parent's default) its data-loader workers would start by re-importing
-    torch and this script, every epoch. The chapter loop with `--images 40 --size 32 --workers 2`
-    took 61 s that way instead of 19 here; on an H200 with 8 workers, 3 of the 5 epochs at 224 px
-    took over 5 minutes instead of 25 s for all 5.
+    A spawned process makes spawn the default for the processes it starts in turn, so its
+    data-loader workers would re-import torch and this script every epoch; `start_method`
+    (the parent's default) makes them start as they would in a normal run.
     """
     multiprocessing.set_start_method(start_method, force=True)
     profiler = cProfile.Profile() if profile else None
