@@ -1,6 +1,7 @@
 """Command line interface: the same functions the notebooks call.
 
     python -m captioning tinyset  --out DIR [--train N] [--val N] [--seed S]
+                                  [--colours pink,navy=#1f3a93] [--shapes star,ring] [--background white]
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
     python -m captioning train    --preset tiny|coco [--data-dir D] [--resume] [--set FIELD=VALUE ...]
@@ -18,9 +19,13 @@ import sys
 
 
 def cmd_tinyset(args):
-    from .tinyset import make_tinyset
+    from .tinyset import BACKGROUND, make_tinyset, parse_colours, parse_rgb, parse_shapes
 
-    make_tinyset(args.out, train=args.train, val=args.val, seed=args.seed)
+    colours = parse_colours(args.colours) if args.colours else None
+    shapes = parse_shapes(args.shapes) if args.shapes else None
+    background = parse_rgb(args.background) if args.background else BACKGROUND
+    make_tinyset(args.out, train=args.train, val=args.val, seed=args.seed, colours=colours, shapes=shapes,
+                 background=background)
     print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
 
 
@@ -128,16 +133,20 @@ def cmd_caption(args):
 
 def cmd_evaluate(args):
     from .evaluation import evaluate_checkpoint, format_table, results_json
+    from .semantics import format_semantic
     from .training import pick_device
 
     device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
+    if r["semantic"]:
+        print(format_semantic(r["semantic"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "split": args.split, "beam": args.beam,
-                       "images": len(r["predictions"]), "metrics": r["metrics"]}, f, indent=1)
+                       "images": len(r["predictions"]), "metrics": r["metrics"], "semantic": r["semantic"]},
+                      f, indent=1)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results_json(r["predictions"]), f)
@@ -152,6 +161,10 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--colours", metavar="LIST",
+                   help="your own palette, comma-separated: names such as pink,cyan,grey, or NAME=#RRGGBB")
+    p.add_argument("--shapes", metavar="LIST", help="comma-separated shape names, e.g. star,hexagon,ring")
+    p.add_argument("--background", metavar="COLOUR", help="a colour name or #RRGGBB")
     p.set_defaults(func=cmd_tinyset)
 
     p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file")
@@ -200,7 +213,7 @@ def main(argv=None):
             p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
         else:
             p.add_argument("--split", default="val", choices=["val", "train"])
-            p.add_argument("--out", help="write the metrics here (JSON)")
+            p.add_argument("--out", help="write the metrics (and semantic accuracy, where known) here (JSON)")
             p.add_argument("--results", help="write the captions here in COCO results format")
             p.add_argument("--max-images", type=int)
             p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")

@@ -4,6 +4,10 @@ The scorers are built one by one: `COCOEvalCap.evaluate()` always builds SPICE, 
 downloads Stanford CoreNLP and so fails offline. SPICE runs only when its jars are
 already in place. The PTB tokenizer and METEOR need Java; without it the captions are
 tokenized in Python (the same rules as the vocabulary) and METEOR is skipped, loudly.
+
+On a synthetic set whose captions file carries the generator's truth, `evaluate_checkpoint`
+also reports semantic accuracy (captioning.semantics): whether the captions name the right
+objects, which n-gram metrics cannot tell.
 """
 import json
 import os
@@ -119,9 +123,11 @@ def blind_baseline(train_json, image_ids):
 def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batch_size=64, weights=None,
                         progress=True, max_images=None, data_dir=None):
     """Caption the held-out split with a checkpoint and score it. Returns a dict:
-    {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path}}."""
+    {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
+    "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config"}."""
     from .checkpoint import load_captioner
     from .inference import caption_images
+    from .semantics import ground_truth_from_coco, semantic_accuracy
 
     encoder, decoder, vocab, config = load_captioner(checkpoint, device, weights)
     if data_dir:
@@ -138,8 +144,10 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     predictions = {i: cap for i, (_, cap, err) in zip(ids, results) if err is None}
     references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in predictions}
     metrics, per_image = score_captions(references, predictions)
+    truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
+    semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
     return {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
-            "paths": paths, "config": config}
+            "paths": paths, "semantic": semantic, "config": config}
 
 
 def results_json(predictions):
