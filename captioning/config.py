@@ -21,7 +21,9 @@ class Config:
     hflip: bool = True                     # horizontal flips (off for the tiny set: it has left/right)
     # model
     backbone: str = "resnet152"
-    weights: str | None = "DEFAULT"        # "DEFAULT", an enum name, None, or a local .pth file
+    weights: str | None = "DEFAULT"        # "DEFAULT", an enum name, None, a local .pth file, or "standin"
+    standin_steps: int = 1000              # weights="standin": pretraining steps on synthetic scenes
+    standin_seed: int = 0
     train_backbone: bool = False
     embedding_size: int = 256
     hidden_layer_size: int = 512
@@ -83,12 +85,12 @@ PRESETS = {
     # Chapter 2 on MS-COCO 2014: frozen ImageNet ResNet-152, batch 128, 5 epochs.
     "coco": dict(preset="coco", data_dir="data_dir/coco"),
     # The bundled synthetic set on a 2-core CPU, where no pretrained weights can be downloaded.
-    # A small ResNet-18, randomly initialised, its BatchNorm statistics estimated from the
-    # training images, frozen, and cached: see README "Why the tiny preset does not fine-tune".
+    # A small ResNet-18 pretrained on synthetic shape scenes instead of ImageNet (backbone.py's
+    # stand-in, built once), then frozen and cached as for COCO.
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
-        hflip=False, backbone="resnet18", weights=None, train_backbone=False, cache_views=8,
+        hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8,
         embedding_size=128, hidden_layer_size=256, batch_size=256, lr=5e-3, backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250,
     ),

@@ -1,88 +1,21 @@
 """The chapter's CNN encoder and LSTM decoder, with batched greedy and beam-search decoding."""
-import os
-
 import torch
 import torch.nn as nn
-import torchvision.models as models
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .backbone import build_resnet, calibrate_batchnorm, resolve_weights, weights_id
 from .lstm import packed_lstm
 from .vocabulary import END, PAD, START
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-
-def resolve_weights(backbone, weights):
-    """`weights` as given by a user -> a torchvision weights enum, None, or a local file path."""
-    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
-        return None
-    if isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt"))):
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"local weights file not found: {weights}")
-        return weights
-    enum = models.get_model_weights(backbone)
-    if isinstance(weights, enum):
-        return weights
-    name = str(weights).split(".")[-1]  # "ResNet152_Weights.IMAGENET1K_V2" or "IMAGENET1K_V2"
-    try:
-        return enum[name]
-    except KeyError:
-        raise ValueError(f"unknown weights {weights!r} for {backbone}; choose from "
-                         f"{['DEFAULT', *enum.__members__]}, None, or a .pth file") from None
-
-
-def weights_id(weights):
-    """A string that names the weights (stored in checkpoints and feature-cache keys)."""
-    if weights is None or isinstance(weights, str):
-        return weights
-    return f"{type(weights).__name__}.{weights.name}"
-
-
-def _load_state_dict(weights):
-    if isinstance(weights, str):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        return state.get("state_dict", state) if isinstance(state, dict) else state
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # offline, proxy, disk full...
-        file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise RuntimeError(
-            f"could not download {weights_id(weights)} from {weights.url} ({type(e).__name__}: {e}). "
-            f"Download it elsewhere and place it at {file}, or pass weights='/path/to/file.pth'.") from e
-
-
-@torch.no_grad()
-def calibrate_batchnorm(module, batches):
-    """Reset every BatchNorm in `module` and re-estimate its statistics as a cumulative average over batches."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None                                      # cumulative moving average
-    module.train()
-    for images in batches:
-        module(images)
-    for m in norms:
-        m.momentum = 0.1
-
 
 class CNNModel(nn.Module):
     """ResNet without its fc layer -> Linear -> BatchNorm1d(momentum=0.01): one embedding per image."""
 
     def __init__(self, embedding_size, backbone="resnet152", weights="DEFAULT", train_backbone=False):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
         self.backbone_name, self.train_backbone = backbone, train_backbone
         weights = resolve_weights(backbone, weights)
         self.weights_id = weights_id(weights)
-        if weights is None:
-            resnet = getattr(models, backbone)(weights=None)
-        else:  # built without memory or random init (1.2 s for ResNet-152 here), then given the weights
-            state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v
-                     for k, v in _load_state_dict(weights).items()}
-            with torch.device("meta"):
-                resnet = getattr(models, backbone)(weights=None)
-            resnet.load_state_dict(state, assign=True)
+        resnet = build_resnet(backbone, weights)
         self.feature_size = resnet.fc.in_features
         self.resnet_module = nn.Sequential(*list(resnet.children())[:-1])  # drop the fc layer
         self.linear_layer = nn.Linear(self.feature_size, embedding_size)
@@ -98,13 +31,10 @@ class CNNModel(nn.Module):
         return self
 
     def calibrate_batchnorm(self, batches):
-        """Estimate the backbone's BatchNorm statistics from image batches, then freeze them again.
+        """Estimate a random backbone's BatchNorm statistics from image batches, then freeze them again.
 
-        A randomly initialised ResNet has running mean 0 and variance 1 everywhere, so frozen in
-        eval mode it does not normalise at all and its features carry little of the image
-        (BLEU-4 no better than a blind model). Measured on the tiny set, the same random weights
-        with statistics estimated from the training images give features the decoder can learn
-        from. Pretrained weights already carry their statistics and never need this.
+        Pretrained weights (ImageNet, or the tiny preset's stand-in) carry their own statistics
+        and never need this.
         """
         calibrate_batchnorm(self.resnet_module, batches)
         self.train(self.training)                              # a frozen backbone goes back to eval mode

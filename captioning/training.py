@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.utils.data as data
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .backbone import STANDIN, standin_path
 from .checkpoint import atomic_copy, atomic_save, load_checkpoint, load_encoder_state
 from .config import Config
 from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
@@ -90,7 +91,8 @@ def amp_dtype_for(device, enabled=True):
 
 
 def ensure_prerequisites(config, log=print):
-    """Build what training needs and is missing: the vocabulary and the resized images."""
+    """Build what training needs and is missing: the vocabulary, the resized images, the stand-in backbone."""
+    from .backbone import ensure_standin
     from .images import resize_images
     from .vocabulary import build_vocabulary, save_vocabulary
 
@@ -109,6 +111,8 @@ def ensure_prerequisites(config, log=print):
         report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
         if report["resized"]:
             log(f"resized {report['resized']} {split} images to {config.resize_size}x{config.resize_size}: {dst}")
+    if config.weights == STANDIN:
+        ensure_standin(config, log)
 
 
 def _rng_state():
@@ -155,7 +159,14 @@ def evaluate_loss(model, loader, device, amp_dtype=None, channels_last=False):
 
 
 def build_models(config, vocab_size):
-    encoder = CNNModel(config.embedding_size, config.backbone, config.weights, config.train_backbone)
+    """(CNNModel, LSTMModel) with every size from `config`; weights="standin" needs ensure_standin first."""
+    weights = config.weights
+    if weights == STANDIN:
+        weights = standin_path(config)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
+                                    f"captioning.backbone.ensure_standin(config), or train() which builds it")
+    encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
     decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,
                         config.max_seq_len)
     return encoder, decoder
@@ -164,7 +175,9 @@ def build_models(config, vocab_size):
 def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
                      best_val_loss=math.inf):
     """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True)."""
-    keep_backbone = encoder.train_backbone or encoder.weights_id is None  # else rebuilt from its weights id
+    # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
+    # or stand-in one (a file of this machine's) travels in the checkpoint.
+    keep_backbone = encoder.train_backbone or encoder.weights_id is None or config.weights == STANDIN
     encoder_state = {k: v for k, v in encoder.state_dict().items()
                      if keep_backbone or not k.startswith("resnet_module.")}
     return {
@@ -180,7 +193,7 @@ def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=Non
 
 def train(config: Config, resume=False):
     """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     rank, world, ddp_device = setup_distributed()
     master = rank == 0

@@ -10,7 +10,7 @@ sys.path.insert(0, ROOT)
 
 # sizes that keep a training run in the tests to seconds
 SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
-             progress=False, vocab_threshold=1, val_max_captions=20)
+             progress=False, vocab_threshold=1, val_max_captions=20, standin_steps=2)
 
 
 def run_cli(*args, timeout=300, check=True, **kwargs):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from captioning.checkpoint import load_captioner
 from captioning.config import get_config
-from captioning.evaluation import blind_baseline, heldout_split, score_captions
+from captioning.evaluation import blind_baseline, evaluate_checkpoint, heldout_split, score_captions
 from captioning.training import train
 from conftest import SMALL, run_cli
 
@@ -17,7 +17,7 @@ def trained(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("trained")
     data = root / "tiny"
     shutil.copytree(tiny_data, data)
-    summary = train(get_config("tiny", data_dir=str(data), models_dir=str(root / "m"), max_steps=4, **SMALL))
+    summary = train(get_config("tiny", data_dir=str(data), models_dir=str(root / "m"), max_steps=40, **SMALL))
     return data, summary["best"]
 
 
@@ -70,11 +70,30 @@ def test_evaluate_cli_writes_metrics_and_coco_results(trained, tmp_path):
     _, ckpt = trained
     out, results = tmp_path / "metrics.json", tmp_path / "results.json"
     proc = run_cli("evaluate", "--checkpoint", ckpt, "--beam", 2, "--out", out, "--results", results)
-    metrics = json.load(open(out))["metrics"]
+    written = json.load(open(out))
+    metrics = written["metrics"]
     assert set(metrics) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert "CIDEr" in proc.stdout
     rows = json.load(open(results))
     assert len(rows) == 16 and set(rows[0]) == {"image_id", "caption"}
+    semantic = written["semantic"]  # the tiny set knows its truth: semantic accuracy comes with the metrics
+    assert semantic["counts"]["images"] == 16 and len(semantic["per_image"]) == 16
+    assert 0 <= semantic["objects"] <= 1 and "semantic accuracy (16 images" in proc.stdout
+
+
+def test_evaluate_without_ground_truth_has_no_semantic_block(trained, tmp_path):
+    data, ckpt = trained
+    plain = tmp_path / "plain"
+    shutil.copytree(data, plain, ignore=shutil.ignore_patterns("features", "resized_images"))
+    path = plain / "annotations" / "captions_val2014.json"
+    coco = json.load(open(path))
+    coco["images"] = [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in coco["images"]]
+    path.write_text(json.dumps(coco))
+    r = evaluate_checkpoint(ckpt, beam_size=1, progress=False, max_images=4, data_dir=str(plain))
+    assert r["semantic"] is None and len(r["predictions"]) == 4
+    r = evaluate_checkpoint(ckpt, beam_size=1, progress=False, max_images=4, data_dir=str(data))
+    assert r["semantic"]["counts"]["images"] == 4
+    assert set(r["semantic"]["per_image"]) == set(r["predictions"])
 
 
 def test_metrics_reward_the_right_caption():

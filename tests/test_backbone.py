@@ -1,0 +1,93 @@
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from captioning.backbone import (build_resnet, ensure_standin, pretrain_standin, resolution_schedule, scene_targets,
+                                 standin_path, synthetic_scene)
+from captioning.checkpoint import load_captioner
+from captioning.config import get_config
+from captioning.tinyset import DRAWABLE_SHAPES
+from captioning.training import train
+from conftest import SMALL
+
+
+def test_scene_targets_order_objects_left_to_right_and_top_to_bottom():
+    n = len(DRAWABLE_SHAPES)
+    red, blue = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+    # shape 4 at the right and top, shape 7 at the left and bottom
+    shape, colour, mask, present = scene_targets([(4, red, 0.8, 0.2), (7, blue, 0.2, 0.9)], n)
+    assert shape.tolist() == [7, 4, n, 4, 7, n]           # left..right, then top..bottom; n = no object
+    assert torch.equal(colour[0], torch.tensor(blue)) and torch.equal(colour[3], torch.tensor(red))
+    assert mask.tolist() == [1, 1, 0, 1, 1, 0]
+    assert present.nonzero().flatten().tolist() == [4, 7]
+    # side by side at the same height: top-to-bottom order is ambiguous, so those slots are ignored
+    shape, _, mask, _ = scene_targets([(1, red, 0.2, 0.5), (2, blue, 0.8, 0.52)], n)
+    assert shape.tolist()[:3] == [1, 2, n] and shape.tolist()[3:] == [-100] * 3 and mask.tolist()[3:] == [0] * 3
+
+
+def test_synthetic_scenes_are_deterministic_and_report_centres_inside_the_crop():
+    a = [synthetic_scene(random.Random(5), DRAWABLE_SHAPES, 64, 56) for _ in range(2)]
+    assert a[0][0].size == (56, 56) and np.array_equal(np.asarray(a[0][0]), np.asarray(a[1][0]))
+    objects = [o for _ in range(30) for o in synthetic_scene(random.Random(_), DRAWABLE_SHAPES, 64, 56)[1]]
+    assert {len(o) for o in objects} == {4}
+    assert all(-0.2 < x < 1.2 and -0.2 < y < 1.2 for _, _, x, y in objects)   # a crop may cut an edge off
+    assert len({s for s, *_ in objects}) > 5                                       # many shapes, not three
+
+
+def test_standin_pretraining_is_deterministic_and_learns():
+    kwargs = dict(resize_size=36, crop_size=32, batch_size=64, lr=3e-3, progress=False)
+    state_a, report = pretrain_standin("resnet18", steps=3, seed=3, **kwargs)
+    state_b, _ = pretrain_standin("resnet18", steps=3, seed=3, **kwargs)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert not any(k.startswith("fc.") for k in state_a)
+    assert 0 <= report["heldout_shape_accuracy"] <= 1 and report["heldout_scenes"] == 512
+    _, longer = pretrain_standin("resnet18", steps=40, seed=3, **kwargs)
+    # colours are learned first: after 40 steps the held-out colour error has clearly fallen
+    assert longer["heldout_colour_error"] < report["heldout_colour_error"] - 0.05
+
+
+def test_weights_files_load_whatever_their_classifier(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=7)            # a classifier of another size
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "w.pth")
+    resnet = build_resnet("resnet18", str(tmp_path / "w.pth"))
+    assert torch.equal(resnet.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="does not fit a resnet18"):
+        build_resnet("resnet18", str(tmp_path / "r34.pth"))
+    torch.save({"epoch": 3}, tmp_path / "not_weights.pth")
+    with pytest.raises(ValueError, match="state_dict"):
+        build_resnet("resnet18", str(tmp_path / "not_weights.pth"))
+
+
+def test_training_builds_the_standin_once_and_checkpoints_carry_it(tiny_copy, tmp_path):
+    config = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "runs" / "a"), epochs=1, **SMALL)
+    assert config.weights == "standin"
+    path = standin_path(config)
+    assert os.path.dirname(path) == str(tmp_path / "runs" / "pretrained")    # shared by the runs beside it
+    summary = train(config)
+    assert os.path.isfile(path)
+    report = json.load(open(path + ".json"))
+    assert report["steps"] == 2 and report["crop_size"] == 32 and "heldout_shape_accuracy" in report
+    built = os.path.getmtime(path)
+    other = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "runs" / "b"), epochs=1, **SMALL)
+    assert ensure_standin(other, log=lambda *a: None) == path and os.path.getmtime(path) == built   # reused
+    ckpt = torch.load(summary["best"], weights_only=True)
+    assert ckpt["backbone"]["included"] and any(k.startswith("resnet_module.") for k in ckpt["encoder"])
+    pretrained = torch.load(path, weights_only=True)
+    os.remove(path)                                  # the checkpoint alone is enough to caption
+    encoder, _, _, _ = load_captioner(summary["best"])
+    assert torch.equal(encoder.resnet_module[0].weight, pretrained["conv1.weight"])
+    assert torch.equal(encoder.resnet_module[7][1].bn2.running_var, pretrained["layer4.1.bn2.running_var"])
+
+
+def test_resolution_schedule_ends_at_the_captioners_size():
+    assert resolution_schedule(1000, 64, 56) == [(600, 36, 32), (400, 64, 56)]
+    assert resolution_schedule(1000, 256, 224) == [(600, 146, 128), (400, 256, 224)]
+    assert resolution_schedule(7, 36, 32) == [(7, 36, 32)]           # already small: one phase
+    assert sum(s for s, _, _ in resolution_schedule(5, 64, 56)) == 5
