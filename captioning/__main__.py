@@ -231,6 +231,9 @@ def main(argv=None):
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:                  # a second Ctrl-C, after the interrupted state was saved
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

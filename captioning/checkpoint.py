@@ -7,8 +7,11 @@
 `load_checkpoint` uses torch.load(weights_only=True), so a checkpoint cannot run code,
 and maps everything to the CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
+import contextlib
 import os
 import shutil
+import signal
+import threading
 
 import torch
 
@@ -30,16 +33,37 @@ def strip_prefixes(state_dict):
     return out
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
+
+    A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
+    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state.
+    Outside the main thread signals cannot be handled, and the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, received[-1])          # default_int_handler raises KeyboardInterrupt
+
+
 def atomic_save(obj, path):
-    """torch.save, all or nothing: temp file, fsync, rename."""
-    with atomic_write(path) as f:
+    """torch.save, all or nothing: temp file, fsync, rename; a Ctrl-C waits until it is done."""
+    with interrupts_deferred(), atomic_write(path) as f:
         torch.save(obj, f)
     return path
 
 
 def atomic_copy(src, dst):
     """Copy `src` to `dst` with the same all-or-nothing guarantee (used for best.ckpt)."""
-    with atomic_write(dst) as out, open(src, "rb") as f:
+    with interrupts_deferred(), atomic_write(dst) as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out)
     return dst
 

@@ -169,7 +169,8 @@ def _train_cmd(data, models, *extra):
     return [sys.executable, "-m", "captioning", "train", "--preset", "tiny", "--data-dir", str(data),
             "--models-dir", str(models), "--num-workers", "0", "--batch-size", "8", "--set", "resize_size=36",
             "--set", "crop_size=32", "--set", "embedding_size=16", "--set", "hidden_layer_size=32",
-            "--set", "log_every=1", "--set", "vocab_threshold=1", "--set", "progress=false", *extra]
+            "--set", "log_every=1", "--set", "vocab_threshold=1", "--set", "progress=false",
+            "--set", "standin_steps=2", *extra]
 
 
 def _wait_for_step(path, step, proc, timeout=120):
@@ -198,20 +199,25 @@ def test_kill_9_during_training_then_resume(tiny_copy, tmp_path):
     assert sorted(losses(models / "train_log.jsonl")) == list(range(1, saved + 6))
 
 
-def test_ctrl_c_saves_and_exits_130(tiny_copy, tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.3])
+def test_ctrl_c_saves_and_exits_130(tiny_copy, tmp_path, delay):
+    """With a checkpoint written after every step, most of the run is spent saving, so the signal
+    lands inside torch.save: it must wait for the write, then stop with exit 130 and a loadable file."""
     models = tmp_path / "m"
     # A shell that starts jobs in the background makes them ignore SIGINT, and Python then never
     # raises KeyboardInterrupt: give the child the default disposition whatever runs the tests.
-    proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50"), cwd=ROOT,
+    proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "1"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_step(models / "train_log.jsonl", 3, proc)
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "interrupted at step" in out
     ckpt = load_checkpoint(str(models / "last.ckpt"))
     assert ckpt["step"] == max(losses(models / "train_log.jsonl")) >= 3
+    assert not [f for f in os.listdir(models) if f.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("procs", [2, 1])
