@@ -8,6 +8,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -19,19 +20,81 @@ def notebooks(folder=NOTEBOOK_DIR):
     return sorted(glob.glob(os.path.join(folder, "[0-9][0-9]_*.ipynb")))
 
 
+def _last_frames(text):
+    """Terminal semantics for saved stream text: of each line, only what follows its last carriage return."""
+    lines = []
+    for line in text.split("\n"):
+        frames = [f for f in line.split("\r") if f]
+        lines.append(frames[-1] if frames else "")
+    return "\n".join(lines)
+
+
+_BAR = re.compile(r"^(.*?): *\d+%\|")                # a tqdm frame: "description:  42%|####..."
+
+
+def tidy_streams(nb):
+    """Merge each cell's consecutive stream outputs and keep each progress bar's final frame only.
+
+    A bar interrupted by printed lines (an epoch's validation loss) leaves a frame before each
+    of them; only its last frame is kept, where it finished.
+    """
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for output in cell.outputs:
+            if output.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == output.name:
+                merged[-1].text += output.text
+            else:
+                merged.append(output)
+        last = {}                                        # bar description -> (output, line) of its last frame
+        for k, output in enumerate(merged):
+            if output.output_type == "stream":
+                output.text = _last_frames(output.text)
+                for n, line in enumerate(output.text.split("\n")):
+                    if _BAR.match(line):
+                        last[_BAR.match(line).group(1)] = (k, n)
+        for k, output in enumerate(merged):
+            if output.output_type == "stream":
+                lines = output.text.split("\n")
+                output.text = "\n".join(line for n, line in enumerate(lines)
+                                        if not _BAR.match(line) or last[_BAR.match(line).group(1)] == (k, n))
+        cell.outputs = [o for o in merged if o.output_type != "stream" or o.text.strip()]
+    return nb
+
+
 def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
-    """Execute every notebook in order; stops at the first failure (papermill raises, naming the cell)."""
+    """Execute every notebook in order; stops at the first failure (papermill raises, naming the cell).
+
+    The kernels get text progress bars (captioning.progress), tidied to their final frame.
+    """
+    import nbformat
     import papermill as pm
+
+    from .progress import TEXT_PROGRESS
 
     os.makedirs(out_dir, exist_ok=True)
     cwd = cwd or os.path.dirname(NOTEBOOK_DIR)
-    for path in notebooks():
-        out = os.path.join(out_dir, os.path.basename(path))
-        t = time.time()
-        log(f"running {os.path.basename(path)} ...")
-        pm.execute_notebook(path, out, parameters=parameters or {}, cwd=cwd, kernel_name="python3",
-                            progress_bar=False, log_output=False)
-        log(f"  done in {time.time() - t:.0f}s -> {out}")
+    before = os.environ.get(TEXT_PROGRESS)
+    os.environ[TEXT_PROGRESS] = "1"                      # inherited by the kernels papermill starts
+    try:
+        for path in notebooks():
+            out = os.path.join(out_dir, os.path.basename(path))
+            t = time.time()
+            log(f"running {os.path.basename(path)} ...")
+            try:
+                pm.execute_notebook(path, out, parameters=parameters or {}, cwd=cwd, kernel_name="python3",
+                                    progress_bar=False, log_output=False)
+            finally:                                     # a failed notebook is saved too: tidy it as well
+                if os.path.exists(out):
+                    nbformat.write(tidy_streams(nbformat.read(out, as_version=4)), out)
+            log(f"  done in {time.time() - t:.0f}s -> {out}")
+    finally:
+        if before is None:
+            os.environ.pop(TEXT_PROGRESS, None)
+        else:
+            os.environ[TEXT_PROGRESS] = before
 
 
 def main(argv=None):
@@ -58,6 +121,11 @@ def main(argv=None):
         for s in r["samples"]:
             print(f"  {os.path.basename(s['image'])}: {s['caption']}")
         print("\n" + format_table(r["table"]))
+        if r.get("semantic"):
+            from .semantics import format_semantic_table
+
+            print("\nsemantic accuracy (captions parsed against what the generator drew):")
+            print(format_semantic_table(r["semantic"]))
     print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {args.out}/")
 
 

@@ -68,7 +68,7 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                         batch_size=64, num_workers=0, seed=0, amp_dtype=None, channels_last=False,
                         progress=True):
     """Extract (or resume extracting) the cache; returns a read-only (images, K, D) fp16 memmap."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if views < 1:
         raise ValueError(f"cache_views must be >= 1, got {views}")

@@ -91,7 +91,7 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
     Up-to-date outputs of the same size are skipped. Returns a dict with the counts and the list of
     files that could not be read (reported by name, never fatal).
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source image folder not found: {src} (get the data with notebook 01 first)")

@@ -55,7 +55,7 @@ def generate(encoder, decoder, images, beam_size=1):
 def caption_images(paths, encoder, decoder, vocab, config, device="cpu", beam_size=1, batch_size=32,
                    num_workers=0, progress=False):
     """Returns [(path, caption or None, error or None)] in the order of `paths`."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     device = torch.device(device)
     encoder.eval(), decoder.eval()

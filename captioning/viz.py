@@ -5,6 +5,7 @@ import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 
 def denormalize(tensor):
@@ -15,31 +16,60 @@ def denormalize(tensor):
     return np.clip(image * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
 
 
-def show_images(images, captions, ncols=4, width=3.2, wrap=34):
-    """A grid of images (paths, PIL images, arrays or normalised tensors), each with its caption below."""
+RIGHT, WRONG = "#1a7f37", "#cf222e"          # caption colours where the truth is known
+
+
+def _caption_lines(caption, colour, wrap):
+    """One caption (a string, or a list of strings) -> [(line, colour)], each string wrapped to `wrap`."""
+    parts = [caption] if isinstance(caption, str) else list(caption)
+    colours = colour if isinstance(colour, (list, tuple)) else [colour] * len(parts)
+    return [(line, c) for part, c in zip(parts, colours) for line in (textwrap.wrap(part, wrap) or [""])]
+
+
+def show_images(images, captions, ncols=4, width=3.2, wrap=34, colours=None, fontsize=8.5):
+    """A grid of images (paths, PIL images, arrays or normalised tensors), each with its caption below.
+
+    A caption is a string or a list of strings (one block each); `colours` gives each image's
+    colour, or one colour per block (for example green where a caption is right, red where wrong).
+    Each row is given the height of the longest caption, so no caption runs into the next row.
+    """
     from .images import load_image
 
     n = len(images)
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * nrows * 1.15), squeeze=False)
+    colours = colours or ["black"] * n
+    blocks = [_caption_lines(c, k, wrap) for c, k in zip(captions, colours)]
+    line_h = fontsize * 1.3 / 72                                        # inches per text line
+    text_h = max(len(b) for b in blocks) * line_h + 0.1 if blocks else 0
+    fig_h = nrows * (width + text_h) + 0.1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, fig_h), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.05 / fig_h, bottom=text_h / fig_h,
+                        wspace=0.05, hspace=text_h / width)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
+    for ax, image, lines in zip(axes.flat, images, blocks):
         if isinstance(image, str) or hasattr(image, "__fspath__"):
             image = load_image(image)
         elif hasattr(image, "detach"):
             image = denormalize(image)
         ax.imshow(image)
-        ax.set_title("\n".join(textwrap.wrap(caption, wrap)), fontsize=8.5, loc="left")
-    fig.tight_layout()
+        for k, (line, colour) in enumerate(lines):
+            ax.annotate(line, xy=(0, 0), xycoords="axes fraction", xytext=(0, -4 - k * fontsize * 1.3),
+                        textcoords="offset points", va="top", ha="left", fontsize=fontsize, color=colour)
     return fig
 
 
 def show_scored(result, image_ids, metric="CIDEr", ncols=4):
-    """Images from an evaluate_checkpoint() result, each with its score, the model's caption and a reference."""
-    captions = [f"{metric} {result['per_image'][i][metric]:.2f}\nmodel: {result['predictions'][i]}\n"
-                f"human: {result['references'][i][0]}" for i in image_ids]
-    return show_images([result["paths"][i] for i in image_ids], captions, ncols=ncols)
+    """Images from an evaluate_checkpoint() result: score, the model's caption (green if it names the
+    right objects, red if not, where the truth is known) and one human reference."""
+    semantic = (result.get("semantic") or {}).get("per_image", {})
+    captions, colours = [], []
+    for i in image_ids:
+        captions.append([f"{metric} {result['per_image'][i][metric]:.2f}", f"model: {result['predictions'][i]}",
+                         f"human: {result['references'][i][0]}"])
+        right = semantic.get(i, {}).get("objects")
+        colours.append(["black", "black" if right is None else RIGHT if right else WRONG, "dimgray"])
+    return show_images([result["paths"][i] for i in image_ids], captions, ncols=ncols, colours=colours)
 
 
 def plot_length_histogram(lengths, max_seq_len=20):
@@ -74,5 +104,44 @@ def plot_training_log(path):
     ax1.legend()
     ax2.plot([r["step"] for r in train], [r["perplexity"] for r in train], color="tab:orange")
     ax2.set(xlabel="step", ylabel="perplexity", yscale="log", title="perplexity = exp(loss)")
+    ax2.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))       # 1, 2, 5, 10, 20 ... in plain numbers
+    ax2.yaxis.set_major_formatter(ScalarFormatter())
+    ax2.yaxis.set_minor_formatter(NullFormatter())
+    fig.tight_layout()
+    return fig
+
+
+def nearest_neighbour_accuracy(features, labels, k=5):
+    """Leave-one-out k-nearest-neighbour accuracy (cosine) of `labels` from (N, D) `features`."""
+    import torch
+
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    similarity = x @ x.T
+    similarity.fill_diagonal_(-2)                                     # never one's own neighbour
+    neighbours = similarity.topk(min(k, len(labels) - 1), dim=1).indices.tolist()
+    right = 0
+    for i, row in enumerate(neighbours):
+        votes = [labels[j] for j in row]
+        right += max(set(votes), key=votes.count) == labels[i]
+    return right / len(labels)
+
+
+def plot_feature_pca(features, labels):
+    """One scatter per feature set: its first two principal components, coloured by label, with the
+    labels' nearest-neighbour accuracy in the title (how well the features alone tell them apart)."""
+    import torch
+
+    names = sorted(set(labels))
+    fig, axes = plt.subplots(1, len(features), figsize=(5.2 * len(features), 4.4), squeeze=False)
+    for ax, (title, x) in zip(axes.flat, features.items()):
+        x = x.float() - x.float().mean(0)
+        _, _, v = torch.linalg.svd(x, full_matrices=False)
+        xy = (x @ v[:2].T).numpy()                                    # (N, 2)
+        for name in names:
+            pick = [i for i, label in enumerate(labels) if label == name]
+            ax.scatter(xy[pick, 0], xy[pick, 1], s=10, label=name, alpha=0.75)
+        ax.set(title=f"{title}\n5-nearest-neighbour accuracy {nearest_neighbour_accuracy(x, labels):.0%}",
+               xticks=[], yticks=[], xlabel="principal component 1", ylabel="principal component 2")
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return fig

@@ -96,7 +96,7 @@ def caption_tokens(json_path, coco=None, progress=True):
     file's size and modification time. A cache that cannot be written is only a warning.
     One string per caption rather than a list of words: about a quarter of the memory.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"captions file not found: {json_path} (get the data with notebook 01 first)")

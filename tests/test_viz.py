@@ -1,0 +1,42 @@
+import matplotlib
+import nbformat
+import numpy as np
+
+from captioning.demo import tidy_streams
+from captioning.viz import RIGHT, WRONG, show_images
+
+matplotlib.use("Agg")
+
+
+def test_captions_never_run_into_the_next_row_and_carry_their_colours():
+    images = [np.full((30, 40, 3), k / 10) for k in range(7)]
+    captions = [["greedy: " + "a long caption about shapes " * (k % 3 + 1), f"beam 3: caption {k}"] for k in range(7)]
+    colours = [[RIGHT, WRONG] for _ in range(7)]
+    fig = show_images(images, captions, ncols=3, colours=colours)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 7
+    height = fig.bbox.height
+    for k, ax in enumerate(axes):
+        texts = [t for t in ax.texts]
+        assert [t.get_color() for t in texts][-1] == WRONG and texts[0].get_color() == RIGHT
+        lowest = min(t.get_window_extent(renderer).y0 for t in texts)
+        assert lowest >= 0, "a caption is cut off at the bottom of the figure"
+        below = [b for b in axes if b.get_position().y1 < ax.get_position().y0 - 1e-6]
+        for b in below:                      # every image of a lower row starts below this caption's end
+            assert b.get_window_extent(renderer).y1 <= lowest + 1
+        assert ax.get_window_extent(renderer).y1 <= height
+
+
+def test_tidy_streams_keeps_the_last_frame_of_each_progress_bar():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("work()")
+    frames = ["\r", "work:   0%|  | 0/4", "\rwork:  50%|# | 2/4", "\rwork: 100%|##| 4/4", "\n"]
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=f) for f in frames]
+    cell.outputs.insert(3, nbformat.v4.new_output("stream", name="stdout", text="epoch 0: val loss 1.0\n"))
+    cell.outputs.append(nbformat.v4.new_output("stream", name="stderr", text="done\rdone!\n"))
+    nb.cells = [cell]
+    tidy_streams(nb)
+    texts = [(o.name, o.text) for o in cell.outputs]
+    assert texts == [("stdout", "epoch 0: val loss 1.0\n"), ("stderr", "work: 100%|##| 4/4\ndone!\n")]
