@@ -1,6 +1,6 @@
 # make demo  - generate the tiny dataset and run notebooks 01..08 on it (offline, CPU)
-# make test  - the test suite (includes executing every notebook on the tiny preset)
-# make lab   - JupyterLab on notebooks/
+# make test  - ruff, then the test suite (includes executing every notebook on the tiny preset)
+# make lab   - JupyterLab on notebooks/ (works as root and headless; LAB_ARGS="--ip=0.0.0.0 --port=8889" passes options)
 # Each target creates .venv on first use and installs the pinned requirements.
 
 PYTHON ?= python3
@@ -20,10 +20,21 @@ demo: $(STAMP)
 	$(PY) -m captioning.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
+# As root (Docker) jupyter refuses to start without --allow-root; with no display (a server over
+# SSH) it must not try to open a browser. It prints the URL with its token either way.
+LAB_ARGS ?=
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	@flags=""; \
+	if [ "$$(id -u)" = "0" ]; then flags="$$flags --allow-root"; fi; \
+	if [ -n "$$SSH_CONNECTION" ] || { [ "$$(uname)" != "Darwin" ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; }; then \
+		flags="$$flags --no-browser"; \
+		echo "No display here: open the URL printed below. From a laptop, forward its port first"; \
+		echo "(8888 unless LAB_ARGS says --port=...):  ssh -L 8888:localhost:8888 $${USER:-you}@$$(hostname)"; \
+	fi; \
+	exec $(VENV)/bin/jupyter lab notebooks/ $$flags $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/resize.py

@@ -1,6 +1,7 @@
 """`make demo`: run notebooks 01..08 in order with papermill on the tiny preset, then print results.
 
-Executed copies (with outputs) go to runs/notebooks/; notebooks/ itself is never modified.
+Executed copies (with outputs) go to runs/notebooks/, with an HTML page of each and an
+index.html to open in a browser; notebooks/ itself is never modified.
 
     python -m captioning.demo [--out runs/notebooks] [-p NAME VALUE ...]
 """
@@ -97,6 +98,56 @@ def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
             os.environ[TEXT_PROGRESS] = before
 
 
+def report_text(report):
+    """The demo's closing summary (sample captions, metrics, semantic accuracy) from evaluation.json."""
+    from .evaluation import format_table
+    from .semantics import format_semantic_table
+
+    lines = ["sample captions (tiny val split, beam 3):"]
+    lines += [f"  {os.path.basename(s['image'])}: {s['caption']}" for s in report["samples"]]
+    lines += ["", format_table(report["table"])]
+    if report.get("semantic"):
+        lines += ["", "semantic accuracy (captions parsed against what the generator drew):",
+                  format_semantic_table(report["semantic"])]
+    return "\n".join(lines)
+
+
+def write_html(out_dir, report=None):
+    """Render every executed notebook in out_dir to HTML beside it, and an index.html that links
+    them under the demo's summary: the results read in any browser, with no Jupyter running.
+    Images are embedded in the pages. Returns the index's path."""
+    import html
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter()
+    items = []
+    for path in notebooks(out_dir):
+        nb = nbformat.read(path, as_version=4)
+        body, _ = exporter.from_notebook_node(nb)
+        target = path[: -len(".ipynb")] + ".html"
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(body)
+        heading = next((line.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
+                        for line in c.source.splitlines() if line.startswith("# ")), os.path.basename(path))
+        items.append(f'<li><a href="{os.path.basename(target)}">{html.escape(heading)}</a></li>')
+    summary = f"<pre>{html.escape(report_text(report))}</pre>" if report else "<p>No evaluation report yet.</p>"
+    index = os.path.join(out_dir, "index.html")
+    with open(index, "w", encoding="utf-8") as f:
+        f.write(f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Image captioning: the executed notebooks</title>
+<style>body {{font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 1.5}}
+pre {{background: #f6f8fa; padding: 1em; overflow-x: auto}}</style></head>
+<body><h1>Image captioning with a CNN and an LSTM: the executed notebooks</h1>
+{summary}
+<ul>
+{chr(10).join(items)}
+</ul></body></html>
+""")
+    return index
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/notebooks")
@@ -111,22 +162,15 @@ def main(argv=None):
             params[name] = value
     t = time.time()
     run_notebooks(args.out, params)
-    report = os.path.join(os.path.dirname(NOTEBOOK_DIR), "models_dir", "tiny", "evaluation.json")
-    if os.path.exists(report):
-        from .evaluation import format_table
-
-        with open(report) as f:
-            r = json.load(f)
-        print("\nsample captions (tiny val split, beam 3):")
-        for s in r["samples"]:
-            print(f"  {os.path.basename(s['image'])}: {s['caption']}")
-        print("\n" + format_table(r["table"]))
-        if r.get("semantic"):
-            from .semantics import format_semantic_table
-
-            print("\nsemantic accuracy (captions parsed against what the generator drew):")
-            print(format_semantic_table(r["semantic"]))
-    print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {args.out}/")
+    report_path = os.path.join(os.path.dirname(NOTEBOOK_DIR), "models_dir", "tiny", "evaluation.json")
+    report = None
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        print("\n" + report_text(report))
+    index = write_html(args.out, report)
+    print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {args.out}/, "
+          f"and {index} shows them in a browser")
 
 
 if __name__ == "__main__":

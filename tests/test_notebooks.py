@@ -1,8 +1,15 @@
+import html
 import json
+import re
+import shutil
+import subprocess
 
 import nbformat
+import numpy as np
+import pytest
+from PIL import Image
 
-from captioning.demo import notebooks, run_notebooks
+from captioning.demo import notebooks, run_notebooks, write_html
 
 
 def test_committed_notebooks_have_no_outputs():
@@ -22,28 +29,80 @@ def test_notebook_cells_alternate_code_and_explanation():
         for cell, nxt in zip(cells, cells[1:] + [None]):
             if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
                 assert nxt is not None and nxt.cell_type == "markdown", f"{path}: code cell without explanation"
-                assert len(cell.source.splitlines()) <= 12, f"{path}: cell too long:\n{cell.source}"
 
 
-def test_every_notebook_runs_in_order_on_the_tiny_preset(tmp_path):
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
     """The whole series, top to bottom, in a private data folder with small sizes (what `make demo` runs)."""
-    params = {"PRESET": "tiny", "DATA_DIR": str(tmp_path / "data" / "tiny"), "MODELS_DIR": str(tmp_path / "models"),
+    root = tmp_path_factory.mktemp("demo")
+    params = {"PRESET": "tiny", "DATA_DIR": str(root / "data" / "tiny"), "MODELS_DIR": str(root / "models"),
               "TINY_TRAIN": 48, "TINY_VAL": 8, "EPOCHS": 12, "MAX_STEPS": 12, "N_IMAGES": 4, "BATCH_SIZE": 4,
               "STANDIN_STEPS": 3}
-    out = tmp_path / "executed"
+    out = root / "executed"
     run_notebooks(str(out), params, log=lambda *a: None)
+    return root, out
+
+
+def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
+    root, out = executed
     assert sorted(p.name for p in out.iterdir()) == [p.split("/")[-1] for p in notebooks()]
-    report = json.load(open(tmp_path / "models" / "evaluation.json"))
+    report = json.load(open(root / "models" / "evaluation.json"))
     assert {"Bleu_4", "CIDEr", "ROUGE_L"} <= set(report["table"]["beam 3"])
+    assert {"objects", "colours", "shapes", "relation"} <= set(report["semantic"]["beam 3"])
     assert len(report["samples"]) == 5 and all(s["caption"] for s in report["samples"])
-    executed = nbformat.read(out / "07_inference.ipynb", as_version=4)
-    images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the captioned images are shown inline
-    executed = nbformat.read(out / "05_model.ipynb", as_version=4)
-    images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the pretraining scenes and the random-vs-stand-in feature map
-    assert (tmp_path / "pretrained" / "standin-resnet18-64to56px-3steps-seed0.pth").exists()
+    executed_07 = nbformat.read(out / "07_inference.ipynb", as_version=4)
+    assert len(_images(executed_07)) >= 2  # the captioned images are shown inline
+    # the pretraining scenes and the random-vs-stand-in feature map
+    assert len(_images(nbformat.read(out / "05_model.ipynb", as_version=4))) >= 2
+    assert (root / "pretrained" / "standin-resnet18-64to56px-3steps-seed0.pth").exists()
     for path in out.iterdir():      # progress bars are saved at their last frame, not at 0%
         text = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
                        if c.cell_type == "code" for o in c.outputs)
         assert "\r" not in text and " 0%|" not in text, path.name
+        if path.name.startswith(("06", "08")):    # the library's COCO loads print nothing (01's own call does)
+            assert "loading annotations into memory" not in text, path.name
+
+
+def _images(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+
+
+_PROBE = """<script>window.addEventListener("load", () => {
+  const images = [...document.images];
+  document.title = "PROBE" + JSON.stringify({images: images.length,
+    broken: images.filter(i => !(i.naturalWidth > 0)).length,
+    zero: document.body.innerText.includes(" 0%|"), links: document.links.length});
+});</script>"""
+
+
+def _probe(browser, page):
+    """Load page in a headless browser with a script that reports what it rendered."""
+    probe = page.with_name("probe-" + page.name)
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
+    dom = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    found = re.search(r"<title>PROBE(.*?)</title>", dom, re.S)
+    assert found, f"{page.name} did not load in {browser}"
+    png = page.with_suffix(".png")
+    subprocess.run(args + ["--window-size=1200,1600", f"--screenshot={png}", page.as_uri()], capture_output=True,
+                   timeout=180)
+    return json.loads(html.unescape(found.group(1))), Image.open(png).convert("RGB")
+
+
+def test_demo_html_renders_in_a_browser(executed):
+    root, out = executed
+    index = write_html(str(out), json.load(open(root / "models" / "evaluation.json")))
+    pages = sorted(p.name for p in out.glob("*.html"))
+    assert pages == sorted(["index.html"] + [p.split("/")[-1].replace(".ipynb", ".html") for p in notebooks()])
+    text = open(index, encoding="utf-8").read()
+    assert "Bleu_4" in text and "objects" in text and text.count('<a href="0') == 8
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+                   None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium): the pages were written, "
+                    "but not opened in a browser")
+    facts, shot = _probe(browser, out / "index.html")
+    assert facts["links"] == 8 and shot.getextrema() != ((255, 255),) * 3   # not a blank page
+    facts, shot = _probe(browser, out / "07_inference.html")
+    assert facts["images"] >= 2 and facts["broken"] == 0 and not facts["zero"]
+    assert len(np.unique(np.asarray(shot.resize((60, 80))).reshape(-1, 3), axis=0)) > 20   # pictures, not text
