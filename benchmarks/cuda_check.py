@@ -22,12 +22,13 @@ import time
 
 import torch
 
+from captioning.config import get_config
+from captioning.device import amp_dtype_for
+from captioning.model import CNNModel, LSTMModel
+from captioning.tinyset import make_tinyset
+from captioning.training import caption_loss, train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from captioning.config import get_config  # noqa: E402
-from captioning.model import CNNModel, LSTMModel  # noqa: E402
-from captioning.tinyset import make_tinyset  # noqa: E402
-from captioning.training import amp_dtype_for, caption_loss, train  # noqa: E402
 
 
 def rate(fn, items, device, repeats):

@@ -9,19 +9,16 @@ The chapter's pattern: for each image, encoder(image[None]), decoder.sample(feat
 Python loop over the ids to build the sentence.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from captioning.config import get_config  # noqa: E402
-from captioning.inference import generate  # noqa: E402
-from captioning.model import decode  # noqa: E402
-from captioning.training import build_models  # noqa: E402
-from captioning.vocabulary import Vocab  # noqa: E402
+from captioning.checkpoint import build_models
+from captioning.config import get_config
+from captioning.inference import generate
+from captioning.model import decode
+from captioning.vocabulary import Vocab
 
 
 def chapter_caption(encoder, decoder, image, vocab):
@@ -65,7 +62,8 @@ def main():
     with torch.no_grad():
         features = torch.cat([encoder(images[i:i + 64]) for i in range(0, args.images, 64)])
     print(f"{args.images} images, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}; "
-          f"decoder: embedding {config.embedding_size}, hidden {config.hidden_layer_size}, max_seq_len {config.max_seq_len}\n")
+          f"decoder: embedding {config.embedding_size}, hidden {config.hidden_layer_size}, "
+          f"max_seq_len {config.max_seq_len}\n")
     print(f"{'setting':<12}{'method':<34}{'images/s':>10}{'vs chapter':>12}")
     with torch.no_grad():
         for setting, enc, inputs in (("decoder", torch.nn.Identity(), features), ("end-to-end", encoder, images)):

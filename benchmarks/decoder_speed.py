@@ -13,17 +13,15 @@ Caption lengths are drawn from 9..20 tokens (<start> ... <end>; COCO averages ab
 with 33 words: the aten::fill_ and aten::add_ on (N, 4H) tensors are what lstm.py avoids.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from captioning.config import get_config  # noqa: E402
-from captioning.model import LSTMModel  # noqa: E402
-from captioning.training import caption_loss  # noqa: E402
+from captioning.config import get_config
+from captioning.lstm import use_packed_cpu_lstm
+from captioning.model import LSTMModel
+from captioning.training import caption_loss
 
 
 def make_batches(n, batch, embedding, vocab, seed=0):
@@ -59,7 +57,7 @@ def main():
         ways = {}
         for fast in (False, True):
             decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab, config.num_layers)
-            decoder.packed_cpu_lstm = fast
+            use_packed_cpu_lstm(decoder, fast)
             ways[fast] = (decoder, torch.optim.Adam(decoder.parameters(), config.lr), [])
         ways[True][0].load_state_dict(ways[False][0].state_dict())
         batches = make_batches(args.steps + 2, config.batch_size, config.embedding_size, vocab)

@@ -10,15 +10,13 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import matplotlib
 from PIL import Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from captioning.images import draft_size, resize_images  # noqa: E402
+from captioning.images import draft_size, resize_images
 
 
 def make_photos(folder, n):
@@ -80,7 +78,8 @@ def breakdown(path, size=256, n=50):
         "decode with draft (DCT scaling)": decode_draft,
         "LANCZOS 640x480 -> 256": lambda: full.resize((size, size), Image.LANCZOS),
         "BILINEAR 640x480 -> 256": lambda: full.resize((size, size), Image.BILINEAR),
-        f"BILINEAR {drafted.size[0]}x{drafted.size[1]} (drafted) -> 256": lambda: drafted.resize((size, size), Image.BILINEAR),
+        f"BILINEAR {drafted.size[0]}x{drafted.size[1]} (drafted) -> 256":
+            lambda: drafted.resize((size, size), Image.BILINEAR),
         "encode 256x256 JPEG": lambda: small.save(os.devnull, "JPEG", quality=90),
     }
     return {name: 1000 * statistics.median(timed(fn) for _ in range(n)) for name, fn in stages.items()}

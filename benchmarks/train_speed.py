@@ -28,21 +28,20 @@ import os
 import pstats
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
-import torchvision  # noqa: E402
+import torch
+import torchvision
 
-from captioning.checkpoint import load_captioner  # noqa: E402
-from captioning.config import get_config  # noqa: E402
-from captioning.data import CocoCaptionDataset, collate_function, eval_transform  # noqa: E402
-from captioning.model import calibrate_batchnorm  # noqa: E402
-from captioning.vocabulary import load_vocabulary  # noqa: E402
-from captioning.tinyset import make_tinyset  # noqa: E402
-from captioning.training import EncoderDecoder, ensure_prerequisites, evaluate_loss, pick_device, train  # noqa: E402
+from captioning.checkpoint import load_captioner
+from captioning.config import get_config
+from captioning.data import CocoCaptionDataset, collate_function, eval_transform
+from captioning.device import pick_device
+from captioning.model import calibrate_batchnorm
+from captioning.tinyset import make_tinyset
+from captioning.training import EncoderDecoder, ensure_prerequisites, evaluate_loss, train
+from captioning.vocabulary import load_vocabulary
 
 
 def heldout_loss(checkpoint):
@@ -62,7 +61,8 @@ def stand_in_weights(config, path):
     device = pick_device()
     resnet = torchvision.models.resnet152(weights=None).to(device)
     ds = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"),
-                            load_vocabulary(config.vocabulary_path), eval_transform(config.resize_size, config.crop_size),
+                            load_vocabulary(config.vocabulary_path),
+                            eval_transform(config.resize_size, config.crop_size),
                             group_by_image=True, progress=False)
     calibrate_batchnorm(resnet, (torch.stack([ds.load(i) for i in range(j, min(j + 64, len(ds)))]).to(device)
                                  for j in range(0, len(ds), 64)))
@@ -85,7 +85,7 @@ def one_run(config, profile, start_method):
     if profiler:
         print("cProfile, by cumulative time")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(
-            r"features.py.*build_feature_cache|lstm.py.*(forward|backward)|training.py.*(build_models|evaluate_loss)")
+            r"features.py.*build_feature_cache|lstm.py.*(forward|backward)|(checkpoint.py.*build_models|training.py.*evaluate_loss)")
     return seconds, heldout_loss(summary["last"])
 
 
@@ -95,7 +95,8 @@ def main():
     parser.add_argument("--heldout", type=int, default=250, help="held-out images the final models are scored on")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=64, help="crop size (images are resized to size + size/8)")
-    parser.add_argument("--views", type=int, nargs="+", default=[2, 1, 5], help="K values for the cache (2 is the default)")
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 1, 5],
+                        help="K values for the cache (2 is the default)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per method per seed")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (0 on a 2-core CPU)")
     parser.add_argument("--profile", action="store_true", help="cProfile the cached runs")
@@ -127,7 +128,8 @@ def main():
                                                   multiprocessing.get_start_method()).result()
                 times[name].append(seconds)
                 losses[name].append(loss)
-                print(f"seed {seed}  {name:<28}{times[name][-1]:>8.1f} s   held-out loss {losses[name][-1]:.3f}", flush=True)
+                print(f"seed {seed}  {name:<28}{times[name][-1]:>8.1f} s   held-out loss {losses[name][-1]:.3f}",
+                      flush=True)
         base = statistics.median(times[methods[0][0]])
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
         print(f"\nResNet-152 (frozen, stand-in weights) at {args.size}px, {args.images} images x 5 captions, "

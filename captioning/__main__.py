@@ -106,8 +106,8 @@ def cmd_features(args):
 
 def cmd_caption(args):
     from .checkpoint import load_captioner
+    from .device import pick_device
     from .inference import caption_images, expand_paths
-    from .training import pick_device
 
     device = pick_device(args.device)
     paths = expand_paths(args.images)
@@ -132,9 +132,9 @@ def cmd_caption(args):
 
 
 def cmd_evaluate(args):
+    from .device import pick_device
     from .evaluation import evaluate_checkpoint, format_table, results_json
     from .semantics import format_semantic
-    from .training import pick_device
 
     device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,

@@ -1,18 +1,26 @@
-"""Self-contained checkpoints: a plain dict of tensors and builtins, written atomically.
+"""The checkpoint: the one model builder, and the .ckpt file's writer and readers.
+
+A checkpoint is a plain dict of tensors and builtins, written atomically:
 
     {"config": {...}, "vocab": [words...], "encoder": state_dict, "decoder": state_dict,
-     "backbone": {"name", "weights", "trained"}, "optimizer": ..., "scaler": ...,
-     "epoch": int, "step": int, "best_val_loss": float, "rng": {...}}
+     "backbone": {"name", "weights", "trained", "included"}, "optimizer": ..., "scaler": ...,
+     "epoch": int, "batch": int (within the epoch), "step": int, "best_val_loss": float,
+     "rng": {"torch", "cuda", "numpy", "python"}}
 
-`load_checkpoint` uses torch.load(weights_only=True), so a checkpoint cannot run code,
-and maps everything to the CPU unless told otherwise (a CUDA checkpoint loads anywhere).
+`included` says whether the encoder state holds the ResNet: a frozen torchvision-pretrained
+backbone is rebuilt from its weights id instead. `load_checkpoint` uses
+torch.load(weights_only=True), so a checkpoint cannot run code, and maps everything to the
+CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
 import contextlib
+import math
 import os
+import random
 import shutil
 import signal
 import threading
 
+import numpy as np
 import torch
 
 from .atomic import atomic_write
@@ -84,6 +92,81 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+_FROM_CONFIG = object()
+
+
+def build_models(config, vocab_size, weights=_FROM_CONFIG):
+    """(CNNModel, LSTMModel) with every size from `config`: training and loading build the same shapes.
+
+    `weights` defaults to config.weights; weights="standin" needs ensure_standin first.
+    """
+    from .backbone import STANDIN, standin_path
+    from .model import CNNModel, LSTMModel
+
+    weights = config.weights if weights is _FROM_CONFIG else weights
+    if weights == STANDIN:
+        weights = standin_path(config)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
+                                    f"captioning.backbone.ensure_standin(config), or train() which builds it")
+    encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
+    decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,
+                        config.max_seq_len)
+    return encoder, decoder
+
+
+def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
+                     best_val_loss=math.inf):
+    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True)."""
+    # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
+    # or stand-in one (a file of this machine's) travels in the checkpoint.
+    from .backbone import STANDIN
+
+    keep_backbone = encoder.train_backbone or encoder.weights_id is None or config.weights == STANDIN
+    encoder_state = {k: v for k, v in encoder.state_dict().items()
+                     if keep_backbone or not k.startswith("resnet_module.")}
+    return {
+        "config": config.hyperparameters(), "vocab": vocab.words(),
+        "encoder": encoder_state, "decoder": decoder.state_dict(),
+        "backbone": {"name": encoder.backbone_name, "weights": encoder.weights_id,
+                     "trained": encoder.train_backbone, "included": keep_backbone},
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
+    }
+
+
+def _rng_state():
+    """Every random generator's state, so a resumed run draws what the uninterrupted one would."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def restore_training_state(path, vocab, encoder, decoder, optimizer, scaler, device):
+    """Load last.ckpt into a run being resumed; returns (epoch, batch in epoch, step, best val loss)."""
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt["vocab"] != vocab.words():
+        raise ValueError(f"{path} was trained with a different vocabulary than this run's vocabulary.pkl")
+    load_encoder_state(encoder, ckpt)
+    decoder.load_state_dict(ckpt["decoder"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val_loss", math.inf)
+
+
 def load_encoder_state(encoder, ckpt):
     """Load a checkpoint's encoder state; a frozen pretrained backbone is not in it (rebuilt from its weights)."""
     missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
@@ -100,22 +183,18 @@ def load_captioner(path, device="cpu", weights=None):
     A frozen pretrained backbone is rebuilt from its weights id, or from `weights`
     (a local .pth file) on a machine that cannot download it.
     """
-    from .config import config_from_dict
-    from .model import CNNModel, LSTMModel
+    from .config import Config
     from .vocabulary import Vocab
 
     ckpt = load_checkpoint(path)
-    config = config_from_dict(ckpt["config"])
+    config = Config.from_checkpoint(ckpt["config"])
     vocab = Vocab.from_words(ckpt["vocab"])
     backbone = ckpt["backbone"]
-    if backbone["included"]:
-        backbone_weights = None  # the trained (or random) backbone is in the file
-    else:
-        backbone_weights = weights or backbone["weights"]
-    encoder = CNNModel(config.embedding_size, backbone["name"], backbone_weights, backbone["trained"])
+    config.backbone, config.train_backbone = backbone["name"], backbone["trained"]
+    # the backbone in the file (trained, random or stand-in), or rebuilt from its pretrained weights
+    backbone_weights = None if backbone["included"] else weights or backbone["weights"]
+    encoder, decoder = build_models(config, len(vocab), backbone_weights)
     load_encoder_state(encoder, ckpt)
-    decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, len(vocab), config.num_layers,
-                        config.max_seq_len)
     if decoder.linear_layer.out_features != ckpt["decoder"]["linear_layer.weight"].shape[0]:
         raise ValueError(f"{path}: vocabulary ({len(vocab)} words) does not match the decoder")
     decoder.load_state_dict(ckpt["decoder"])

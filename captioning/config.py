@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Config:
+    """Every knob; its defaults are the coco preset, the chapter's recipe."""
     preset: str = "coco"
     data_dir: str = "data_dir/coco"        # a COCO-layout folder: train2014/ val2014/ annotations/
     models_dir: str = ""                   # default: models_dir/<name of data_dir>
@@ -43,6 +44,7 @@ class Config:
     save_every: int = 1000
     log_every: int = 10
     val_max_captions: int = 5000           # validation loss on at most this many captions
+    heldout_images: int = 5000             # evaluation: the first N val images (0 = all), unless Karpathy's split
     num_workers: int = 2
     amp: bool = True                       # autocast on CUDA (bf16 where supported, else fp16)
     channels_last: bool = True             # CNN memory format on CUDA, and on a CPU for a frozen backbone
@@ -77,8 +79,20 @@ class Config:
     def use_cache(self):
         return self.cache and not self.train_backbone
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def hyperparameters(self):
+        """Every field but the runtime knobs: what a checkpoint keeps of its run."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+
+    @classmethod
+    def from_checkpoint(cls, saved):
+        """The Config of a checkpoint's saved fields; fields of other versions are ignored, and the
+        runtime knobs are this machine's defaults, not the training machine's."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+# How this machine runs a job, not what the model is: never saved into a checkpoint.
+RUNTIME_FIELDS = ("device", "progress", "num_workers")
 
 
 PRESETS = {
@@ -92,43 +106,36 @@ PRESETS = {
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8,
         embedding_size=128, hidden_layer_size=256, batch_size=256, lr=5e-3, backbone_lr=2e-3,
-        epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250,
+        epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }
 
 
-def get_config(preset="tiny", **overrides):
-    """A Config from a preset, with any field overridden; unknown fields are an error."""
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config(preset, root=None, **overrides):
+    """The one way to make a Config: a preset, with any field overridden; unknown fields are an error.
+
+    `root`: relative data_dir and models_dir are taken from there (notebook_config passes the
+    project root). models_dir, unless given, is derived from data_dir by Config itself.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-    values = dict(PRESETS[preset])
-    values.update(overrides)
-    if "data_dir" in overrides and "models_dir" not in overrides:
-        values["models_dir"] = ""
-    return Config(**values)
-
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = Config(**{**PRESETS[preset], **overrides})
+    if root:
+        config.data_dir = os.path.join(root, config.data_dir)
+        config.models_dir = os.path.join(root, config.models_dir)
+    return config
 
 
 def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):
-    """get_config for the notebooks: None means the preset's folder, and relative paths are taken
-    from the project root, so a notebook finds the same files whether Jupyter runs it from
-    notebooks/ or papermill from the root."""
-    data_dir = data_dir or PRESETS.get(preset, {}).get("data_dir", f"data_dir/{preset}")
-    overrides["data_dir"] = os.path.join(PROJECT_ROOT, data_dir)
-    if models_dir:
-        overrides["models_dir"] = os.path.join(PROJECT_ROOT, models_dir)
-    else:
-        overrides["models_dir"] = os.path.join(PROJECT_ROOT, "models_dir", os.path.basename(os.path.normpath(data_dir)))
-    return get_config(preset, **overrides)
-
-
-def config_from_dict(d):
-    """Rebuild a Config saved with `to_dict` (ignores fields from newer/older versions)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
+    """get_config for the notebooks' parameters: None means the preset's folder, and relative paths
+    are taken from the project root, so a notebook finds the same files whether Jupyter runs it
+    from notebooks/ or papermill from the root."""
+    paths = {k: v for k, v in (("data_dir", data_dir), ("models_dir", models_dir)) if v}
+    return get_config(preset, root=PROJECT_ROOT, **paths, **overrides)

@@ -11,10 +11,16 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from .images import load_image
-from .vocabulary import END, START, caption_tokens, tokenize
+from .vocabulary import END, START, caption_tokens, load_coco, tokenize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def seeded_generator(*key):
+    """A torch.Generator seeded from a tuple of ints (seed, epoch, item...): the same key, the same
+    random crop, in any process and after a resume (hash() of ints is not randomised)."""
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
 
 
 def _to_normalized_tensor(image):
@@ -78,8 +84,6 @@ class CocoCaptionDataset(data.Dataset):
 
     def __init__(self, data_path, coco_json_path, vocabulary, transform=None, max_seq_len=20, seed=0,
                  group_by_image=False, progress=True, max_captions=None):
-        from pycocotools.coco import COCO
-
         if not os.path.isdir(data_path):
             raise FileNotFoundError(f"image folder not found: {data_path} (resized images come from notebook 03)")
         if not os.path.isfile(coco_json_path):
@@ -87,7 +91,7 @@ class CocoCaptionDataset(data.Dataset):
         self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
         self._encoded = {}  # annotation id -> caption ids
-        self.coco = COCO(coco_json_path)
+        self.coco = load_coco(coco_json_path)
         self._tokens = caption_tokens(coco_json_path, self.coco, progress)  # tokenized once, cached on disk
         present = set(os.listdir(data_path))
         image_ids = sorted(self.coco.imgs)
@@ -138,8 +142,7 @@ class CocoCaptionDataset(data.Dataset):
         """The transformed image of item `idx` (its random crop is fixed by seed, epoch and idx)."""
         image = load_image(self.image_path(self.items[idx][0]))
         if isinstance(self.transform, TrainTransform):
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFF_FFFF_FFFF)
-            return self.transform(image, generator=g)
+            return self.transform(image, generator=seeded_generator(self.seed, self.epoch, idx))
         return self.transform(image) if self.transform is not None else image
 
     def __getitem__(self, idx):

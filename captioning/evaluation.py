@@ -14,7 +14,7 @@ import os
 import shutil
 from collections import Counter
 
-from .vocabulary import caption_tokens, tokenize
+from .vocabulary import caption_tokens, load_coco, tokenize
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -86,29 +86,26 @@ def score_captions(references, predictions, use_java=None, log=print):
 def heldout_split(config, split="val"):
     """(image folder, captions json, image ids) of the split the metrics are computed on.
 
-    - the tiny set: its whole val split;
-    - COCO with `dataset_coco.json` (Karpathy's split file) in the data folder: the 5000 test images;
-    - COCO without it: the 5000 val2014 images with the smallest ids (train2014 is all we train on,
-      so any part of val2014 is held out; the smallest ids make it reproducible everywhere).
+    - with `dataset_coco.json` (Karpathy's split file) in the data folder: its test images;
+    - without it: the `config.heldout_images` val images with the smallest ids, all of them when 0
+      (COCO: 5000 of val2014; train2014 is all we train on, so any part of val2014 is held out,
+      and the smallest ids make it reproducible everywhere; the tiny preset: its whole val split).
     """
-    from pycocotools.coco import COCO
-
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     folder = config.resized_images(split)
     if not os.path.isdir(folder):
         folder = config.split_images(split)
     json_path = config.captions_json(split)
-    coco = COCO(json_path)
+    coco = load_coco(json_path)
     ids = sorted(coco.getImgIds())
     karpathy = os.path.join(config.data_dir, "dataset_coco.json")
-    if split == "val" and config.preset != "tiny":
-        if os.path.exists(karpathy):
-            with open(karpathy) as f:
-                test_names = {img["filename"] for img in json.load(f)["images"] if img["split"] == "test"}
-            ids = [i for i in ids if coco.imgs[i]["file_name"] in test_names]
-        else:
-            ids = ids[:5000]
+    if split == "val" and os.path.exists(karpathy):
+        with open(karpathy) as f:
+            test_names = {img["filename"] for img in json.load(f)["images"] if img["split"] == "test"}
+        ids = [i for i in ids if coco.imgs[i]["file_name"] in test_names]
+    elif split == "val" and config.heldout_images:
+        ids = ids[:config.heldout_images]
     present = set(os.listdir(folder))
     ids = [i for i in ids if coco.imgs[i]["file_name"] in present]
     return folder, coco, ids

@@ -27,7 +27,7 @@ import torch
 import torch.utils.data as data
 
 from .atomic import atomic_write
-from .data import TrainTransform
+from .data import TrainTransform, seeded_generator
 
 
 def backbone_fingerprint(encoder):
@@ -54,8 +54,8 @@ class _ImageViews(data.Dataset):
 
         image = load_image(self.ds.image_path(i))
         if isinstance(self.transform, TrainTransform):
-            gens = [torch.Generator().manual_seed(hash((self.seed, i, k)) & 0x7FFF_FFFF_FFFF) for k in range(self.views)]
-            return torch.stack([self.transform(image, generator=g) for g in gens])
+            return torch.stack([self.transform(image, generator=seeded_generator(self.seed, i, k))
+                                for k in range(self.views)])
         return self.transform(image).unsqueeze(0).expand(self.views, -1, -1, -1)
 
 

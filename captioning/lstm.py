@@ -3,9 +3,8 @@
 `nn.LSTM` on a CPU runs a packed sequence one time step at a time through autograd, and its
 backward pass turns each step's slice of the precomputed input projection into a zero-filled
 gradient the size of all tokens' projections, (N, 4H), then adds it to the total: one
-full-size fill and one full-size add per time step. On the chapter's shapes (batch 128,
-embedding 256, hidden 512), those take about 30% of a whole training step in torch.profiler
-(`python benchmarks/decoder_speed.py --profile`). This is the same LSTM, same weights, same
+full-size fill and one full-size add per time step, a large share of a training step at the
+chapter's shapes (`python benchmarks/decoder_speed.py --profile` shows it). This is the same LSTM, same weights, same
 numbers up to float rounding (tests/test_model.py compares outputs and gradients with
 nn.LSTM), with a hand-written backward pass that does step by step only what is sequential:
 - forward: one matrix product for every token's input projection, then per step h @ W_hh
@@ -15,10 +14,12 @@ nn.LSTM), with a hand-written backward pass that does step by step only what is 
 
 `packed_lstm(lstm, packed)` uses it when it applies (CPU, gradients on, a unidirectional LSTM
 with biases, no projection, no dropout between layers) and calls `lstm` itself otherwise:
-CUDA keeps cuDNN, and inference keeps nn.LSTM's C++ loop.
+CUDA keeps cuDNN, and inference keeps nn.LSTM's C++ loop. `use_packed_cpu_lstm(decoder)` puts
+it under a decoder from outside, so that the chapter's LSTMModel reads as it does in the book.
 benchmarks/decoder_speed.py times both.
 """
 import torch
+import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 
@@ -100,3 +101,29 @@ def packed_lstm(lstm, packed: PackedSequence):
         out = _PackedLSTMLayer.apply(out, sizes, *(getattr(lstm, f"{name}_l{layer}")
                                                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
     return out
+
+
+class PackedCPULSTM(nn.LSTM):
+    """nn.LSTM whose forward over a packed sequence from zero states goes through packed_lstm.
+
+    The same parameters and the same state_dict as nn.LSTM; only the training step on a CPU
+    differs. The final (h, c) states are not computed on that path (teacher forcing never
+    reads them), so it returns None for them.
+    """
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence) and hx is None and _applies(self, input.data):
+            out = packed_lstm(self, input)
+            return PackedSequence(out, input.batch_sizes, input.sorted_indices, input.unsorted_indices), None
+        return super().forward(input, hx)
+
+
+def use_packed_cpu_lstm(decoder, enabled=True):
+    """Give the decoder's LSTM (`decoder.lstm_layer`, an nn.LSTM) PackedCPULSTM's forward, or nn.LSTM's back.
+
+    The module stays the same object with the same tensors: only its class changes, so
+    optimizers, DDP and checkpoints see no difference.
+    """
+    decoder.lstm_layer.__class__ = PackedCPULSTM if enabled else nn.LSTM
+    return decoder
+

@@ -4,8 +4,8 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .backbone import build_resnet, calibrate_batchnorm, resolve_weights, weights_id
-from .lstm import packed_lstm
-from .vocabulary import END, PAD, START
+from .vocabulary import END, END_ID, PAD, START
+
 
 class CNNModel(nn.Module):
     """ResNet without its fc layer -> Linear -> BatchNorm1d(momentum=0.01): one embedding per image."""
@@ -61,10 +61,9 @@ class LSTMModel(nn.Module):
         self.lstm_layer = nn.LSTM(embedding_size, hidden_layer_size, num_layers, batch_first=True)
         self.linear_layer = nn.Linear(hidden_layer_size, vocabulary_size)
         self.max_seq_len = max_seq_len
-        self.packed_cpu_lstm = True  # training on a CPU: lstm.py's LSTM (same weights, faster backward)
         # Start with the forget gates mostly open (bias_ih + bias_hh = 2) so the image, seen only
-        # at step 0, is remembered while the words are learned; measured: the decoder starts
-        # using the image after ~50 steps instead of ~125 on the tiny set.
+        # at step 0, is remembered while the words are learned: the decoder starts using the
+        # image sooner.
         with torch.no_grad():
             for name, bias in self.lstm_layer.named_parameters():
                 if name.startswith("bias"):
@@ -76,9 +75,8 @@ class LSTMModel(nn.Module):
         embeddings = self.embedding_layer(captions)                              # (B, T, E)
         lstm_input = torch.cat((input_features.unsqueeze(1), embeddings), 1)     # (B, 1+T, E)
         packed = pack_padded_sequence(lstm_input, lengths, batch_first=True)
-        hidden_variables = packed_lstm(self.lstm_layer, packed) if self.packed_cpu_lstm \
-            else self.lstm_layer(packed)[0].data                                 # (sum(lengths), H)
-        return self.linear_layer(hidden_variables)                               # (sum(lengths), V)
+        hidden_variables, _ = self.lstm_layer(packed)                            # packed (sum(lengths), H)
+        return self.linear_layer(hidden_variables.data)                          # (sum(lengths), V)
 
     def step(self, lstm_input, lstm_states=None):
         """One time step: (B, E) input -> (B, V) log-probabilities and the new states."""
@@ -97,7 +95,7 @@ class LSTMModel(nn.Module):
             lstm_input = self.embedding_layer(predicted)
         return torch.stack(sampled_indices, 1)
 
-    def greedy(self, input_features, end_id=2):
+    def greedy(self, input_features, end_id=END_ID):
         """sample() as one token-id list per image, cut after <end> (the shape beam_search returns)."""
         return [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
 
@@ -116,7 +114,7 @@ class LSTMModel(nn.Module):
         return ((token_lp * mask).sum(1) / lengths.float() ** length_penalty).tolist()
 
     @torch.no_grad()
-    def beam_search(self, input_features, beam_size=3, length_penalty=0.7, end_id=2):
+    def beam_search(self, input_features, beam_size=3, length_penalty=0.7, end_id=END_ID):
         """Batched beam search. Returns one token-id list per image, cut after <end>.
 
         Beams are ranked by their summed log-probability while they grow; finished
@@ -169,7 +167,7 @@ class LSTMModel(nn.Module):
         return results
 
 
-def cut_after_end(ids, end_id=2):
+def cut_after_end(ids, end_id=END_ID):
     ids = list(ids)
     return ids[: ids.index(end_id) + 1] if end_id in ids else ids
 

@@ -207,7 +207,8 @@ def _make_example(rng, colours, shapes, background):
             boxes = [place(width // 4 + jitter(4), cy + jitter(8)), place(3 * width // 4 + jitter(4), cy + jitter(8))]
         else:
             cx = width // 2
-            boxes = [place(cx + jitter(12), height // 4 + jitter(3)), place(cx + jitter(12), 3 * height // 4 + jitter(3))]
+            boxes = [place(cx + jitter(12), height // 4 + jitter(3)),
+                     place(cx + jitter(12), 3 * height // 4 + jitter(3))]
     for (colour, shape), box in zip(objects, boxes):
         draw_shape(draw, shape, box, colours[colour])
     image = image.filter(ImageFilter.GaussianBlur(0.6))

@@ -12,22 +12,22 @@
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.data as data
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .backbone import STANDIN, standin_path
-from .checkpoint import atomic_copy, atomic_save, load_checkpoint, load_encoder_state
+from .backbone import STANDIN
+from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, restore_training_state
 from .config import Config
 from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
-from .model import CNNModel, LSTMModel
+from .device import amp_dtype_for, pick_device, setup_distributed
+from .lstm import use_packed_cpu_lstm
 from .vocabulary import load_vocabulary
 
 
@@ -67,29 +67,6 @@ class _SkipSampler(data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def setup_distributed():
-    """(rank, world_size, device), from torchrun's environment variables when present."""
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # started by torchrun, even with 1 process
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            dist.init_process_group("nccl")
-            return rank, world, torch.device("cuda", local)
-        dist.init_process_group("gloo")
-        return rank, world, torch.device("cpu")
-    return 0, 1, None
-
-
-def pick_device(name=""):
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def amp_dtype_for(device, enabled=True):
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def ensure_prerequisites(config, log=print):
     """Build what training needs and is missing: the vocabulary, the resized images, the stand-in backbone."""
     from .backbone import ensure_standin
@@ -113,22 +90,6 @@ def ensure_prerequisites(config, log=print):
             log(f"resized {report['resized']} {split} images to {config.resize_size}x{config.resize_size}: {dst}")
     if config.weights == STANDIN:
         ensure_standin(config, log)
-
-
-def _rng_state():
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-            "python": list(random.getstate()[1])}
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((3, tuple(state["python"]), None))
 
 
 def _loader(dataset, sampler, config, device, persistent=False):
@@ -158,69 +119,47 @@ def evaluate_loss(model, loader, device, amp_dtype=None, channels_last=False):
     return float(total) / max(tokens, 1)
 
 
-def build_models(config, vocab_size):
-    """(CNNModel, LSTMModel) with every size from `config`; weights="standin" needs ensure_standin first."""
-    weights = config.weights
-    if weights == STANDIN:
-        weights = standin_path(config)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
-                                    f"captioning.backbone.ensure_standin(config), or train() which builds it")
-    encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
-    decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,
-                        config.max_seq_len)
-    return encoder, decoder
+@dataclass
+class Run:
+    """Everything one training run holds: built once by setup_run, used by the parts below."""
+    config: Config
+    vocab: object
+    encoder: nn.Module
+    decoder: nn.Module
+    model: nn.Module                  # EncoderDecoder (what is saved and validated)
+    ddp_model: nn.Module              # the same, wrapped by DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_ds: data.Dataset
+    val_loader: data.DataLoader
+    sampler: data.DistributedSampler
+    device: torch.device
+    amp_dtype: object
+    channels_last: bool
+    master: bool
+    log: object
+    steps_per_epoch: int
+    total_steps: int
+    # where the run is: what a checkpoint saves and a resume restores
+    epoch: int = 0
+    batch: int = 0                    # batches done in the current epoch
+    step: int = 0
+    best_val: float = math.inf
+    last_loss: float | None = None
+    loss: torch.Tensor | None = None   # the latest step's loss, read (a GPU sync) only when logged
+    log_file: object = None
+
+    def path(self, name):
+        return os.path.join(self.config.models_dir, name)
+
+    def write_log(self, row):
+        if self.log_file:
+            self.log_file.write(json.dumps(row) + "\n")
+            self.log_file.flush()
 
 
-def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
-                     best_val_loss=math.inf):
-    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True)."""
-    # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
-    # or stand-in one (a file of this machine's) travels in the checkpoint.
-    keep_backbone = encoder.train_backbone or encoder.weights_id is None or config.weights == STANDIN
-    encoder_state = {k: v for k, v in encoder.state_dict().items()
-                     if keep_backbone or not k.startswith("resnet_module.")}
-    return {
-        "config": config.to_dict(), "vocab": vocab.words(),
-        "encoder": encoder_state, "decoder": decoder.state_dict(),
-        "backbone": {"name": encoder.backbone_name, "weights": encoder.weights_id,
-                     "trained": encoder.train_backbone, "included": keep_backbone},
-        "optimizer": optimizer.state_dict() if optimizer else None,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
-    }
-
-
-def train(config: Config, resume=False):
-    """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt."""
-    from .progress import tqdm
-
-    rank, world, ddp_device = setup_distributed()
-    master = rank == 0
-    device = ddp_device or pick_device(config.device)
-    log = print if master else (lambda *a, **k: None)
-    try:
-        if master:
-            ensure_prerequisites(config, log)
-        if dist.is_initialized():
-            dist.barrier()
-        return _train(config, resume, rank, world, device, master, log, tqdm)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(config, resume, rank, world, device, master, log, tqdm):
-    torch.manual_seed(config.seed)
-    vocab = load_vocabulary(config.vocabulary_path)
-    encoder, decoder = build_models(config, len(vocab))
-    amp_dtype = amp_dtype_for(device, config.amp)
-    # channels_last: on CUDA always; on a CPU only for a frozen backbone. Measured on 2 cores,
-    # ResNet forward passes run 1.15-1.19x faster in it, but ResNet-18's backward 5% slower.
-    channels_last = config.channels_last and (device.type == "cuda" or not config.train_backbone)
-    encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    decoder.to(device)
-
+def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_last, log):
+    """(training dataset, validation loader, grouped): images, or cached features with a frozen backbone."""
     train_tf = TrainTransform(config.crop_size, config.hflip)
     val_tf = eval_transform(config.resize_size, config.crop_size)
     group = config.group_by_image and not config.use_cache  # cached features are cheap per caption anyway
@@ -234,8 +173,8 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
                                 max_captions=val_captions)
     if not config.train_backbone and encoder.weights_id is None:
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
-        calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab, val_tf,
-                                         group_by_image=True)
+        calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab,
+                                         val_tf, group_by_image=True)
         picks = list(range(0, len(calibration), max(1, len(calibration) // 1024)))[:1024]
         encoder.calibrate_batchnorm(torch.stack([calibration.load(i) for i in picks[j:j + 64]]).to(device)
                                     for j in range(0, len(picks), 64))
@@ -258,128 +197,178 @@ def _train(config, resume, rank, world, device, master, log, tqdm):
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
     # grouped items are whole images, already only those that hold val_captions captions
     val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))
-    val_loader = _loader(val_subset, None, config, device, persistent=True)  # workers kept across epochs
+    return train_ds, _loader(val_subset, None, config, device, persistent=True), group  # workers kept
 
-    model = EncoderDecoder(encoder, decoder, cached=config.use_cache)
+
+def make_optimizer(config, encoder, decoder):
+    """The chapter's Adam over the decoder and the encoder's head; the backbone at its own rate when trained."""
     head_params = list(decoder.parameters()) + list(encoder.linear_layer.parameters()) + \
         list(encoder.batch_norm.parameters())
     groups = [{"params": head_params, "lr": config.lr}]
     if config.train_backbone:
         groups.append({"params": list(encoder.resnet_module.parameters()), "lr": config.backbone_lr})
-    optimizer = torch.optim.Adam(groups)
+    return torch.optim.Adam(groups)
+
+
+def setup_run(config, resume, rank, world, device, master, log):
+    """Build the models, data and optimizer of a run, and restore last.ckpt when resuming."""
+    torch.manual_seed(config.seed)
+    vocab = load_vocabulary(config.vocabulary_path)
+    encoder, decoder = build_models(config, len(vocab))
+    use_packed_cpu_lstm(decoder, device.type == "cpu")     # lstm.py's faster backward; CUDA keeps cuDNN
+    amp_dtype = amp_dtype_for(device, config.amp)
+    # channels_last: on CUDA always; on a CPU only for a frozen backbone (a CNN's forward is faster
+    # in it there, but ResNet's backward is slower).
+    channels_last = config.channels_last and (device.type == "cuda" or not config.train_backbone)
+    encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    decoder.to(device)
+    train_ds, val_loader, group = build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_last,
+                                                 log)
+    model = EncoderDecoder(encoder, decoder, cached=config.use_cache)
+    optimizer = make_optimizer(config, encoder, decoder)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    os.makedirs(config.models_dir, exist_ok=True)
-    last_path = os.path.join(config.models_dir, "last.ckpt")
-    best_path = os.path.join(config.models_dir, "best.ckpt")
-    log_path = os.path.join(config.models_dir, "train_log.jsonl")
-    epoch, batch_in_epoch, step, best_val = 0, 0, 0, math.inf
-    if resume:
-        if not os.path.exists(last_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-        ckpt = load_checkpoint(last_path, map_location=device)
-        if ckpt["vocab"] != vocab.words():
-            raise ValueError(f"{last_path} was trained with a different vocabulary than {config.vocabulary_path}")
-        load_encoder_state(encoder, ckpt)
-        decoder.load_state_dict(ckpt["decoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        best_val = ckpt.get("best_val_loss", math.inf)
-        _set_rng_state(ckpt["rng"])
-        log(f"resumed from {last_path} at epoch {epoch}, step {step}")
-        if master and os.path.exists(log_path):  # drop rows logged after that checkpoint was written
-            with open(log_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(log_path, "w") as f:
-                f.writelines(rows)
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.is_initialized() else model
-
-    log_file = open(log_path, "a") if master else None
-
-    def write_log(row):
-        if log_file:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-
-    def save(path_epoch, path_batch):
-        if master:
-            atomic_save(checkpoint_state(config, vocab, encoder, decoder, optimizer, scaler,
-                                         path_epoch, path_batch, step, best_val), last_path)
-
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    ddp_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     sampler = data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    log(f"training on {device} ({world} process{'es' if world > 1 else ''}{', DDP' if dist.is_initialized() else ''}), {len(train_ds)} items, "
-        f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, {'cached features' if config.use_cache else 'images'}, "
+    run = Run(config, vocab, encoder, decoder, model, ddp_model, optimizer, scaler, train_ds, val_loader, sampler,
+              device, amp_dtype, channels_last, master, log, steps_per_epoch, total_steps)
+
+    os.makedirs(config.models_dir, exist_ok=True)
+    log_path = run.path("train_log.jsonl")
+    if resume:
+        if not os.path.exists(run.path("last.ckpt")):
+            raise FileNotFoundError(f"--resume: no checkpoint at {run.path('last.ckpt')}")
+        run.epoch, run.batch, run.step, run.best_val = restore_training_state(
+            run.path("last.ckpt"), vocab, encoder, decoder, optimizer, scaler, device)
+        log(f"resumed from {run.path('last.ckpt')} at epoch {run.epoch}, step {run.step}")
+        if master and os.path.exists(log_path):  # drop rows logged after that checkpoint was written
+            with open(log_path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= run.step]
+            with open(log_path, "w") as f:
+                f.writelines(rows)
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    run.log_file = open(log_path, "a") if master else None
+    processes = f"{world} process{'es' if world > 1 else ''}{', DDP' if dist.is_initialized() else ''}"
+    log(f"training on {device} ({processes}), {len(train_ds)} items, "
+        f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, "
+        f"{'cached features' if config.use_cache else 'images'}, "
         f"amp={amp_dtype}, checkpoints in {config.models_dir}")
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="training", unit="step",
-               disable=not (master and config.progress))
-    model.train()
-    interrupted, last_loss, loss, t0 = False, None, None, time.time()
+    return run
+
+
+def save_checkpoint(run):
+    """last.ckpt from rank 0, atomically, saying where a resume starts: this epoch, this batch, this step."""
+    if run.master:
+        state = checkpoint_state(run.config, run.vocab, run.encoder, run.decoder, run.optimizer, run.scaler,
+                                 run.epoch, run.batch, run.step, run.best_val)
+        atomic_save(state, run.path("last.ckpt"))
+
+
+def train_one_epoch(run, bar, t0):
+    """The chapter's loop over the rest of this epoch: forward, packed cross-entropy, backward, Adam step.
+
+    Stops early at total_steps; saves every save_every steps; logs every log_every steps.
+    """
+    config, device = run.config, run.device
+    autocast = torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
+    run.sampler.set_epoch(run.epoch)
+    run.train_ds.set_epoch(run.epoch)
+    run.model.train()
+    loader = _loader(run.train_ds, _SkipSampler(run.sampler, run.batch * config.batch_size), config, device)
+    for inputs, captions, lengths, *image_index in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        if run.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        captions = captions.to(device, non_blocking=True)
+        with autocast:
+            logits = run.ddp_model(inputs, captions, lengths, *[i.to(device) for i in image_index])
+        loss = run.loss = caption_loss(logits, captions, lengths)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step += 1
+        run.batch += 1
+        bar.update()
+        if run.step % config.log_every == 0 or run.step == run.total_steps:
+            # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
+            run.last_loss = loss.item()
+            perplexity = math.exp(min(run.last_loss, 50))
+            bar.set_postfix(epoch=run.epoch, loss=f"{run.last_loss:.3f}", ppl=f"{perplexity:.1f}")
+            run.write_log({"step": run.step, "epoch": run.epoch, "loss": run.last_loss, "perplexity": perplexity,
+                           "elapsed_s": round(time.time() - t0, 2)})
+        if run.step >= run.total_steps:
+            return
+        if config.save_every and run.step % config.save_every == 0:
+            save_checkpoint(run)
+
+
+def validate(run):
+    """At an epoch's end, on rank 0: the validation loss, logged; last.ckpt, and best.ckpt when it improved."""
+    if not run.master:
+        return
+    val_loss = evaluate_loss(run.model, run.val_loader, run.device, run.amp_dtype, run.channels_last)
+    run.write_log({"step": run.step, "epoch": run.epoch - 1, "val_loss": val_loss,
+                   "val_perplexity": math.exp(min(val_loss, 50))})
+    run.log(f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
+    improved = val_loss < run.best_val
+    run.best_val = min(run.best_val, val_loss)
+    save_checkpoint(run)
+    if improved:
+        atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
+
+
+def train(config: Config, resume=False):
+    """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt."""
+    rank, world, ddp_device = setup_distributed()
+    master = rank == 0
+    device = ddp_device or pick_device(config.device)
+    log = print if master else (lambda *a, **k: None)
     try:
-        while epoch < config.epochs and step < total_steps:
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            loader = _loader(train_ds, _SkipSampler(sampler, batch_in_epoch * config.batch_size), config, device)
-            for inputs, captions, lengths, *image_index in loader:
-                inputs = inputs.to(device, non_blocking=True)
-                if channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                captions = captions.to(device, non_blocking=True)
-                with autocast:
-                    logits = ddp_model(inputs, captions, lengths, *[i.to(device) for i in image_index])
-                loss = caption_loss(logits, captions, lengths)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                batch_in_epoch += 1
-                bar.update()
-                if step % config.log_every == 0 or step == total_steps:
-                    # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
-                    last_loss = loss.item()
-                    bar.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}", ppl=f"{math.exp(min(last_loss, 50)):.1f}")
-                    write_log({"step": step, "epoch": epoch, "loss": last_loss, "perplexity": math.exp(min(last_loss, 50)),
-                               "elapsed_s": round(time.time() - t0, 2)})
-                if step >= total_steps:
-                    break
-                if config.save_every and step % config.save_every == 0:
-                    save(epoch, batch_in_epoch)
-            if batch_in_epoch >= steps_per_epoch:  # the epoch is complete: validate, checkpoint
-                epoch, batch_in_epoch = epoch + 1, 0
-                if master:
-                    val_loss = evaluate_loss(model, val_loader, device, amp_dtype, channels_last)
-                    write_log({"step": step, "epoch": epoch - 1, "val_loss": val_loss,
-                               "val_perplexity": math.exp(min(val_loss, 50))})
-                    log(f"epoch {epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
-                    improved = val_loss < best_val
-                    best_val = min(best_val, val_loss)
-                    save(epoch, 0)
-                    if improved:
-                        atomic_copy(last_path, best_path)
+        if master:
+            ensure_prerequisites(config, log)
+        if dist.is_initialized():
+            dist.barrier()
+        return _fit(setup_run(config, resume, rank, world, device, master, log))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(run):
+    """Epochs of train_one_epoch + validate until done or interrupted; then the final checkpoint."""
+    from .progress import tqdm
+
+    config, interrupted, t0 = run.config, False, time.time()
+    bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
+               disable=not (run.master and config.progress))
+    try:
+        while run.epoch < config.epochs and run.step < run.total_steps:
+            train_one_epoch(run, bar, t0)
+            if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
+                run.epoch, run.batch = run.epoch + 1, 0
+                validate(run)
                 if dist.is_initialized():
                     dist.barrier()
     except KeyboardInterrupt:
         interrupted = True
-        log(f"\ninterrupted at step {step}; saving {last_path} (continue with resume=True / --resume)")
+        run.log(f"\ninterrupted at step {run.step}; saving {run.path('last.ckpt')} "
+                f"(continue with resume=True / --resume)")
     finally:
         bar.close()
-    if loss is not None:
-        last_loss = loss.item()
-    save(epoch, batch_in_epoch)
-    if master and not os.path.exists(best_path):  # no epoch finished yet: best is what we have
-        atomic_copy(last_path, best_path)
-    if log_file:
-        log_file.close()
-    log(f"saved {last_path} at step {step}")
-    return {"last": last_path, "best": best_path, "step": step, "epoch": epoch, "loss": last_loss,
-            "best_val_loss": best_val, "interrupted": interrupted, "log": log_path}
+    if run.loss is not None:
+        run.last_loss = run.loss.item()
+    save_checkpoint(run)
+    if run.master and not os.path.exists(run.path("best.ckpt")):  # no epoch finished yet: best is what we have
+        atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
+    if run.log_file:
+        run.log_file.close()
+    run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
+    return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
+            "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,
+            "log": run.path("train_log.jsonl")}

@@ -16,6 +16,7 @@ from .atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3, in the chapter's order
+END_ID = SPECIAL_TOKENS.index(END)
 
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -87,11 +88,26 @@ def _read_token_cache(path, source):
     return None
 
 
+def load_coco(json_path):
+    """pycocotools' index of a captions file, without the four lines it prints while loading.
+
+    The library loads captions files several times per run; in a notebook those prints would
+    bury the lines that matter. A reader's own COCO(...) calls still print.
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(json_path)
+
+
 def caption_tokens(json_path, coco=None, progress=True):
     """{annotation id: "its tokens joined by spaces"} for every caption of a COCO captions file.
 
-    Tokenizing is the slow part of reading captions: about 0.2 ms each, over a minute for
-    COCO's 414k on one core, in every run and in every DataLoader worker of every epoch. So
+    Tokenizing is the slow part of reading captions (over a minute for COCO's 414k on one core),
+    and it used to happen in every run and in every DataLoader worker of every epoch. So
     it happens once, in parallel for large files, and goes to `<json>.tokens`, keyed by the
     file's size and modification time. A cache that cannot be written is only a warning.
     One string per caption rather than a list of words: about a quarter of the memory.
@@ -107,8 +123,7 @@ def caption_tokens(json_path, coco=None, progress=True):
     if tokens is not None:
         return tokens
     if coco is None:
-        from pycocotools.coco import COCO
-        coco = COCO(json_path)
+        coco = load_coco(json_path)
     ids = sorted(coco.anns)
     chunks = [[coco.anns[a]["caption"] for a in ids[i:i + 2000]] for i in range(0, len(ids), 2000)]
     workers = min(os.cpu_count() or 1, 8) if len(ids) > PARALLEL_ABOVE else 1

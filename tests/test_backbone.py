@@ -6,14 +6,21 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import SMALL
 
-from captioning.backbone import (build_resnet, ensure_standin, pretrain_standin, resolution_schedule, scene_targets,
-                                 standin_path, synthetic_scene)
+from captioning.backbone import (
+    build_resnet,
+    ensure_standin,
+    pretrain_standin,
+    resolution_schedule,
+    scene_targets,
+    standin_path,
+    synthetic_scene,
+)
 from captioning.checkpoint import load_captioner
 from captioning.config import get_config
 from captioning.tinyset import DRAWABLE_SHAPES
 from captioning.training import train
-from conftest import SMALL
 
 
 def test_scene_targets_order_objects_left_to_right_and_top_to_bottom():

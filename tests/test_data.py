@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.utils.data as data
 
-from captioning.data import (CocoCaptionDataset, TrainTransform, collate_function, encode_caption, eval_transform,
-                             get_loader)
+from captioning.data import (
+    CocoCaptionDataset,
+    TrainTransform,
+    collate_function,
+    encode_caption,
+    eval_transform,
+    get_loader,
+)
 from captioning.vocabulary import Vocab
 
 

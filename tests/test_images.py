@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
 from captioning.images import SIZE_STAMP, load_image, resize_images
-from conftest import ROOT, run_cli
 
 
 @pytest.fixture
@@ -104,7 +104,8 @@ def test_cli_reports_and_exits_zero(odd_images, tmp_path):
 
 def test_resize_cli_does_not_import_torch(odd_images, tmp_path):
     code = ("import sys, runpy; sys.argv = ['captioning', 'resize', '--src', sys.argv[1], '--dst', sys.argv[2]];"
-            "import captioning.__main__ as m\ntry:\n m.main()\nfinally:\n print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+            "import captioning.__main__ as m\ntry:\n m.main()\n"
+            "finally:\n print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
     out = subprocess.run([sys.executable, "-c", code, str(odd_images), str(tmp_path / "d")], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("NOTORCH")

@@ -3,14 +3,24 @@ import json
 import os
 
 import pytest
+from conftest import run_cli
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
 from captioning.semantics import load_ground_truth, semantic_accuracy
-from captioning.tinyset import (BACKGROUND, COLOURS, DRAWABLE_SHAPES, NAMED_COLOURS, ONE_OBJECT,
-                                RELATION_INVERSES, SHAPES, TWO_OBJECTS, draw_shape, make_tinyset)
+from captioning.tinyset import (
+    BACKGROUND,
+    COLOURS,
+    DRAWABLE_SHAPES,
+    NAMED_COLOURS,
+    ONE_OBJECT,
+    RELATION_INVERSES,
+    SHAPES,
+    TWO_OBJECTS,
+    draw_shape,
+    make_tinyset,
+)
 from captioning.vocabulary import tokenize
-from conftest import run_cli
 
 JPEG_TOLERANCE = 40  # per channel: JPEG, chroma subsampling and the blur move a shape's colour a little
 

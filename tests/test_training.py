@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SMALL, run_cli
 
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
 from captioning.training import train
-from conftest import ROOT, SMALL, run_cli
 
 FINETUNE = dict(SMALL, log_every=1, save_every=1000, train_backbone=True, group_by_image=True)  # one item per image
 FROZEN = dict(train_backbone=False, weights=None, cache=True, cache_views=2)  # the tiny preset's way

@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import pytest
-
-from captioning.vocabulary import (SPECIAL_TOKENS, Vocab, build_vocabulary, load_vocabulary, save_vocabulary,
-                                   tokenize)
 from conftest import ROOT, run_cli
+
+from captioning.vocabulary import SPECIAL_TOKENS, Vocab, build_vocabulary, load_vocabulary, save_vocabulary, tokenize
 
 
 def test_tokenize_is_offline_lowercase_and_drops_punctuation():
@@ -72,7 +71,8 @@ def test_not_a_vocab_is_refused(tmp_path):
 def test_chapter_style_main_pickle_still_loads(tmp_path):
     """The chapter pickled a Vocab defined in its notebook (__main__); such files load too."""
     code = ("import pickle\nclass Vocab:\n def __init__(self): self.w2i={}; self.i2w={}; self.index=0\n"
-            "v=Vocab()\nfor w in ['<pad>','<start>','<end>','<unk>','dog']:\n v.w2i[w]=v.index; v.i2w[v.index]=w; v.index+=1\n"
+            "v=Vocab()\nfor w in ['<pad>','<start>','<end>','<unk>','dog']:\n"
+            " v.w2i[w]=v.index; v.i2w[v.index]=w; v.index+=1\n"
             f"pickle.dump(v, open({str(tmp_path / 'old.pkl')!r}, 'wb'))\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     vocab = load_vocabulary(str(tmp_path / "old.pkl"))
