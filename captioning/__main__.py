@@ -4,7 +4,7 @@
                                   [--colours pink,navy=#1f3a93] [--shapes star,ring] [--background white]
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
-    python -m captioning train    --preset tiny|coco [--data-dir D] [--resume] [--set FIELD=VALUE ...]
+    python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...] [--resume]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
@@ -61,15 +61,26 @@ def _parse_value(field, text):
         sys.exit(f"error: {field.name} expects {kind.__name__}, got {text!r}")
 
 
+def _add_config_flags(parser):
+    """--field-name VALUE for every Config field (but the preset), parsed by _parse_value in cmd_train."""
+    from .config import Config
+
+    helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/)",
+             "models_dir": "where checkpoints go (default: models_dir/<name of the data folder>)"}
+    for field in dataclasses.fields(Config):
+        if field.name != "preset":
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, metavar="VALUE",
+                                help=helps.get(field.name, f"Config.{field.name} (default: the preset's)"))
+
+
 def cmd_train(args):
     from .config import Config, get_config
     from .training import train
 
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    overrides = {k: v for k, v in dict(
-        data_dir=args.data_dir, models_dir=args.models_dir, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
-        num_workers=args.num_workers).items() if v is not None}
+    # --epochs 3 and --set epochs=3 are the same override, parsed the same way
+    overrides = {name: _parse_value(fields[name], getattr(args, name)) for name in fields
+                 if getattr(args, name, None) is not None}
     if args.no_cache:
         overrides["cache"] = False
     if args.dry_run:
@@ -180,17 +191,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_resize)
 
-    p = sub.add_parser("train", help="train the CNN-LSTM captioner (torchrun-aware)")
+    p = sub.add_parser("train", help="train the CNN-LSTM captioner (torchrun-aware)",
+                       description="Every Config field can be set as --field-name VALUE (or --set field=VALUE).")
     p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
-    p.add_argument("--data-dir", help="any COCO-layout folder (train2014/ val2014/ annotations/)")
-    p.add_argument("--models-dir")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--num-workers", type=int)
+    _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
     p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")

@@ -89,6 +89,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} is not a captioning checkpoint (missing {missing})")
     for key in ("encoder", "decoder"):
         ckpt[key] = strip_prefixes(ckpt[key])
+    backbone = ckpt.setdefault("backbone", {})
+    if "included" not in backbone:   # written before checkpoints said so: the state dict tells
+        backbone["included"] = any(k.startswith("resnet_module.") for k in ckpt["encoder"])
+    if "name" not in backbone or "trained" not in backbone:
+        raise ValueError(f"{path} has no backbone description (name, trained): it was not written by this "
+                         f"project's train(); re-train, or rebuild the encoder by hand from its state dict")
     return ckpt
 
 

@@ -8,7 +8,7 @@ from conftest import SMALL, run_cli
 from PIL import Image
 
 from captioning.checkpoint import load_captioner
-from captioning.config import get_config
+from captioning.config import Config, get_config
 from captioning.evaluation import blind_baseline, evaluate_checkpoint, heldout_split, java_available, score_captions
 from captioning.training import train
 
@@ -162,3 +162,21 @@ def test_frozen_pretrained_backbone_is_rebuilt_from_its_weights_file(tiny_copy, 
         load_captioner(ckpt_path)
     encoder, *_ = load_captioner(ckpt_path, weights=str(moved))               # --weights on another machine
     assert torch.equal(encoder.resnet_module[0].weight, torch.load(moved)["conv1.weight"])
+
+
+def test_checkpoints_of_earlier_versions_still_caption(trained, tmp_path, image_dir):
+    """Earlier checkpoints kept runtime knobs in their config and did not say whether the backbone is in them."""
+    _, ckpt = trained
+    old = torch.load(ckpt, weights_only=True)
+    old["config"].update(device="cuda:3", progress=True, num_workers=16, a_field_from_another_version=1)
+    del old["backbone"]["included"]
+    torch.save(old, tmp_path / "old.ckpt")
+    encoder, _, _, config = load_captioner(str(tmp_path / "old.ckpt"))
+    assert config.device == "" and config.num_workers == Config().num_workers     # this machine's knobs
+    proc = run_cli("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "old.ckpt", "--beam", 1)
+    assert proc.stdout.startswith(str(image_dir / "gray.png") + "\t")
+    del old["backbone"]
+    torch.save(old, tmp_path / "foreign.ckpt")
+    proc = run_cli("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "foreign.ckpt", check=False)
+    assert proc.returncode == 1 and "no backbone description" in proc.stderr and "Traceback" not in proc.stderr
+
