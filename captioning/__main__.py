@@ -80,7 +80,7 @@ def cmd_train(args):
     fields = {f.name: f for f in dataclasses.fields(Config)}
     # --epochs 3 and --set epochs=3 are the same override, parsed the same way
     overrides = {name: _parse_value(fields[name], getattr(args, name)) for name in fields
-                 if getattr(args, name, None) is not None}
+                 if name != "preset" and getattr(args, name, None) is not None}
     if args.no_cache:
         overrides["cache"] = False
     if args.dry_run:
@@ -163,7 +163,8 @@ def cmd_evaluate(args):
             json.dump(results_json(r["predictions"]), f)
 
 
-def main(argv=None):
+def build_parser():
+    """The commands and their options, as one table (splitting it would scatter what --help shows)."""
     parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -228,6 +229,12 @@ def main(argv=None):
         p.add_argument("--device", default="")
         p.set_defaults(func=func)
 
+    return parser
+
+
+def main(argv=None):
+    """Run one command; a bad input ends with one 'error:' line and exit 1, Ctrl-C with exit 130."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "beam", 1) < 1:
         parser.error("--beam must be >= 1")

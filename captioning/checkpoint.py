@@ -89,12 +89,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} is not a captioning checkpoint (missing {missing})")
     for key in ("encoder", "decoder"):
         ckpt[key] = strip_prefixes(ckpt[key])
-    backbone = ckpt.setdefault("backbone", {})
-    if "included" not in backbone:   # written before checkpoints said so: the state dict tells
+    backbone = ckpt.get("backbone")
+    if backbone is not None and "included" not in backbone:   # written before checkpoints said so
         backbone["included"] = any(k.startswith("resnet_module.") for k in ckpt["encoder"])
-    if "name" not in backbone or "trained" not in backbone:
-        raise ValueError(f"{path} has no backbone description (name, trained): it was not written by this "
-                         f"project's train(); re-train, or rebuild the encoder by hand from its state dict")
     return ckpt
 
 
@@ -193,9 +190,12 @@ def load_captioner(path, device="cpu", weights=None):
     from .vocabulary import Vocab
 
     ckpt = load_checkpoint(path)
+    backbone = ckpt.get("backbone") or {}
+    if "name" not in backbone or "trained" not in backbone:
+        raise ValueError(f"{path} has no backbone description (name, trained): it was not written by this "
+                         f"project's train(); re-train, or rebuild the encoder by hand from its state dict")
     config = Config.from_checkpoint(ckpt["config"])
     vocab = Vocab.from_words(ckpt["vocab"])
-    backbone = ckpt["backbone"]
     config.backbone, config.train_backbone = backbone["name"], backbone["trained"]
     # the backbone in the file (trained, random or stand-in), or rebuilt from its pretrained weights
     backbone_weights = None if backbone["included"] else weights or backbone["weights"]

@@ -138,16 +138,24 @@ class CocoCaptionDataset(data.Dataset):
             out.append(self._encoded[a])
         return out
 
+    def image_index(self, idx):
+        """Which image item `idx` shows: its index into image_ids (also its row in a feature cache)."""
+        return self.items[idx][0]
+
+    def target(self, idx):
+        """What item `idx` teaches: its caption, or all of its image's captions when grouped by image."""
+        captions = self.captions(idx)
+        return captions if self.group_by_image else captions[0]
+
     def load(self, idx):
         """The transformed image of item `idx` (its random crop is fixed by seed, epoch and idx)."""
-        image = load_image(self.image_path(self.items[idx][0]))
+        image = load_image(self.image_path(self.image_index(idx)))
         if isinstance(self.transform, TrainTransform):
             return self.transform(image, generator=seeded_generator(self.seed, self.epoch, idx))
         return self.transform(image) if self.transform is not None else image
 
     def __getitem__(self, idx):
-        captions = self.captions(idx)
-        return self.load(idx), (captions if self.group_by_image else captions[0])
+        return self.load(idx), self.target(idx)
 
     def __len__(self):
         return len(self.items)

@@ -195,17 +195,13 @@ class CachedCaptionDataset(data.Dataset):
     def _view(self, idx):
         return hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
 
-    def _caption(self, idx):
-        captions = self.ds.captions(idx)
-        return captions if self.ds.group_by_image else captions[0]
-
     def __getitem__(self, idx):
-        feature = torch.from_numpy(np.asarray(self.cache[self.ds.items[idx][0], self._view(idx)], dtype=np.float32))
-        return feature, self._caption(idx)
+        row = self.cache[self.ds.image_index(idx), self._view(idx)]
+        return torch.from_numpy(np.asarray(row, dtype=np.float32)), self.ds.target(idx)
 
     def __getitems__(self, indices):
         """A whole batch in one gather from the memmap (the DataLoader calls this when it exists)."""
-        rows = [self.ds.items[i][0] for i in indices]
+        rows = [self.ds.image_index(i) for i in indices]
         features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
                                                dtype=np.float32))                   # (B, D)
-        return [(f, self._caption(i)) for f, i in zip(features, indices)]
+        return [(f, self.ds.target(i)) for f, i in zip(features, indices)]

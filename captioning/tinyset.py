@@ -39,7 +39,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 # One plain background: a tint that varies per image would be the loudest signal in a randomly
-# initialised CNN's features and slows down learning the shapes' colours (measured).
+# initialised CNN's features and slows down learning the shapes' colours.
 BACKGROUND = (236, 236, 232)
 RELATIONS = {  # relation of the first object to the second, and its inverse
     "to the left of": "to the right of",

@@ -143,7 +143,7 @@ def test_cached_batches_match_items_and_draw_every_view(tiny_copy):
         for i, (feature, caption) in zip(indices, batch):
             single = cached[i]
             assert torch.equal(feature, single[0]) and torch.equal(caption, single[1])
-            assert any(torch.equal(feature, torch.from_numpy(cache[ds.items[i][0], k].astype(np.float32)))
+            assert any(torch.equal(feature, torch.from_numpy(cache[ds.image_index(i), k].astype(np.float32)))
                        for k in range(3))
     views = {cached._view(i) for i in range(len(ds))}
     assert views == {0, 1, 2}
