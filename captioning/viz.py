@@ -145,3 +145,13 @@ def plot_feature_pca(features, labels):
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def show_source(*objects):
+    """The source code of functions, classes or methods, syntax-highlighted in a notebook:
+    the library's pieces, read where they are used."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code("\n\n".join(textwrap.dedent(inspect.getsource(o)) for o in objects), language="python")

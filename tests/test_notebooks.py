@@ -37,7 +37,7 @@ def executed(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     params = {"PRESET": "tiny", "DATA_DIR": str(root / "data" / "tiny"), "MODELS_DIR": str(root / "models"),
               "TINY_TRAIN": 48, "TINY_VAL": 8, "EPOCHS": 12, "MAX_STEPS": 12, "N_IMAGES": 4, "BATCH_SIZE": 4,
-              "STANDIN_STEPS": 3}
+              "STANDIN_STEPS": 3, "CHAPTER_STEPS": 20}
     out = root / "executed"
     run_notebooks(str(out), params, log=lambda *a: None)
     return root, out
@@ -61,6 +61,31 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
         assert "\r" not in text and " 0%|" not in text, path.name
         if path.name.startswith(("06", "08")):    # the library's COCO loads print nothing (01's own call does)
             assert "loading annotations into memory" not in text, path.name
+
+
+def _text(path):
+    """Everything a notebook's code cells printed or displayed as text or HTML."""
+    nb = nbformat.read(path, as_version=4)
+    return "".join(o.get("text", "") + "".join(o.get("data", {}).get(k, "") for k in ("text/plain", "text/html"))
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_the_chapter_is_on_screen_and_runs(executed):
+    """A reader with the book open finds its pieces by name, with their code, and the teaching cells run."""
+    _, out = executed
+    shown = {"02": ["class Vocab", "def build_vocabulary"], "03": ["def _resize_one"],
+             "04": ["def __getitem__", "def collate_function"],
+             "05": ["def forward(self, input_images)", "def forward(self, input_features, captions, lengths)",
+                    "def sample"]}
+    for prefix, names in shown.items():
+        text = _text(next(out.glob(f"{prefix}_*.ipynb")))
+        assert all(name in text for name in names), (prefix, [n for n in names if n not in text])
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([\d.]+)", _text(out / "06_training.ipynb"))]
+    assert len(losses) >= 3 and losses[-1] < losses[0]          # the chapter's loop learns
+    variants = _text(out / "05_model.ipynb")
+    assert all(name in variants for name in ("chapter LSTM", "2-layer LSTM", "GRU"))   # the decoder variants ran
+    steps = re.findall(r"step +\d+: ", _text(out / "07_inference.ipynb"))
+    assert len(steps) >= 2 and "beam 3:" in _text(out / "07_inference.ipynb")          # greedy, step by step
 
 
 def _images(nb):
