@@ -31,8 +31,9 @@ lab: $(STAMP)
 	if [ "$$(id -u)" = "0" ]; then flags="$$flags --allow-root"; fi; \
 	if [ -n "$$SSH_CONNECTION" ] || { [ "$$(uname)" != "Darwin" ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; }; then \
 		flags="$$flags --no-browser"; \
-		echo "No display here: open the URL printed below. From a laptop, forward its port first"; \
-		echo "(8888 unless LAB_ARGS says --port=...):  ssh -L 8888:localhost:8888 $${USER:-you}@$$(hostname)"; \
+		port=$$(echo "$(LAB_ARGS)" | sed -n 's/.*--port[= ]*\([0-9][0-9]*\).*/\1/p'); port=$${port:-8888}; \
+		echo "No display here: open the URL printed below. From a laptop, forward its port first:"; \
+		echo "    ssh -L $$port:localhost:$$port $${USER:-you}@$$(hostname)"; \
 	fi; \
 	exec $(VENV)/bin/jupyter lab notebooks/ $$flags $(LAB_ARGS)
 

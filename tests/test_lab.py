@@ -54,7 +54,7 @@ def test_make_lab_starts_headless_as_root_and_prints_a_working_url(tmp_path):
             match = re.search(rf"(http://127\.0\.0\.1:{port}/lab\?token=\w+)", seen[-1])
             url = match and match.group(1)
         assert url, "no URL with a token printed:\n" + "".join(seen)
-        assert any("ssh -L" in line for line in seen)               # the port-forward hint, headless
+        assert any(f"ssh -L {port}:localhost:{port}" in line for line in seen)   # the port-forward hint
         token = url.split("token=")[1]
         assert _status(f"http://127.0.0.1:{port}/api/status?token={token}") == 200
         assert _status(f"http://127.0.0.1:{port}/api/status") == 403  # and nothing without it
