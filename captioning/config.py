@@ -54,6 +54,24 @@ class Config:
     def __post_init__(self):
         if not self.models_dir:
             self.models_dir = os.path.join("models_dir", os.path.basename(os.path.normpath(self.data_dir)))
+        self.check()
+
+    # field -> the smallest value it may take (a bad one would fail late, or train silently wrong)
+    MINIMUMS = {"epochs": 1, "batch_size": 1, "log_every": 1, "max_seq_len": 3, "embedding_size": 1,
+                "hidden_layer_size": 1, "num_layers": 1, "resize_size": 1, "crop_size": 1, "cache_views": 1,
+                "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
+                "save_every": 0, "heldout_images": 0, "num_workers": 0}
+
+    def check(self):
+        """Range-check the fields, naming the one that is wrong: before any expensive work starts."""
+        for name, least in self.MINIMUMS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("lr", "backbone_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 10:
+                raise ValueError(f"{name} must be a learning rate between 0 and 10, got {value!r}")
         if self.crop_size > self.resize_size:
             raise ValueError(f"crop_size ({self.crop_size}) must not exceed resize_size ({self.resize_size})")
 

@@ -97,6 +97,9 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         raise FileNotFoundError(f"source image folder not found: {src} (get the data with notebook 01 first)")
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise ValueError(f"--dst {dst} is the source folder: resizing there would overwrite every original; "
+                         f"give another folder (the pipeline uses <data>/resized_images/<split>)")
     os.makedirs(dst, exist_ok=True)
     names = list_images(src)
     # The stamp says which size the folder holds. A different size redoes everything; no stamp

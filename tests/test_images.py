@@ -109,3 +109,11 @@ def test_resize_cli_does_not_import_torch(odd_images, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(odd_images), str(tmp_path / "d")], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("NOTORCH")
+
+
+def test_resize_refuses_to_overwrite_its_sources(odd_images):
+    before = {p.name: p.read_bytes() for p in odd_images.iterdir() if p.is_file()}
+    proc = run_cli("resize", "--src", odd_images, "--dst", str(odd_images) + "/.", check=False)
+    assert proc.returncode == 1 and "would overwrite every original" in proc.stderr
+    assert {p.name: p.read_bytes() for p in odd_images.iterdir() if p.is_file()} == before
+

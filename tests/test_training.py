@@ -244,3 +244,10 @@ def test_bad_data_dir_and_bad_overrides_are_clear_errors(tmp_path):
     assert proc.returncode != 0 and "epochs expects int" in proc.stderr
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("imagenet")
+    # out-of-range hyperparameters are refused by name before any work starts (no data dir is read)
+    for args, field in ((["--lr", "-1"], "lr"), (["--set", "log_every=0"], "log_every"),
+                        (["--epochs", "0"], "epochs"), (["--set", "max_seq_len=0"], "max_seq_len"),
+                        (["--batch-size", "-3"], "batch_size")):
+        proc = run_cli("train", "--data-dir", tmp_path / "nowhere", *args, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: {field} must be"), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and not (tmp_path / "nowhere").exists()
