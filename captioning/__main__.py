@@ -121,13 +121,16 @@ def cmd_caption(args):
     from .inference import caption_images, expand_paths
 
     device = pick_device(args.device)
-    paths = expand_paths(args.images)
+    missing = []
+    paths = expand_paths(args.images, missing)
+    for path in missing:
+        print(f"error: not an image file or folder: {path}", file=sys.stderr)
     encoder, decoder, vocab, config = load_captioner(args.checkpoint, device, args.weights)
     if not paths:
         sys.exit("error: no images found in " + " ".join(args.images))
     results = caption_images(paths, encoder, decoder, vocab, config, device, args.beam, args.batch_size,
                              progress=len(paths) > args.batch_size)
-    failed = 0
+    failed = len(missing)
     for path, caption, error in results:
         if error:
             failed += 1
@@ -166,6 +169,7 @@ def cmd_evaluate(args):
 def build_parser():
     """The commands and their options, as one table (splitting it would scatter what --help shows)."""
     parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tinyset", help="write the bundled synthetic dataset in COCO 2014 layout")
@@ -241,7 +245,13 @@ def main(argv=None):
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        if args.debug:
+            raise
         sys.exit(f"error: {e}")
+    except (OSError, TypeError, KeyError, AttributeError, IndexError) as e:   # what no check foresaw
+        if args.debug:
+            raise
+        sys.exit(f"error: {type(e).__name__}: {e} (python -m captioning --debug ... shows where)")
     except KeyboardInterrupt:                  # a second Ctrl-C, after the interrupted state was saved
         print("interrupted", file=sys.stderr)
         sys.exit(130)

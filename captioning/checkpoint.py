@@ -84,6 +84,8 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"{path} is not a loadable checkpoint: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a captioning checkpoint (it holds {type(ckpt).__name__}, not a dict)")
     missing = [k for k in ("config", "vocab", "encoder", "decoder") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a captioning checkpoint (missing {missing})")

@@ -39,7 +39,10 @@ def load_image(path, draft_size=None):
 
 
 def list_images(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    """The image files of a folder, sorted: regular files with an image extension (a FIFO or a
+    device named x.jpg would block whoever opens it)."""
+    return sorted(f for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
 
 
 def draft_size(size):

@@ -9,14 +9,20 @@ from .images import list_images, load_image
 from .model import decode
 
 
-def expand_paths(inputs):
-    """Files stay as given; folders expand to the images they hold (sorted). Missing paths are an error."""
+def expand_paths(inputs, missing=None):
+    """Files stay as given; folders expand to the images they hold (sorted).
+
+    A path that is neither a folder nor a regular file is an error, or, when a `missing` list
+    is given, is appended to it so that the rest can still be captioned.
+    """
     paths = []
     for p in inputs:
         if os.path.isdir(p):
             paths += [os.path.join(p, f) for f in list_images(p)]
-        elif os.path.exists(p):
+        elif os.path.isfile(p):
             paths.append(p)
+        elif missing is not None:
+            missing.append(p)
         else:
             raise FileNotFoundError(f"no such image or folder: {p}")
     return paths

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -61,6 +62,18 @@ def test_caption_cli_clear_errors(trained, tmp_path, image_dir):
     assert proc.returncode != 0 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("caption", tmp_path / "no_such.jpg", "--checkpoint", ckpt, check=False)
     assert proc.returncode != 0 and "no_such.jpg" in proc.stderr
+    # a missing file beside good ones: the good ones are still captioned, and the exit code says 1
+    proc = run_cli("caption", image_dir / "gray.png", tmp_path / "no_such.jpg", "--checkpoint", ckpt, check=False)
+    assert proc.returncode == 1 and "no_such.jpg" in proc.stderr and proc.stdout.startswith(str(image_dir / "gray.png"))
+    # a FIFO named like an image is skipped, not opened (opening it would block forever)
+    os.mkfifo(image_dir / "pipe.jpg")
+    proc = run_cli("caption", image_dir, "--checkpoint", ckpt, check=False, timeout=120)
+    assert "pipe.jpg" not in proc.stdout and "gray.png" in proc.stdout
+    torch.save(5, tmp_path / "five.ckpt")                 # loads, but is no checkpoint
+    proc = run_cli("caption", image_dir, "--checkpoint", tmp_path / "five.ckpt", check=False)
+    assert proc.returncode == 1 and "holds int, not a dict" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--debug", "caption", image_dir, "--checkpoint", tmp_path / "five.ckpt", check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr          # --debug shows where
     bad = torch.load(ckpt, weights_only=True)
     bad["vocab"] = bad["vocab"][:-3]
     torch.save(bad, tmp_path / "mismatch.ckpt")
