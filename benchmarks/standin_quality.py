@@ -17,7 +17,7 @@ import argparse
 import os
 import time
 
-from captioning.backbone import STANDIN, ensure_standin
+from captioning.backbone import STANDIN
 from captioning.config import get_config
 from captioning.evaluation import evaluate_checkpoint
 from captioning.tinyset import NAMED_COLOURS, make_tinyset
@@ -32,9 +32,7 @@ def run(name, data_dir, models_dir, weights, epochs):
     overrides = {"epochs": epochs} if epochs else {}
     config = get_config("tiny", data_dir=data_dir, models_dir=models_dir, weights=weights, progress=False,
                         **overrides)
-    if weights == STANDIN:
-        ensure_standin(config)
-    t = time.time()
+    t = time.time()                          # train() builds the stand-in first when it is missing
     summary = train(config)
     seconds = time.time() - t
     result = evaluate_checkpoint(summary["best"], beam_size=3, progress=False, data_dir=data_dir)
