@@ -39,7 +39,8 @@ class Config:
     seed: int = 0
     # feature cache (frozen backbone only)
     cache: bool = True
-    cache_views: int = 2                   # K augmented views per training image
+    cache_kind: str = "views"              # "views": K pooled crops per image; "maps": crops pooled from feature maps
+    cache_views: int = 2                   # K augmented views per training image (views cache)
     # bookkeeping
     save_every: int = 1000
     log_every: int = 10
@@ -72,6 +73,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 10:
                 raise ValueError(f"{name} must be a learning rate between 0 and 10, got {value!r}")
+        if self.cache_kind not in ("maps", "views"):
+            raise ValueError(f"cache_kind must be 'maps' or 'views', got {self.cache_kind!r}")
         if self.crop_size > self.resize_size:
             raise ValueError(f"crop_size ({self.crop_size}) must not exceed resize_size ({self.resize_size})")
 

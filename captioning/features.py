@@ -1,15 +1,23 @@
 """Encoder feature cache: run the frozen backbone once per image instead of once per caption per step.
 
 With a frozen backbone the chapter recomputes ResNet-152 for every caption at every step,
-so each image goes through it 5 times per epoch. Here each training image is encoded
-K times, once per augmented view (a random crop, and a flip where allowed), and training
-draws one view per caption per step. Only the Linear+BatchNorm head and the LSTM are
-trained on top, exactly as in the chapter.
+so each image goes through it 5 times per epoch. Here the backbone's output is stored once
+and training reads it instead. Only the Linear+BatchNorm head and the LSTM are trained on
+top, exactly as in the chapter. Two kinds of cache:
 
-Layout: features_dir/<split>-<backbone>-<key>/features.npy  (fp16, shape (images, K, D))
-                                            /meta.json      (what the key was made of, rows done)
-The key hashes the backbone, its weights, the transform, the view count and the image list,
-so a change never reuses stale features. Extraction writes rows in order and records how
+- "views": each training image is encoded K times, once per augmented view (a random crop, and
+  a flip where allowed), as pooled vectors; training draws one view per caption per step.
+- "maps": each training image is encoded whole (and mirrored, where flips are allowed), and the
+  last convolutional map is kept. Each caption at each step gets a fresh random crop taken in
+  feature space: the crop's window is average-pooled from the map (pool_window). One or two
+  encoder passes per image give a continuous family of crops, at K=1 or 2's extraction cost, but
+  a map takes h x w times a pooled vector's space (8 x 8 for ResNet at 256 px).
+
+Layout: features_dir/<split>-<backbone>-<kind>-<key>/features.npy  (fp16: (images, K, D) or
+                                                        (images, flips, D, h, w))
+                                                    /meta.json  (what the key was made of, rows done)
+The key hashes the kind, the backbone, its weights, the transform, the view count and the image
+list, so a change never reuses stale features. Extraction writes rows in order and records how
 many are done after each batch: an interrupted run resumes where it stopped.
 Opening a cache touches its meta.json, so its modification time says when it was last used;
 `prune_feature_caches` (`python -m captioning features --prune`) removes the caches that
@@ -40,11 +48,17 @@ def backbone_fingerprint(encoder):
     return h.hexdigest()
 
 
-class _ImageViews(data.Dataset):
-    """Item i: the K transformed views of image i, stacked (K, 3, H, W)."""
+KINDS = ("maps", "views")
 
-    def __init__(self, caption_dataset, transform, views, seed):
-        self.ds, self.transform, self.views, self.seed = caption_dataset, transform, views, seed
+
+class _ImageViews(data.Dataset):
+    """Item i: the K transformed views of image i, stacked (K, 3, H, W).
+
+    For a map cache the views are the whole image and, when K is 2, its mirror image.
+    """
+
+    def __init__(self, caption_dataset, transform, views, seed, kind="views"):
+        self.ds, self.transform, self.views, self.seed, self.kind = caption_dataset, transform, views, seed, kind
 
     def __len__(self):
         return len(self.ds.image_ids)
@@ -53,10 +67,36 @@ class _ImageViews(data.Dataset):
         from .images import load_image
 
         image = load_image(self.ds.image_path(i))
+        if self.kind == "maps":
+            whole = self.transform(image)
+            return torch.stack([whole, whole.flip(-1)][:self.views])
         if isinstance(self.transform, TrainTransform):
             return torch.stack([self.transform(image, generator=seeded_generator(self.seed, i, k))
                                 for k in range(self.views)])
         return self.transform(image).unsqueeze(0).expand(self.views, -1, -1, -1)
+
+
+def window_weights(start, size, cells):
+    """(B,) window starts and sizes in cell units -> (B, cells): the share of each cell in the window.
+
+    Cell j covers [j, j + 1); a window [start, start + size) that cuts a cell takes that part of it.
+    """
+    j = torch.arange(cells, dtype=start.dtype, device=start.device)
+    overlap = (torch.minimum(start[:, None] + size[:, None], j + 1) - torch.maximum(start[:, None], j)).clamp(min=0)
+    return overlap / overlap.sum(1, keepdim=True)
+
+
+def pool_window(maps, top, left, size):
+    """Average-pool one square window per feature map: a crop taken in feature space.
+
+    maps (B, C, h, w); top, left, size (B,) in cell units. Returns (B, C), what `extract` gives for
+    the same crop of the image, approximately: each cell stands for its patch of the image, and a
+    window that cuts a cell takes the cut share of it.
+    """
+    maps = maps.float()
+    wy = window_weights(top, size, maps.size(2))
+    wx = window_weights(left, size, maps.size(3))
+    return torch.einsum("bchw,bh,bw->bc", maps, wy, wx)
 
 
 def _write_json(path, obj):
@@ -64,26 +104,43 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
+def _map_size(encoder, sample, device):
+    """The (h, w) of the backbone's last feature map for images shaped like `sample` (3, H, W)."""
+    with torch.no_grad():
+        return tuple(encoder.extract_map(sample[None].to(device)).shape[2:])
+
+
 def build_feature_cache(encoder, caption_dataset, transform, views, features_dir, split, device,
                         batch_size=64, num_workers=0, seed=0, amp_dtype=None, channels_last=False,
-                        progress=True):
-    """Extract (or resume extracting) the cache; returns a read-only (images, K, D) fp16 memmap."""
+                        progress=True, kind="views", log=print):
+    """Extract (or resume extracting) the cache; returns a read-only fp16 memmap.
+
+    kind "views": (images, K, D), one pooled vector per transformed view.
+    kind "maps": (images, K, D, h, w), the feature maps of the whole image (and its mirror when K=2);
+    `transform` then gives the whole image (eval_transform(resize_size, resize_size)).
+    """
     from .progress import tqdm
 
-    if views < 1:
-        raise ValueError(f"cache_views must be >= 1, got {views}")
+    if kind not in KINDS:
+        raise ValueError(f"cache kind must be one of {KINDS}, got {kind!r}")
+    if views < 1 or (kind == "maps" and views > 2):
+        raise ValueError(f"a {kind} cache holds 1{'-2' if kind == 'maps' else ' or more'} views, got {views}")
+    views_of = _ImageViews(caption_dataset, transform, views, seed, kind)
     names = [caption_dataset.coco.imgs[i]["file_name"] for i in caption_dataset.image_ids]
     meta = {
-        "backbone": encoder.backbone_name, "weights": encoder.weights_id,
+        "kind": kind, "backbone": encoder.backbone_name, "weights": encoder.weights_id,
         "fingerprint": backbone_fingerprint(encoder), "transform": repr(transform),
         "views": views, "seed": seed, "split": split, "dim": encoder.feature_size,
         "images": len(names), "image_list": hashlib.sha1("\n".join(names).encode()).hexdigest(),
     }
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{key}")
-    os.makedirs(folder, exist_ok=True)
+    folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{kind}-{key}")
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     shape = (len(names), views, encoder.feature_size)
+    if kind == "maps":
+        meta["map"] = _map_size(encoder, views_of[0][0], device)
+        shape += meta["map"]
+    os.makedirs(folder, exist_ok=True)
 
     done, cache = 0, None
     if os.path.exists(meta_path) and os.path.exists(array_path):
@@ -94,15 +151,17 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
             done, cache = 0, None
         os.utime(meta_path)                                          # last used: now
     if cache is None or done == 0:
+        _check_space(folder, shape, kind, log)
         cache = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape)
         _write_json(meta_path, {**meta, "done": 0})
     if done < len(names):
-        loader = data.DataLoader(data.Subset(_ImageViews(caption_dataset, transform, views, seed),
-                                             range(done, len(names))),
+        loader = data.DataLoader(data.Subset(views_of, range(done, len(names))),
                                  batch_size=batch_size, num_workers=num_workers)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         encoder.eval()
-        with tqdm(total=len(names), initial=done, desc=f"extracting {split} features (K={views})",
+        what = f"maps {'x'.join(map(str, shape[3:]))}{', flipped too' if views == 2 else ''}" if kind == "maps" \
+            else f"K={views}"
+        with tqdm(total=len(names), initial=done, desc=f"extracting {split} features ({what})",
                   unit="img", disable=not progress) as bar:
             for batch in loader:                                                   # (B, K, 3, H, W)
                 b = batch.size(0)
@@ -110,8 +169,8 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad(), autocast:
-                    feats = encoder.extract(images)                                 # (B*K, D)
-                rows = feats.view(b, views, -1).float().cpu().numpy().astype(np.float16)
+                    feats = encoder.extract_map(images) if kind == "maps" else encoder.extract(images)
+                rows = feats.reshape(b, *shape[1:]).float().cpu().numpy().astype(np.float16)
                 if not np.isfinite(rows).all():
                     raise FloatingPointError(f"backbone features overflow float16 (images {done}..{done + b}); "
                                              f"is the backbone's weights file right?")
@@ -124,10 +183,21 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
     return np.load(array_path, mmap_mode="r")
 
 
+def _check_space(folder, shape, kind, log):
+    """Say how large a cache will be, and refuse one the disk cannot hold."""
+    need = 2 * int(np.prod(shape))
+    free = shutil.disk_usage(folder).free
+    if need > 1e9:
+        log(f"feature cache: {need / 1e9:.1f} GB in {folder}")
+    if need > free:
+        hint = " (cache_kind='views' stores pooled vectors: h x w times smaller)" if kind == "maps" else ""
+        raise OSError(f"the feature cache needs {need / 1e9:.1f} GB but {folder} has {free / 1e9:.1f} GB free{hint}")
+
+
 def list_feature_caches(features_dir):
     """The cache folders under features_dir, most recently used first.
 
-    Each is a dict: folder, split, backbone, views, seed, images, done, bytes, used (a Unix time).
+    Each is a dict: folder, split, kind, backbone, views, seed, images, done, bytes, used (a Unix time).
     Folders without a readable meta.json are not caches this code wrote, and are left out.
     """
     caches = []
@@ -144,7 +214,11 @@ def list_feature_caches(features_dir):
             continue
         size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
                    if os.path.isfile(os.path.join(folder, n)))
-        caches.append({"folder": folder, "split": meta.get("split", "?"), "backbone": meta.get("backbone", "?"),
+        kind = meta.get("kind", "views")
+        if kind == "maps":
+            kind = f"maps {'x'.join(map(str, meta.get('map', '?')))}{' +flip' if meta.get('views') == 2 else ''}"
+        caches.append({"folder": folder, "split": meta.get("split", "?"), "kind": kind,
+                       "backbone": meta.get("backbone", "?"),
                        "views": meta.get("views"), "seed": meta.get("seed"), "images": meta.get("images", 0),
                        "done": meta.get("done", 0), "bytes": size, "used": used})
     return sorted(caches, key=lambda c: c["used"], reverse=True)
@@ -170,21 +244,32 @@ def prune_feature_caches(features_dir, keep=1):
 def format_caches(caches):
     """A table of list_feature_caches' entries, for the CLI."""
     now = time.time()
-    lines = [f"{'split':<6}{'backbone':<11}{'K':>3}{'seed':>6}{'images':>15}{'MB':>9}{'last used':>12}  folder"]
+    lines = [f"{'split':<6}{'kind':<14}{'backbone':<11}{'K':>3}{'seed':>6}{'images':>15}{'MB':>9}{'last used':>12}"
+             f"  folder"]
     for c in caches:
         age = now - c["used"]
         when = f"{age / 86400:.1f} d ago" if age >= 86400 else f"{age / 3600:.1f} h ago"
         done = f"{c['done']}/{c['images']}"
-        lines.append(f"{c['split']:<6}{c['backbone']:<11}{c['views']!s:>3}{c['seed']!s:>6}{done:>15}"
+        lines.append(f"{c['split']:<6}{c['kind']:<14}{c['backbone']:<11}{c['views']!s:>3}{c['seed']!s:>6}{done:>15}"
                      f"{c['bytes'] / 1e6:>9.1f}{when:>12}  {os.path.basename(c['folder'])}")
     return "\n".join(lines)
 
 
 class CachedCaptionDataset(data.Dataset):
-    """Items of a CocoCaptionDataset with the image replaced by one cached view of its features."""
+    """Items of a CocoCaptionDataset with the image replaced by cached features: (D,) float32.
 
-    def __init__(self, caption_dataset, cache, seed=0):
+    A views cache gives one of the image's K stored views. A maps cache gives a fresh crop of
+    `crop_fraction` of the image's side at a random, sub-cell offset, pooled from the map or,
+    for half the draws when a mirrored map is stored, from the mirrored one. The draws depend
+    on (seed, epoch, item) only, so a resumed run sees the same ones.
+    """
+
+    def __init__(self, caption_dataset, cache, seed=0, crop_fraction=None):
         self.ds, self.cache, self.seed, self.epoch = caption_dataset, cache, seed, 0
+        self.maps = cache.ndim == 5
+        if self.maps and not (crop_fraction and 0 < crop_fraction <= 1):
+            raise ValueError(f"a maps cache needs a crop_fraction in (0, 1], got {crop_fraction!r}")
+        self.crop_fraction = crop_fraction
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -195,13 +280,25 @@ class CachedCaptionDataset(data.Dataset):
     def _view(self, idx):
         return hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
 
+    def _window(self, idx):
+        """(flip, top, left) of item idx's crop; top and left in units of the room left by the crop."""
+        flip, top, left = torch.rand(3, generator=seeded_generator(self.seed, self.epoch, idx)).tolist()
+        return int(self.cache.shape[1] == 2 and flip < 0.5), top, left
+
     def __getitem__(self, idx):
-        row = self.cache[self.ds.image_index(idx), self._view(idx)]
-        return torch.from_numpy(np.asarray(row, dtype=np.float32)), self.ds.target(idx)
+        return self.__getitems__([idx])[0]
 
     def __getitems__(self, indices):
         """A whole batch in one gather from the memmap (the DataLoader calls this when it exists)."""
         rows = [self.ds.image_index(i) for i in indices]
-        features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
-                                               dtype=np.float32))                   # (B, D)
+        if self.maps:
+            flips, tops, lefts = zip(*(self._window(i) for i in indices))
+            maps = torch.from_numpy(np.asarray(self.cache[rows, list(flips)]))     # (B, D, h, w) fp16
+            h, w = maps.shape[2:]
+            size = torch.full((len(indices),), self.crop_fraction * h)              # square images: h == w
+            room = h - size
+            features = pool_window(maps, torch.tensor(tops) * room, torch.tensor(lefts) * room, size)
+        else:
+            features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
+                                                   dtype=np.float32))               # (B, D)
         return [(f, self.ds.target(i)) for f, i in zip(features, indices)]

@@ -44,6 +44,15 @@ class CNNModel(nn.Module):
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             return self.resnet_module(input_images).flatten(1)
 
+    def extract_map(self, input_images):
+        """(B, 3, H, W) -> the last convolutional feature map (B, feature_size, h, w), before pooling.
+
+        `extract` is its average over h x w. The map cache stores it, so that a crop can be pooled
+        from it later (features.pool_window).
+        """
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            return self.resnet_module[:-1](input_images)
+
     def head(self, resnet_features):
         """Pooled features -> image embedding (B, embedding_size); always trained."""
         return self.batch_norm(self.linear_layer(resnet_features.float()))

@@ -179,25 +179,41 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
         encoder.calibrate_batchnorm(torch.stack([calibration.load(i) for i in picks[j:j + 64]]).to(device)
                                     for j in range(0, len(picks), 64))
     if config.use_cache:
-        from .features import CachedCaptionDataset, build_feature_cache
+        from .features import CachedCaptionDataset
 
-        caches = {}
-        for split, ds, tf, views in (("train", train_ds, train_tf, config.cache_views), ("val", val_ds, val_tf, 1)):
-            if master:
-                caches[split] = build_feature_cache(
-                    encoder, ds, tf, views, config.features_dir, split, device, batch_size=config.batch_size,
-                    num_workers=config.num_workers, seed=config.seed, amp_dtype=amp_dtype,
-                    channels_last=channels_last, progress=config.progress)
-            if dist.is_initialized():
-                dist.barrier()
-            if not master:  # rank 0 has written it: this only opens it
-                caches[split] = build_feature_cache(encoder, ds, tf, views, config.features_dir, split, device,
-                                                    seed=config.seed, progress=False)
-        train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed)
+        if config.cache_kind == "maps":  # the whole image (and its mirror): crops are taken from its map
+            train_cache = ("train", train_ds, eval_transform(config.resize_size, config.resize_size),
+                           2 if config.hflip else 1, "maps")
+        else:
+            train_cache = ("train", train_ds, train_tf, config.cache_views, "views")
+        caches = {split: _open_cache(config, encoder, ds, tf, views, kind, split, device, master, amp_dtype,
+                                     channels_last, log)
+                  for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, "views"))}
+        train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed,
+                                        crop_fraction=config.crop_size / config.resize_size)
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
     # grouped items are whole images, already only those that hold val_captions captions
     val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))
     return train_ds, _loader(val_subset, None, config, device, persistent=True), group  # workers kept
+
+
+def _open_cache(config, encoder, ds, transform, views, kind, split, device, master, amp_dtype, channels_last, log):
+    """Rank 0 extracts (or finds) the cache; the other ranks wait, then open what it wrote."""
+    from .features import build_feature_cache
+
+    cache = None
+    if master:
+        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
+                                    batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed,
+                                    amp_dtype=amp_dtype, channels_last=channels_last, progress=config.progress,
+                                    kind=kind, log=log)
+        log(f"{split} features: {os.path.dirname(cache.filename)}")
+    if dist.is_initialized():
+        dist.barrier()
+    if not master:
+        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
+                                    seed=config.seed, progress=False, kind=kind, log=log)
+    return cache
 
 
 def make_optimizer(config, encoder, decoder):

@@ -1,0 +1,112 @@
+"""The map cache: crops taken in feature space (features.pool_window, kind="maps")."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+
+from captioning.config import get_config
+from captioning.data import CocoCaptionDataset, eval_transform
+from captioning.features import CachedCaptionDataset, build_feature_cache, pool_window, window_weights
+from captioning.model import CNNModel
+from captioning.training import train
+from captioning.vocabulary import Vocab
+
+
+def test_window_weights_take_the_cut_share_of_each_cell():
+    w = window_weights(torch.tensor([0.0, 0.5, 1.25]), torch.tensor([2.0, 2.0, 1.5]), 4)
+    assert torch.allclose(w, torch.tensor([[0.5, 0.5, 0, 0], [0.25, 0.5, 0.25, 0], [0, 0.5, 0.5, 0]]))
+
+
+def test_pool_window_is_the_crop_average_of_the_map():
+    maps = torch.randn(2, 5, 4, 4)
+    # the whole map: what extract() gives for the whole image
+    whole = pool_window(maps, torch.zeros(2), torch.zeros(2), torch.full((2,), 4.0))
+    assert torch.allclose(whole, maps.mean((2, 3)), atol=1e-6)
+    # a window on cell borders: the plain mean of those cells
+    cells = pool_window(maps, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0]))
+    assert torch.allclose(cells[0], maps[0, :, 1:3, 0:2].mean((1, 2)), atol=1e-6)
+    assert torch.allclose(cells[1], maps[1, :, 2:4, 1:3].mean((1, 2)), atol=1e-6)
+    # a sub-cell shift moves the result continuously between the two aligned windows
+    half = pool_window(maps[:1], torch.tensor([1.5]), torch.tensor([0.0]), torch.tensor([2.0]))
+    rows = maps[0, :, 1:4, 0:2].mean(-1)                           # (C, 3): rows 1, 2, 3 of the window's columns
+    expected = 0.25 * rows[:, 0] + 0.5 * rows[:, 1] + 0.25 * rows[:, 2]
+    assert torch.allclose(half[0], expected, atol=1e-6)
+
+
+@pytest.fixture
+def dataset(tiny_copy):
+    vocab = Vocab.from_words(["<pad>", "<start>", "<end>", "<unk>"])
+    return CocoCaptionDataset(str(tiny_copy / "train2014"), str(tiny_copy / "annotations" / "captions_train2014.json"),
+                              vocab)
+
+
+def test_maps_cache_holds_the_whole_image_and_its_mirror(dataset, tmp_path):
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = eval_transform(64, 64)
+    cache = build_feature_cache(encoder, dataset, tf, 2, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                batch_size=16, progress=False, kind="maps")
+    assert cache.shape == (len(dataset.image_ids), 2, 512, 2, 2) and cache.dtype == np.float16
+    from captioning.images import load_image
+
+    image = tf(load_image(dataset.image_path(3)))[None]
+    with torch.no_grad():
+        assert np.allclose(cache[3, 0], encoder.extract_map(image)[0].numpy(), atol=2e-2, rtol=2e-2)
+        assert np.allclose(cache[3, 1], encoder.extract_map(image.flip(-1))[0].numpy(), atol=2e-2, rtol=2e-2)
+        # a crop of the whole image, pooled from the map, is extract() of the whole image
+        whole = CachedCaptionDataset(dataset, cache, crop_fraction=1.0)
+        item = next(i for i in range(len(dataset)) if dataset.image_index(i) == 3)
+        pooled = whole[item][0]
+        assert any(torch.allclose(pooled, encoder.extract(x)[0], atol=2e-2, rtol=2e-2) for x in (image, image.flip(-1)))
+    folder = tmp_path / "f" / os.listdir(tmp_path / "f")[0]
+    meta = json.load(open(folder / "meta.json"))
+    assert meta["kind"] == "maps" and meta["map"] == [2, 2] and "-maps-" in folder.name
+    with pytest.raises(ValueError, match="1-2 views"):
+        build_feature_cache(encoder, dataset, tf, 3, str(tmp_path / "g"), "train", torch.device("cpu"), kind="maps")
+    with pytest.raises(ValueError, match="kind"):
+        build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "g"), "train", torch.device("cpu"), kind="tiles")
+
+
+def test_map_crops_are_fresh_each_epoch_and_reproducible(dataset):
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((len(dataset.image_ids), 2, 6, 3, 3)).astype(np.float16)
+    cached = CachedCaptionDataset(dataset, cache, seed=1, crop_fraction=0.75)
+    indices = [5, 0, 5, len(dataset) - 1]
+    cached.set_epoch(0)
+    first = torch.stack([f for f, _ in cached.__getitems__(indices)])
+    assert torch.equal(first[1], cached[0][0])                     # a batch is its items, one by one
+    again = CachedCaptionDataset(dataset, cache, seed=1, crop_fraction=0.75)
+    assert torch.equal(torch.stack([f for f, _ in again.__getitems__(indices)]), first)   # a resume sees the same
+    cached.set_epoch(1)
+    second = torch.stack([f for f, _ in cached.__getitems__(indices)])
+    assert not torch.allclose(first, second)                       # a new epoch, new crops
+    # over many items: both maps are used, and the windows vary continuously (not K fixed views)
+    windows = [cached._window(i) for i in range(len(dataset))]
+    assert {f for f, _, _ in windows} == {0, 1}
+    assert len({round(t, 3) for _, t, _ in windows}) > len(dataset) // 2
+    with pytest.raises(ValueError, match="crop_fraction"):
+        CachedCaptionDataset(dataset, cache)
+
+
+def test_training_on_a_maps_cache_resumes_exactly(tiny_copy, tmp_path):
+    def config(models, **kw):
+        return get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / models), cache_kind="maps",
+                          hflip=True, weights=None, epochs=2, **{**SMALL, **kw})
+
+    whole = train(config("a"))
+    folders = os.listdir(tiny_copy / "features")
+    assert any(name.startswith("train-resnet18-maps-") for name in folders)
+    first = train(config("b", max_steps=whole["step"] // 2 + 1))
+    resumed = train(config("b"), resume=True)
+    assert first["step"] < resumed["step"] == whole["step"]
+    a = torch.load(whole["last"], weights_only=True)["decoder"]
+    b = torch.load(resumed["last"], weights_only=True)["decoder"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_cache_kind_is_checked():
+    with pytest.raises(ValueError, match="cache_kind"):
+        get_config("tiny", cache_kind="tiles")
