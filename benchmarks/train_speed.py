@@ -1,7 +1,10 @@
 """Training speed: the chapter's loop (frozen encoder run at every step) vs training on cached features.
 
-    python benchmarks/train_speed.py [--images 300] [--heldout 250] [--epochs 5] [--size 64] [--views 2 1 5]
-                                     [--seeds 0] [--workers 0] [--profile]
+    python benchmarks/train_speed.py [--images 300] [--heldout 250] [--epochs 5] [--size 64]
+                                     [--methods chapter views:2 maps] [--seeds 0] [--workers 0] [--profile]
+
+Methods: `chapter` is the chapter's loop (--no-cache); `views:K` a cache of K pooled crops per
+image; `maps` a cache of feature maps (the whole image and its mirror) that crops are pooled from.
 
 Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
 512, Adam 1e-3, batch 128). No ImageNet weights can be downloaded here, so the benchmark
@@ -89,14 +92,35 @@ def one_run(config, profile, start_method):
     return seconds, heldout_loss(summary["last"])
 
 
+def method(text):
+    """--methods entry -> (name, config overrides)."""
+    if text == "chapter":
+        return "chapter loop (--no-cache)", dict(cache=False)
+    if text == "maps":
+        return "cached maps, pooled crops", dict(cache=True, cache_kind="maps")
+    if text.startswith("views:") and text[6:].isdigit():
+        k = int(text[6:])
+        return f"cached views, K={k}", dict(cache=True, cache_kind="views", cache_views=k)
+    raise SystemExit(f"unknown method {text!r}: chapter, views:K or maps")
+
+
+def paired(losses, base):
+    """Mean paired difference from the base method over seeds, with its t statistic and sign count."""
+    diffs = [a - b for a, b in zip(losses, base)]
+    mean = statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    t = mean / (sd / len(diffs) ** 0.5) if sd > 0 else float("nan")
+    return f"{mean:+.3f} (t = {t:.1f}, worse for {sum(d > 0 for d in diffs)} of {len(diffs)})"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--heldout", type=int, default=250, help="held-out images the final models are scored on")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=64, help="crop size (images are resized to size + size/8)")
-    parser.add_argument("--views", type=int, nargs="+", default=[2, 1, 5],
-                        help="K values for the cache (2 is the default)")
+    parser.add_argument("--methods", nargs="+", default=["chapter", "views:2", "maps"],
+                        help="chapter, views:K (a cache of K pooled crops), maps (a cache of feature maps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per method per seed")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (0 on a 2-core CPU)")
     parser.add_argument("--profile", action="store_true", help="cProfile the cached runs")
@@ -113,8 +137,7 @@ def main():
         config = get_config("coco", **common)
         ensure_prerequisites(config, log=lambda *a: None)
         common["weights"] = stand_in_weights(config, os.path.join(work, "resnet152.pth"))
-        methods = [("chapter loop (--no-cache)", dict(cache=False))]
-        methods += [(f"cached features, K={k}", dict(cache=True, cache_views=k)) for k in args.views]
+        methods = [method(m) for m in args.methods]
         times = {name: [] for name, _ in methods}
         losses = {name: [] for name, _ in methods}
         for seed in args.seeds:
@@ -144,6 +167,9 @@ def main():
                   f"{mean:>15.3f}{per_seed}")
         if spread:
             print("\nwall s: median over seeds; held-out loss: mean over seeds")
+            print(f"held-out loss minus the {methods[0][0]}'s, paired by seed:")
+            for name, _ in methods[1:]:
+                print(f"  {name:<30}{paired(losses[name], losses[methods[0][0]])}")
     finally:
         shutil.rmtree(work)
 
