@@ -1,0 +1,183 @@
+"""What a table of metrics does not say: is the model captioning each image or repeating itself,
+how sure is each score, and how exactly was it computed.
+
+- caption_diagnostics: distinct captions, captions copied from the training set, words used,
+  caption length against the references'. collapse_warning turns them into a warning when the
+  model says the same thing for most images, the peers' most reported failure.
+- BLEU-4 and CIDEr with bootstrap 95% intervals over images. Corpus BLEU is not a mean of
+  per-image scores, so each image keeps its BLEU sufficient statistics (clipped n-gram matches,
+  n-gram counts, its length and the closest reference length, as pycocoevalcap counts them), and
+  each resample adds them up again. CIDEr is a mean of per-image scores.
+- compare_results: a paired bootstrap of two result files on the same images.
+- signature: one line naming how the scores were computed, so that two numbers can be compared
+  honestly (sacreBLEU's idea).
+"""
+from collections import Counter
+from statistics import mean
+
+import numpy as np
+
+from .vocabulary import tokenize
+
+DISTINCT_BELOW = 0.2     # warn when fewer than this share of images get a caption of their own
+ONE_CAPTION_ABOVE = 0.5  # or when one caption is given to more than this share of images
+
+
+def _words(caption):
+    return " ".join(tokenize(caption))
+
+
+def caption_diagnostics(predictions, references, training_captions=()):
+    """predictions {image_id: caption}, references {image_id: [captions]}, training_captions: strings.
+
+    Returns a dict: images, distinct (share of distinct captions), top_caption and top_share (the
+    most frequent caption and the share of images it was given to), copied (share of captions that
+    are, word for word, a training caption), words_used, mean_length and reference_mean_length
+    (in words).
+    """
+    if not predictions:
+        raise ValueError("no captions to diagnose")
+    said = [_words(c) for c in predictions.values()]
+    counts = Counter(said)
+    top, top_count = counts.most_common(1)[0]
+    seen = {_words(c) for c in training_captions}
+    ref_lengths = [len(_words(r).split()) for i in predictions for r in references.get(i, ())]
+    return {
+        "images": len(said), "distinct": len(counts) / len(said), "top_caption": top,
+        "top_share": top_count / len(said), "copied": sum(s in seen for s in said) / len(said) if seen else None,
+        "words_used": len({w for s in said for w in s.split()}),
+        "mean_length": mean(len(s.split()) for s in said),
+        "reference_mean_length": mean(ref_lengths) if ref_lengths else None,
+    }
+
+
+def collapse_warning(diagnostics):
+    """A warning (str) when the captions look collapsed, else None."""
+    d = diagnostics
+    if d["images"] < 5:  # too few images to tell
+        return None
+    if d["distinct"] >= DISTINCT_BELOW and d["top_share"] <= ONE_CAPTION_ABOVE:
+        return None
+    return (f"warning: caption collapse: {d['distinct']:.0%} of {d['images']} images get a distinct caption, and "
+            f"{d['top_share']:.0%} get \"{d['top_caption']}\". The model is ignoring the image. Likely causes: "
+            f"images normalised differently than in training (mean/std, size), a learning rate too high for "
+            f"the decoder, or an untrained or collapsed checkpoint (check the training log's loss).")
+
+
+def format_diagnostics(d):
+    copied = f"{d['copied']:.0%}" if d["copied"] is not None else "n/a"
+    ref = f"{d['reference_mean_length']:.1f}" if d["reference_mean_length"] is not None else "n/a"
+    return (f"captions: {d['distinct']:.0%} distinct over {d['images']} images (most frequent: {d['top_share']:.0%}), "
+            f"{copied} copied from the training set, {d['words_used']} words used, "
+            f"mean length {d['mean_length']:.1f} words (references {ref})")
+
+
+# --- BLEU from sufficient statistics -------------------------------------------------------------
+# columns of a statistics row: test length, closest reference length, guesses for n = 1..4, matches for n = 1..4
+_TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's smoothing constants
+
+
+def bleu_statistics(tokenized_references, tokenized_predictions, ids):
+    """(len(ids), 10) array of each image's BLEU counts, from already tokenized captions (as scored)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
+
+    rows = []
+    for i in ids:
+        refs = cook_refs(tokenized_references[i])
+        test = cook_test(tokenized_predictions[i][0], refs)
+        closest = BleuScorer._single_reflen(None, test["reflen"], "closest", test["testlen"])
+        rows.append([test["testlen"], closest, *test["guess"][:4], *test["correct"][:4]])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def corpus_bleu4(sums):
+    """BLEU-4 from summed statistics: (10,) or (R, 10) -> float or (R,)."""
+    sums = np.atleast_2d(sums)
+    precision = np.prod((sums[:, 6:10] + _TINY) / (sums[:, 2:6] + _SMALL), axis=1) ** 0.25
+    ratio = (sums[:, 0] + _TINY) / (sums[:, 1] + _SMALL)
+    brevity = np.where(ratio < 1, np.exp(1 - 1 / np.minimum(ratio, 1)), 1.0)
+    out = precision * brevity
+    return out if out.size > 1 else float(out[0])
+
+
+def _resample_weights(n, resamples, seed):
+    """(resamples, n) counts: how often each image is drawn in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(np.float64)
+
+
+def bootstrap_intervals(bleu_stats, cider, resamples=1000, seed=0, level=0.95):
+    """95% intervals over images: {"Bleu_4": (low, high), "CIDEr": (low, high)}."""
+    cider = np.asarray(cider, dtype=np.float64)
+    if len(bleu_stats) != len(cider) or not len(cider):
+        raise ValueError("bootstrap needs the same, non-zero number of BLEU rows and CIDEr scores")
+    w = _resample_weights(len(cider), resamples, seed)
+    tail = (1 - level) / 2 * 100
+    bleu = corpus_bleu4(w @ bleu_stats)
+    cid = w @ cider / len(cider)
+    return {"Bleu_4": tuple(np.percentile(bleu, [tail, 100 - tail])),
+            "CIDEr": tuple(np.percentile(cid, [tail, 100 - tail]))}
+
+
+def compare_results(a, b, resamples=1000, seed=0, level=0.95):
+    """Paired bootstrap of two evaluations of the same images (dicts as `evaluate --out` writes them).
+
+    Returns {metric: {"a", "b", "difference" (b - a), "interval", "b_better" (share of resamples)}}.
+    """
+    for name, r in (("first", a), ("second", b)):
+        if "per_image" not in r:
+            raise ValueError(f"the {name} file has no per-image scores: write it with this version's evaluate --out")
+    ids = sorted(set(a["per_image"]) & set(b["per_image"]))
+    if len(ids) != len(a["per_image"]) or len(ids) != len(b["per_image"]):
+        raise ValueError(f"the two files score different images ({len(a['per_image'])} and {len(b['per_image'])}, "
+                         f"{len(ids)} in common): compare evaluations of the same split")
+    if a.get("signature", {}).get("tokenizer") != b.get("signature", {}).get("tokenizer"):
+        raise ValueError("the two files were tokenized differently (PTB/Java against Python): their scores differ "
+                         "for that reason alone")
+    stats = {k: np.array([r["per_image"][i]["bleu"] for i in ids]) for k, r in (("a", a), ("b", b))}
+    cider = {k: np.array([r["per_image"][i]["CIDEr"] for i in ids]) for k, r in (("a", a), ("b", b))}
+    w = _resample_weights(len(ids), resamples, seed)
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for metric, full, boot in (
+            ("Bleu_4", lambda k: corpus_bleu4(stats[k].sum(0)), lambda k: corpus_bleu4(w @ stats[k])),
+            ("CIDEr", lambda k: float(cider[k].mean()), lambda k: w @ cider[k] / len(ids))):
+        diff = boot("b") - boot("a")
+        out[metric] = {"a": full("a"), "b": full("b"), "difference": full("b") - full("a"),
+                       "interval": tuple(np.percentile(diff, [tail, 100 - tail])), "b_better": float((diff > 0).mean())}
+    return out
+
+
+def format_comparison(result, name_a="A", name_b="B"):
+    lines = [f"{'':<8}{name_a:>10}{name_b:>10}{'B - A':>10}   95% interval        B better in"]
+    for metric, r in result.items():
+        lo, hi = r["interval"]
+        lines.append(f"{metric:<8}{r['a']:>10.3f}{r['b']:>10.3f}{r['difference']:>+10.3f}   [{lo:+.3f}, {hi:+.3f}]"
+                     f"   {r['b_better']:.0%} of resamples")
+    return "\n".join(lines)
+
+
+def signature(tokenizer, references, split, images, beam_size, length_penalty):
+    """How the scores were computed, as a dict; format_signature prints it in one line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        scorer = f"pycocoevalcap {version('pycocoevalcap')}"
+    except PackageNotFoundError:
+        scorer = "pycocoevalcap ?"
+    counts = sorted({len(r) for r in references.values()})
+    refs = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return {"scorer": scorer, "tokenizer": tokenizer, "refs": refs, "split": f"{split} ({images} images)",
+            "beam": beam_size, "length_penalty": length_penalty if beam_size > 1 else None, "scale": "0-1"}
+
+
+def format_signature(sig):
+    lp = "none" if sig["length_penalty"] is None else f"{sig['length_penalty']:g}"
+    return (f"signature: {sig['scorer']} | tok:{sig['tokenizer']} | refs:{sig['refs']} | split:{sig['split']} | "
+            f"beam:{sig['beam']} | lp:{lp} | scale:{sig['scale']}")
+
+
+def format_intervals(metrics, intervals, resamples=1000):
+    return "   ".join(f"{m} {metrics[m]:.3f} [{lo:.3f}, {hi:.3f}]" for m, (lo, hi) in intervals.items()) + \
+        f"   (95% bootstrap intervals over images, {resamples} resamples)"
+

@@ -1,0 +1,98 @@
+"""Collapse diagnostics, bootstrap intervals, paired comparison and the signature (captioning.diagnostics)."""
+import numpy as np
+import pytest
+
+from captioning import diagnostics as dg
+
+REFS = {
+    1: ["a red circle", "a red circle on a white background", "there is a red circle"],
+    2: ["a blue square to the left of a green triangle", "a blue square and a green triangle"],
+    3: ["a yellow star", "one yellow star"],
+    4: ["a green circle above a red square", "a green circle and a red square"],
+    5: ["a purple triangle", "a purple triangle in the picture"],
+    6: ["a red square", "a red square on white"],
+}
+
+
+def test_bleu_from_statistics_matches_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    preds = {1: ["a red circle"], 2: ["a blue square and a green circle"], 3: ["a yellow star on a star"],
+             4: ["a green circle"], 5: ["a purple triangle in the picture"], 6: ["a red"]}
+    score, _ = Bleu(4).compute_score(REFS, preds, verbose=0)
+    stats = dg.bleu_statistics(REFS, preds, sorted(REFS))
+    assert dg.corpus_bleu4(stats.sum(0)) == pytest.approx(score[3], rel=1e-9)
+    # and on a subset (what a resample adds up), still the scorer's corpus BLEU
+    sub = [2, 3, 5]
+    score_sub, _ = Bleu(4).compute_score({i: REFS[i] for i in sub}, {i: preds[i] for i in sub}, verbose=0)
+    assert dg.corpus_bleu4(stats[[1, 2, 4]].sum(0)) == pytest.approx(score_sub[3], rel=1e-9)
+
+
+def test_bootstrap_intervals_bracket_the_score_and_are_seeded():
+    rng = np.random.default_rng(1)
+    stats = np.column_stack([rng.integers(5, 12, 200), rng.integers(5, 12, 200)] +
+                            [rng.integers(4 - k, 12 - k, 200) for k in range(4)] +
+                            [rng.integers(0, 4 - k, 200) for k in range(4)]).astype(float)
+    cider = rng.random(200) * 2
+    a = dg.bootstrap_intervals(stats, cider, resamples=500, seed=3)
+    assert a == dg.bootstrap_intervals(stats, cider, resamples=500, seed=3)
+    assert a != dg.bootstrap_intervals(stats, cider, resamples=500, seed=4)
+    lo, hi = a["CIDEr"]
+    assert lo < cider.mean() < hi and hi - lo < 0.5
+    lo, hi = a["Bleu_4"]
+    assert lo < dg.corpus_bleu4(stats.sum(0)) < hi
+    # identical images: no uncertainty at all
+    same = dg.bootstrap_intervals(np.tile(stats[0], (50, 1)), np.full(50, 0.7), resamples=200)
+    assert same["CIDEr"] == pytest.approx((0.7, 0.7)) and same["Bleu_4"][0] == pytest.approx(same["Bleu_4"][1])
+
+
+def result(preds, cider, tokenizer="ptb-java"):
+    ids = sorted(preds)
+    stats = dg.bleu_statistics(REFS, {i: [preds[i]] for i in ids}, ids)
+    return {"signature": {"tokenizer": tokenizer},
+            "per_image": {i: {"bleu": list(row), "CIDEr": c} for i, row, c in zip(ids, stats, cider)}}
+
+
+def test_paired_comparison():
+    good = {i: refs[0] for i, refs in REFS.items()}
+    bad = {i: "a red circle" for i in REFS}
+    a, b = result(bad, [0.1] * 6), result(good, [1.0, 1.2, 0.9, 1.1, 1.0, 0.8])
+    out = dg.compare_results(a, b, resamples=300)
+    assert out["CIDEr"]["difference"] == pytest.approx(np.mean([1.0, 1.2, 0.9, 1.1, 1.0, 0.8]) - 0.1)
+    lo, hi = out["CIDEr"]["interval"]
+    assert 0 < lo <= out["CIDEr"]["difference"] <= hi and out["CIDEr"]["b_better"] == 1.0
+    assert out["Bleu_4"]["difference"] > 0
+    same = dg.compare_results(a, a, resamples=100)
+    assert same["CIDEr"]["difference"] == 0 and same["CIDEr"]["interval"] == (0, 0)
+    fewer = result({i: good[i] for i in (1, 2, 3)}, [1.0] * 3)
+    with pytest.raises(ValueError, match="different images"):
+        dg.compare_results(a, fewer)
+    with pytest.raises(ValueError, match="tokenized differently"):
+        dg.compare_results(a, result(good, [1.0] * 6, tokenizer="python"))
+    with pytest.raises(ValueError, match="per-image"):
+        dg.compare_results({"metrics": {}}, b)
+
+
+def test_collapse_warning_fires_on_one_caption_and_not_on_the_references():
+    training = ["a red circle", "a blue square"]
+    collapsed = dg.caption_diagnostics({i: "a red circle ." for i in REFS}, REFS, training)
+    assert collapsed["distinct"] == pytest.approx(1 / 6) and collapsed["top_share"] == 1.0
+    assert collapsed["copied"] == 1.0 and collapsed["words_used"] == 3
+    assert "caption collapse" in dg.collapse_warning(collapsed) and "a red circle" in dg.collapse_warning(collapsed)
+    refs = dg.caption_diagnostics({i: r[0] for i, r in REFS.items()}, REFS, training)
+    assert dg.collapse_warning(refs) is None and refs["distinct"] == 1.0
+    assert refs["copied"] == pytest.approx(1 / 6)                      # "a red circle" is a training caption
+    assert refs["reference_mean_length"] == pytest.approx(np.mean([len(c.split()) for r in REFS.values() for c in r]))
+    # two captions for six images, one of them for four: most images get the same caption
+    half = dg.caption_diagnostics({i: "a red circle" if i < 5 else "a blue square" for i in REFS}, REFS)
+    assert dg.collapse_warning(half) is not None and half["copied"] is None
+    with pytest.raises(ValueError):
+        dg.caption_diagnostics({}, REFS)
+
+
+def test_signature_line():
+    sig = dg.signature("ptb-java", REFS, "val", 6, 3, 0.7)
+    line = dg.format_signature(sig)
+    assert "pycocoevalcap 1.2" in line and "tok:ptb-java" in line and "refs:2-3" in line
+    assert "split:val (6 images)" in line and "beam:3" in line and "lp:0.7" in line and "scale:0-1" in line
+    assert "lp:none" in dg.format_signature(dg.signature("python", {1: ["a", "b"]}, "val", 1, 1, 0.7))
