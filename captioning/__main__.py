@@ -136,6 +136,11 @@ def cmd_caption(args):
             failed += 1
             print(f"error: cannot read {path}: {error}", file=sys.stderr)
     ok = [(p, c) for p, c, e in results if e is None]
+    if args.explain:
+        from .saliency import save_explanations
+
+        for path in save_explanations([p for p, _ in ok], args.explain, encoder, decoder, vocab, config, args.beam):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": p, "caption": c} for p, c in ok], indent=1))
     else:
@@ -220,6 +225,8 @@ def build_parser():
         if name == "caption":
             p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
             p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+            p.add_argument("--explain", metavar="OUT_DIR",
+                           help="also write OUT_DIR/<image>.png: which part of the image drove each word (Grad-CAM)")
         else:
             p.add_argument("--split", default="val", choices=["val", "train"])
             p.add_argument("--out", help="write the metrics (and semantic accuracy, where known) here (JSON)")

@@ -72,6 +72,29 @@ def show_scored(result, image_ids, metric="CIDEr", ncols=4):
     return show_images([result["paths"][i] for i in image_ids], captions, ncols=ncols, colours=colours)
 
 
+def show_saliency(image, words, maps, width=1.6, per_row=8, title=None):
+    """A strip: the image, then one heat map per word over a faded copy of it (saliency.explain_image)."""
+    picture = denormalize(image) if hasattr(image, "detach") else np.asarray(image)
+    n = len(words) + 1
+    ncols = min(n, per_row)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, (width + 0.3) * nrows + (0.3 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(picture)
+    axes.flat[0].set_title("image", fontsize=9)
+    for ax, word, heat in zip(axes.flat[1:], words, maps):
+        heat = np.asarray(heat, dtype=np.float32)
+        ax.imshow(picture * 0.5 + 0.5 * picture.mean(-1, keepdims=True))       # faded: the map stands out
+        ax.imshow(heat, cmap="inferno", alpha=np.clip(heat, 0, 1) * 0.85, vmin=0, vmax=1)  # clear where 0
+        ax.set_title(word, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_length_histogram(lengths, max_seq_len=20):
     """Histogram of caption lengths in tokens (with <start> and <end>), the max_seq_len cut marked."""
     lengths = np.asarray(lengths) + 2
