@@ -151,21 +151,42 @@ def cmd_caption(args):
 
 
 def cmd_evaluate(args):
+    from . import diagnostics as dg
     from .device import pick_device
-    from .evaluation import evaluate_checkpoint, format_table, results_json
+    from .evaluation import evaluate_checkpoint, format_table, result_record, results_json
     from .semantics import format_semantic
 
+    if args.compare:
+        files = []
+        for path in args.compare:
+            with open(path) as f:
+                try:
+                    files.append(json.load(f))
+                except ValueError as e:
+                    raise ValueError(f"{path}: not a JSON file written by evaluate --out ({e})") from None
+        a, b = files
+        for r, path in zip(files, args.compare):
+            if "signature" in r:
+                print(f"{path}: {dg.format_signature(r['signature'])}")
+        print(dg.format_comparison(dg.compare_results(a, b, resamples=args.resamples), "A", "B"))
+        return
+    if not args.checkpoint:
+        raise ValueError("evaluate needs --checkpoint (or --compare A.json B.json)")
     device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
+    print(dg.format_intervals(r["metrics"], r["intervals"]))
+    print(dg.format_signature(r["signature"]))
+    print(dg.format_diagnostics(r["diagnostics"]))
+    warning = dg.collapse_warning(r["diagnostics"])
+    if warning:
+        print(warning, file=sys.stderr)
     if r["semantic"]:
         print(format_semantic(r["semantic"]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "split": args.split, "beam": args.beam,
-                       "images": len(r["predictions"]), "metrics": r["metrics"], "semantic": r["semantic"]},
-                      f, indent=1)
+            json.dump(result_record(r, args.checkpoint, args.split, args.beam), f, indent=1)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results_json(r["predictions"]), f)
@@ -233,7 +254,10 @@ def build_parser():
             p.add_argument("--results", help="write the captions here in COCO results format")
             p.add_argument("--max-images", type=int)
             p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")
-        p.add_argument("--checkpoint", required=True)
+            p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                           help="compare two --out files of the same split: B - A with paired bootstrap intervals")
+            p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for --compare")
+        p.add_argument("--checkpoint", required=name == "caption")
         p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy, the chapter's sample())")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections import Counter
 
+from .diagnostics import bleu_statistics
 from .vocabulary import caption_tokens, load_coco, tokenize
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -33,10 +34,12 @@ def _python_tokenize(captions_for_image):
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions_for_image.items()}
 
 
-def score_captions(references, predictions, use_java=None, log=print):
+def score_captions(references, predictions, use_java=None, log=print, details=None):
     """references {image_id: [captions]}, predictions {image_id: caption} -> (metrics, per-image scores).
 
-    Per-image scores are {image_id: {metric: value}}, for finding the best and worst examples.
+    Per-image scores are {image_id: {metric: value}}, for finding the best and worst examples, plus
+    "bleu": the image's BLEU counts (diagnostics.bleu_statistics), from which any subset's corpus
+    BLEU can be recomputed. A `details` dict receives "tokenizer": "ptb-java" or "python".
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -80,6 +83,10 @@ def score_captions(references, predictions, use_java=None, log=print):
             metrics[name] = float(value)
             for i, v in zip(ids, values):
                 per_image[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
+    for i, row in zip(ids, bleu_statistics(gts, res, ids)):
+        per_image[i]["bleu"] = row.tolist()
+    if details is not None:
+        details["tokenizer"] = "ptb-java" if use_java else "python"
     return metrics, per_image
 
 
@@ -121,9 +128,13 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
                         progress=True, max_images=None, data_dir=None):
     """Caption the held-out split with a checkpoint and score it. Returns a dict:
     {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
-    "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config"}."""
+    "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config",
+    "diagnostics" (diagnostics.caption_diagnostics), "intervals" (bootstrap 95% intervals of BLEU-4
+    and CIDEr), "signature" (how the scores were computed)}."""
+    from . import diagnostics
     from .checkpoint import load_captioner
     from .inference import caption_images
+    from .model import LENGTH_PENALTY
     from .semantics import ground_truth_from_coco, semantic_accuracy
 
     encoder, decoder, vocab, config = load_captioner(checkpoint, device, weights)
@@ -140,11 +151,29 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
         print(f"skipped {len(failed)} unreadable image(s): " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
     predictions = {i: cap for i, (_, cap, err) in zip(ids, results) if err is None}
     references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in predictions}
-    metrics, per_image = score_captions(references, predictions)
+    details = {}
+    metrics, per_image = score_captions(references, predictions, details=details)
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
     semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
+    ids = sorted(per_image)
+    training = caption_tokens(config.captions_json("train"), progress=False).values() \
+        if os.path.exists(config.captions_json("train")) else ()
     return {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
-            "paths": paths, "semantic": semantic, "config": config}
+            "paths": paths, "semantic": semantic, "config": config,
+            "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
+            "intervals": diagnostics.bootstrap_intervals([per_image[i]["bleu"] for i in ids],
+                                                         [per_image[i]["CIDEr"] for i in ids]),
+            "signature": diagnostics.signature(details["tokenizer"], references, split, len(ids), beam_size,
+                                               LENGTH_PENALTY)}
+
+
+def result_record(result, checkpoint, split, beam_size):
+    """What `evaluate --out` writes: the scores, with what is needed to compare it with another run
+    (`evaluate --compare`): the signature and every image's scores and caption."""
+    return {"checkpoint": checkpoint, "split": split, "beam": beam_size, "images": len(result["predictions"]),
+            "metrics": result["metrics"], "intervals": result["intervals"], "signature": result["signature"],
+            "diagnostics": result["diagnostics"], "semantic": result["semantic"],
+            "per_image": {str(i): {**s, "caption": result["predictions"][i]} for i, s in result["per_image"].items()}}
 
 
 def results_json(predictions):

@@ -6,6 +6,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from .backbone import build_resnet, calibrate_batchnorm, resolve_weights, weights_id
 from .vocabulary import END, END_ID, PAD, START
 
+LENGTH_PENALTY = 0.7  # beam search ranks finished captions by sum(log p) / length ** LENGTH_PENALTY
+
 
 class CNNModel(nn.Module):
     """ResNet without its fc layer -> Linear -> BatchNorm1d(momentum=0.01): one embedding per image."""
@@ -109,7 +111,7 @@ class LSTMModel(nn.Module):
         return [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
 
     @torch.no_grad()
-    def score(self, input_features, sequences, length_penalty=0.7):
+    def score(self, input_features, sequences, length_penalty=LENGTH_PENALTY):
         """sum(log p) / length**length_penalty of token-id lists: what beam search maximises."""
         lengths = torch.tensor([len(s) for s in sequences], device=input_features.device)
         captions = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=input_features.device)
@@ -123,7 +125,7 @@ class LSTMModel(nn.Module):
         return ((token_lp * mask).sum(1) / lengths.float() ** length_penalty).tolist()
 
     @torch.no_grad()
-    def beam_search(self, input_features, beam_size=3, length_penalty=0.7, end_id=END_ID):
+    def beam_search(self, input_features, beam_size=3, length_penalty=LENGTH_PENALTY, end_id=END_ID):
         """Batched beam search. Returns one token-id list per image, cut after <end>.
 
         Beams are ranked by their summed log-probability while they grow; finished

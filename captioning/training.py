@@ -93,9 +93,10 @@ def ensure_prerequisites(config, log=print):
 
 
 def _loader(dataset, sampler, config, device, persistent=False):
-    """Images: `num_workers` processes decode and augment. Cached features: the main process, since
-    a batch is one gather from a memmap and starting workers would cost more than the work."""
-    workers = 0 if config.use_cache else config.num_workers
+    """Images: `num_workers` processes decode and augment; so do maps (a batch of maps is 32 MB at
+    COCO's size, and pooling it takes a while). Cached views: the main process, since a batch is
+    one small gather from a memmap and starting workers would cost more than the work."""
+    workers = 0 if config.use_cache and config.cache_kind == "views" else config.num_workers
     return data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_function,
                            num_workers=workers, pin_memory=device.type == "cuda",
                            persistent_workers=persistent and workers > 0)

@@ -193,3 +193,53 @@ def test_checkpoints_of_earlier_versions_still_caption(trained, tmp_path, image_
     proc = run_cli("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "foreign.ckpt", check=False)
     assert proc.returncode == 1 and "no backbone description" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+def test_evaluate_reports_diagnostics_intervals_signature_and_compares_runs(trained, tmp_path):
+    _, ckpt = trained
+    a, b = tmp_path / "greedy.json", tmp_path / "beam.json"
+    proc = run_cli("evaluate", "--checkpoint", ckpt, "--beam", 1, "--out", a)
+    run_cli("evaluate", "--checkpoint", ckpt, "--beam", 3, "--out", b)
+    assert "95% bootstrap intervals" in proc.stdout and "signature: pycocoevalcap" in proc.stdout
+    assert "| beam:1 | lp:none | scale:0-1" in proc.stdout and "distinct over 16 images" in proc.stdout
+    written = json.load(open(a))
+    lo, hi = written["intervals"]["CIDEr"]
+    assert lo <= written["metrics"]["CIDEr"] <= hi
+    assert len(written["per_image"]) == 16 and len(next(iter(written["per_image"].values()))["bleu"]) == 10
+    assert written["signature"]["split"] == "val (16 images)"
+    compared = run_cli("evaluate", "--compare", a, b, "--resamples", 200).stdout
+    assert "B - A" in compared and "CIDEr" in compared and "Bleu_4" in compared
+    assert "beam:3" in compared and "beam:1" in compared                   # each file's signature
+    same = run_cli("evaluate", "--compare", a, a, "--resamples", 50).stdout
+    assert "+0.000   [+0.000, +0.000]" in same
+    fewer = tmp_path / "fewer.json"
+    run_cli("evaluate", "--checkpoint", ckpt, "--beam", 1, "--max-images", 8, "--out", fewer)
+    bad = run_cli("evaluate", "--compare", a, fewer, check=False)
+    assert bad.returncode == 1 and "different images" in bad.stderr and "Traceback" not in bad.stderr
+    nothing = run_cli("evaluate", check=False)
+    assert nothing.returncode == 1 and "--checkpoint" in nothing.stderr
+
+
+def test_collapse_warning_on_a_decoder_that_says_one_thing(trained, tmp_path):
+    """A decoder whose output layer ignores its input says the same caption for every image: evaluate warns."""
+    _, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    weight = state["decoder"]["linear_layer.weight"]
+    state["decoder"]["linear_layer.weight"] = torch.zeros_like(weight)
+    bias = torch.full((weight.size(0),), -10.0)
+    bias[4] = 10.0                                                           # always the same word
+    state["decoder"]["linear_layer.bias"] = bias
+    broken = tmp_path / "collapsed.ckpt"
+    torch.save(state, broken)
+    proc = run_cli("evaluate", "--checkpoint", broken, "--beam", 1)
+    assert "caption collapse" in proc.stderr and "6%" in proc.stderr       # 1 distinct caption of 16 images
+    # the real checkpoint: its diagnostics are what its captions are, counted here independently
+    from captioning.diagnostics import DISTINCT_BELOW, collapse_warning
+
+    r = evaluate_checkpoint(ckpt, beam_size=1, progress=False)
+    said = [" ".join(c.lower().replace(".", "").split()) for c in r["predictions"].values()]
+    d = r["diagnostics"]
+    assert d["distinct"] == pytest.approx(len(set(said)) / len(said)) and d["images"] == 16
+    assert d["mean_length"] == pytest.approx(sum(len(c.split()) for c in said) / len(said))
+    assert d["words_used"] == len({w for c in said for w in c.split()}) and 0 <= d["copied"] <= 1
+    assert (collapse_warning(d) is not None) == (d["distinct"] < DISTINCT_BELOW or d["top_share"] > 0.5)

@@ -51,7 +51,7 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     assert {"objects", "colours", "shapes", "relation"} <= set(report["semantic"]["beam 3"])
     assert len(report["samples"]) == 5 and all(s["caption"] for s in report["samples"])
     executed_07 = nbformat.read(out / "07_inference.ipynb", as_version=4)
-    assert len(_images(executed_07)) >= 2  # the captioned images are shown inline
+    assert len(_images(executed_07)) >= 3  # the captioned images are shown inline, and a saliency strip
     # the pretraining scenes and the random-vs-stand-in feature map
     assert len(_images(nbformat.read(out / "05_model.ipynb", as_version=4))) >= 2
     assert (root / "pretrained" / "standin-resnet18-64to56px-3steps-seed0.pth").exists()
@@ -76,7 +76,7 @@ def test_the_chapter_is_on_screen_and_runs(executed):
     shown = {"02": ["class Vocab", "def build_vocabulary"], "03": ["def _resize_one"],
              "04": ["def __getitem__", "def collate_function"],
              "05": ["def forward(self, input_images)", "def forward(self, input_features, captions, lengths)",
-                    "def sample"]}
+                    "def sample"], "07": ["def occlusion_saliency"]}
     for prefix, names in shown.items():
         text = _text(next(out.glob(f"{prefix}_*.ipynb")))
         assert all(name in text for name in names), (prefix, [n for n in names if n not in text])
