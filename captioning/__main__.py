@@ -4,7 +4,8 @@
                                   [--colours pink,navy=#1f3a93] [--shapes star,ring] [--background white]
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
-    python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...] [--resume]
+    python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
+                                  [--resume | --overwrite]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
@@ -15,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import pickle
+import re
 import sys
 
 
@@ -91,7 +93,7 @@ def cmd_train(args):
             sys.exit(f"error: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}; got {item!r}")
         overrides[name] = _parse_value(fields[name], value)
     config = get_config(args.preset, **overrides)
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
     if summary["interrupted"]:
         sys.exit(130)
 
@@ -201,6 +203,8 @@ def build_parser():
     p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in models_dir (its checkpoints, log and evaluation)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
     p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -236,6 +240,21 @@ def build_parser():
     return parser
 
 
+# exceptions whose message says what is wrong by itself; any other is shown with its type
+MESSAGE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, ValueError, RuntimeError,
+                  pickle.UnpicklingError)
+
+
+def one_line(error):
+    """An exception's message on one line. A DataLoader worker's error carries the worker's traceback
+    in its message: its last line is the original error."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in text:
+        return re.sub(rf"^([\w.]+\.)?{type(error).__name__}: ", "", lines[-1])
+    return " ".join(lines)
+
+
 def main(argv=None):
     """Run one command; a bad input ends with one 'error:' line and exit 1, Ctrl-C with exit 130."""
     parser = build_parser()
@@ -244,17 +263,15 @@ def main(argv=None):
         parser.error("--beam must be >= 1")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        if args.debug:
-            raise
-        sys.exit(f"error: {e}")
-    except (OSError, TypeError, KeyError, AttributeError, IndexError) as e:   # what no check foresaw
-        if args.debug:
-            raise
-        sys.exit(f"error: {type(e).__name__}: {e} (python -m captioning --debug ... shows where)")
     except KeyboardInterrupt:                  # a second Ctrl-C, after the interrupted state was saved
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, MESSAGE_ERRORS):
+            sys.exit(f"error: {one_line(e)}")
+        sys.exit(f"error: {type(e).__name__}: {one_line(e)} (python -m captioning --debug ... shows where)")
 
 
 if __name__ == "__main__":

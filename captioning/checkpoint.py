@@ -12,18 +12,15 @@ backbone is rebuilt from its weights id instead. `load_checkpoint` uses
 torch.load(weights_only=True), so a checkpoint cannot run code, and maps everything to the
 CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
-import contextlib
 import math
 import os
 import random
 import shutil
-import signal
-import threading
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, interrupts_deferred
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -39,27 +36,6 @@ def strip_prefixes(state_dict):
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
-
-    A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
-    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state.
-    Outside the main thread signals cannot be handled, and the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):
-        previous(signal.SIGINT, received[-1])          # default_int_handler raises KeyboardInterrupt
 
 
 def atomic_save(obj, path):
@@ -121,8 +97,11 @@ def build_models(config, vocab_size, weights=_FROM_CONFIG):
 
 
 def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
-                     best_val_loss=math.inf):
-    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True)."""
+                     best_val_loss=math.inf, world_size=1):
+    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True).
+
+    `world_size`: the number of processes that trained it; with the batch size, it says which items
+    of the epoch `batch` batches were, which a resume skips."""
     # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
     # or stand-in one (a file of this machine's) travels in the checkpoint.
     from .backbone import STANDIN
@@ -138,6 +117,7 @@ def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=Non
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
+        "world_size": world_size,
     }
 
 
