@@ -45,6 +45,8 @@ def cmd_resize(args):
     r = resize_images(args.src, args.dst, args.size, args.workers)
     print(f"{r['resized']} resized, {r['skipped_up_to_date']} already up to date, {len(r['failed'])} unreadable "
           f"-> {args.dst}")
+    if r["failed"]:
+        sys.exit(1)
 
 
 def _parse_value(field, text):
@@ -191,7 +193,9 @@ def build_parser():
     p.add_argument("--threshold", type=int, default=4)
     p.set_defaults(func=cmd_vocab)
 
-    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel")
+    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel",
+                       description="Resize every image of --src into --dst (same names), skipping those already "
+                                   "done. Unreadable images are listed and skipped; the exit code is then 1.")
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--size", type=int, default=256)
