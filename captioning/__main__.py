@@ -15,6 +15,7 @@ Heavy imports (torch) happen inside each command, so `resize` and `tinyset` star
 import argparse
 import dataclasses
 import json
+import os
 import pickle
 import re
 import sys
@@ -31,9 +32,24 @@ def cmd_tinyset(args):
     print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
 
 
+def check_writable(path, flag):
+    """Fail now, naming the flag, if `path` cannot be written, rather than after the work it would hold."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
+
+
 def cmd_vocab(args):
     from .vocabulary import build_vocabulary, save_vocabulary
 
+    if args.threshold < 1:
+        raise ValueError(f"--threshold must be >= 1, got {args.threshold}")
+    check_writable(args.out, "--out")
     vocab = build_vocabulary(args.captions, args.threshold)
     save_vocabulary(vocab, args.out)
     print(f"vocabulary of {len(vocab)} words saved to {args.out}")
@@ -154,6 +170,9 @@ def cmd_evaluate(args):
     from .evaluation import evaluate_checkpoint, format_table, results_json
     from .semantics import format_semantic
 
+    for flag, path in (("--out", args.out), ("--results", args.results)):
+        if path:
+            check_writable(path, flag)
     device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)

@@ -58,16 +58,21 @@ def load_checkpoint(path, map_location="cpu"):
                                 f"`python -m captioning train`)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a loadable checkpoint: {type(e).__name__}: {e}") from e
+    except Exception as e:  # a text file, a truncated copy, a pickle of other objects
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise RuntimeError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a captioning checkpoint (it holds {type(ckpt).__name__}, not a dict)")
-    missing = [k for k in ("config", "vocab", "encoder", "decoder") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a captioning checkpoint (missing {missing})")
+    for key, kind in (("config", dict), ("vocab", list), ("encoder", dict), ("decoder", dict)):
+        if key not in ckpt:
+            raise ValueError(f"{path} is not a captioning checkpoint: it has no {key!r} entry")
+        if not isinstance(ckpt[key], kind):
+            raise ValueError(f"{path}: its {key!r} entry is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
     for key in ("encoder", "decoder"):
         ckpt[key] = strip_prefixes(ckpt[key])
     backbone = ckpt.get("backbone")
+    if backbone is not None and not isinstance(backbone, dict):
+        raise ValueError(f"{path}: its 'backbone' entry is a {type(backbone).__name__}, not a dict")
     if backbone is not None and "included" not in backbone:   # written before checkpoints said so
         backbone["included"] = any(k.startswith("resnet_module.") for k in ckpt["encoder"])
     return ckpt
@@ -172,10 +177,15 @@ def load_captioner(path, device="cpu", weights=None):
     from .vocabulary import Vocab
 
     ckpt = load_checkpoint(path)
-    backbone = ckpt.get("backbone") or {}
-    if "name" not in backbone or "trained" not in backbone:
-        raise ValueError(f"{path} has no backbone description (name, trained): it was not written by this "
-                         f"project's train(); re-train, or rebuild the encoder by hand from its state dict")
+    backbone = ckpt.get("backbone")
+    if backbone is None:
+        raise ValueError(f"{path} has no 'backbone' entry (which ResNet, whether trained): it was not written by "
+                         f"this project's train(); re-train, or rebuild the encoder by hand from its state dict")
+    for key in ("name", "trained", "weights"):
+        if key not in backbone:
+            raise ValueError(f"{path}: its 'backbone' entry has no {key!r}: re-train, or rebuild the encoder by hand")
+    if "linear_layer.weight" not in ckpt["decoder"]:
+        raise ValueError(f"{path}: its 'decoder' state has no 'linear_layer.weight': not this project's LSTMModel")
     config = Config.from_checkpoint(ckpt["config"])
     vocab = Vocab.from_words(ckpt["vocab"])
     config.backbone, config.train_backbone = backbone["name"], backbone["trained"]
