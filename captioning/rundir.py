@@ -183,6 +183,11 @@ def check_resumable(path, config, world_size=1):
     missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
     if missing:
         raise ValueError(f"{path} cannot be resumed: it has no {missing[0]!r} (a checkpoint for inference only?)")
+    for name in ("vocab_threshold", "backbone", "embedding_size", "hidden_layer_size", "num_layers"):
+        was = ckpt["config"].get(name)
+        if was is not None and was != getattr(config, name):
+            raise ValueError(f"{path} was trained with {name} {was}; resuming with {getattr(config, name)} "
+                             f"cannot continue it: resume with --{name.replace('_', '-')} {was}")
     if not ckpt["batch"]:
         return
     where = f"{path} stopped in the middle of epoch {ckpt['epoch']}"

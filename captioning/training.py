@@ -83,10 +83,16 @@ def ensure_prerequisites(config, log=print):
                 raise FileNotFoundError(f"{path} not found: {config.data_dir} must be a COCO-layout folder "
                                         f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json); "
                                         f"run notebook 01 or download_coco.sh first")
+    # the vocabulary of these captions at this threshold (cheap once the tokens are cached): an
+    # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold
+    vocab = build_vocabulary(config.captions_json("train"), config.vocab_threshold, progress=config.progress)
     if not os.path.exists(config.vocabulary_path):
         log(f"building the vocabulary: {config.vocabulary_path}")
-        save_vocabulary(build_vocabulary(config.captions_json("train"), config.vocab_threshold,
-                                         progress=config.progress), config.vocabulary_path)
+        save_vocabulary(vocab, config.vocabulary_path)
+    elif load_vocabulary(config.vocabulary_path).words() != vocab.words():
+        log(f"{config.vocabulary_path} is not the vocabulary of these captions at vocab_threshold="
+            f"{config.vocab_threshold}: rebuilding it ({len(vocab)} words)")
+        save_vocabulary(vocab, config.vocabulary_path)
     for split in ("train", "val"):
         dst = config.resized_images(split)  # resize_images skips what is already done, at this size
         report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)

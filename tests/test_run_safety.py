@@ -150,3 +150,22 @@ def test_checkpoints_get_the_umask_mode(tmp_path):
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o640          # not mkstemp's 0600
 
+
+
+def test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_own(tiny_copy, tmp_path, capsys):
+    from captioning.vocabulary import load_vocabulary
+
+    first = train(config(tiny_copy, tmp_path / "a", max_steps=1))                      # vocab_threshold=1
+    words = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
+    capsys.readouterr()
+    second = train(config(tiny_copy, tmp_path / "b", max_steps=1, vocab_threshold=100))
+    assert "rebuilding it" in capsys.readouterr().out
+    rebuilt = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
+    ckpt = load_checkpoint(second["last"])
+    assert len(rebuilt) < len(words) and ckpt["vocab"] == rebuilt and ckpt["config"]["vocab_threshold"] == 100
+    with pytest.raises(ValueError, match="trained with vocab_threshold 1; resuming with 100"):
+        train(config(tiny_copy, tmp_path / "a", max_steps=2, vocab_threshold=100), resume=True)
+    assert load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words() == rebuilt      # refused before a rebuild
+    assert train(config(tiny_copy, tmp_path / "a", max_steps=2), resume=True)["step"] == 2
+    now = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
+    assert load_checkpoint(first["last"])["vocab"] == words == now                     # rebuilt back, resumed
