@@ -10,6 +10,11 @@
 #   KEEP_ZIPS=1    keep the zips after a good extraction (default: delete them)
 #   WITH_KARPATHY=1  also fetch Karpathy's split file (dataset_coco.json) from KARPATHY_URL
 #   KARPATHY_URL   a .zip holding dataset_coco.json, or the .json itself
+#   COCO_CONNECT_TIMEOUT  seconds to connect (default 30)
+#   COCO_HEAD_TIMEOUT     seconds for a header check to answer (default 30)
+#   COCO_STALL_SECONDS    a download slower than COCO_MIN_SPEED bytes/s (default 1000) for this
+#                         long (default 60) has stalled: curl gives up (and retries COCO_RETRIES
+#                         times, default 3)
 #
 # Safe to re-run: partial downloads resume, every zip is tested before it is extracted,
 # and finished steps are skipped (a re-run with everything in place downloads nothing).
@@ -19,6 +24,12 @@ DEST="${1:-data_dir/coco}"
 COCO_MIRROR="${COCO_MIRROR:-http://images.cocodataset.org}"
 COCO_MIRROR="${COCO_MIRROR%/}"
 KARPATHY_URL="${KARPATHY_URL:-https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip}"
+
+CONNECT_TIMEOUT="${COCO_CONNECT_TIMEOUT:-30}"
+HEAD_TIMEOUT="${COCO_HEAD_TIMEOUT:-30}"
+STALL_SECONDS="${COCO_STALL_SECONDS:-60}"
+MIN_SPEED="${COCO_MIN_SPEED:-1000}"
+RETRIES="${COCO_RETRIES:-3}"
 
 die() { echo "download_coco.sh: error: $*" >&2; exit 1; }
 say() { echo "download_coco.sh: $*"; }
@@ -40,8 +51,11 @@ declare -A FALLBACK_MB=([annotations_trainval2014.zip]=1000 [train2014.zip]=2700
 
 done_marker() { echo "$DEST/.done-${1%.zip}"; }
 
-head_info() {  # "STATUS BYTES" of the final response to a HEAD request (either may be empty)
-  curl -sSIL --max-time 30 "$1" 2>/dev/null | tr -d '\r' |
+head_info() {  # "STATUS BYTES" of the final response to a HEAD request (either may be empty); 28: no answer
+  local headers rc=0
+  headers=$(curl -sSIL --connect-timeout "$CONNECT_TIMEOUT" --max-time "$HEAD_TIMEOUT" "$1" 2>/dev/null) || rc=$?
+  [ "$rc" -ne 28 ] || return 28
+  printf '%s\n' "$headers" | tr -d '\r' |
     awk 'toupper($1) ~ /^HTTP\// {code=$2; n=""} tolower($1)=="content-length:" {n=$2} END {print code, n}' || true
 }
 
@@ -50,7 +64,9 @@ need_mb=0
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name url product <<<"$step"
   [ -f "$(done_marker "$name")" ] && [ -e "$DEST/$product" ] && continue
-  read -r code bytes <<<"$(head_info "$url")"
+  info=$(head_info "$url") ||
+    die "$url: no answer within ${HEAD_TIMEOUT}s, the mirror stalls (set COCO_MIRROR to another mirror, or COCO_HEAD_TIMEOUT for a slow one)"
+  read -r code bytes <<<"$info"
   case "$code" in  # a dead link fails now, not after the other downloads (403: S3's answer for a missing key)
     403|404|410)
       msg="$url: HTTP $code, the file is not on the mirror (a dead link? set COCO_MIRROR to another mirror)"
@@ -77,18 +93,25 @@ fi
 fetch() {  # url file: resumes a partial file; restarts it when it cannot be resumed
   say "downloading $1"
   local rc=0 code=""
-  # --fail: an HTTP error is an error, not a saved error page; -C -: continue a partial file
-  code=$(curl --fail --location --retry 3 --retry-delay 2 -C - --progress-bar \
-              -w '%{http_code}' -o "$2" "$1") || rc=$?
+  # --fail: an HTTP error is an error, not a saved error page; -C -: continue a partial file;
+  # no data for STALL_SECONDS (under MIN_SPEED bytes/s): a stalled mirror, given up on
+  local opts=(--fail --location --retry "$RETRIES" --retry-delay 2 --connect-timeout "$CONNECT_TIMEOUT"
+              --speed-limit "$MIN_SPEED" --speed-time "$STALL_SECONDS" --progress-bar)
+  code=$(curl "${opts[@]}" -C - -w '%{http_code}' -o "$2" "$1") || rc=$?
   # 33/36: the server does not do ranges; 22 with 416: the local file is not a prefix of the
   # remote one (as big or bigger, e.g. a complete but corrupt download), so resuming cannot work
   if [ "$rc" -eq 33 ] || [ "$rc" -eq 36 ] || { [ "$rc" -eq 22 ] && [ "$code" = "416" ]; }; then
     say "cannot resume ${2##*/}; downloading $1 again from the start"
     rm -f "$2"
     rc=0
-    curl --fail --location --retry 3 --retry-delay 2 --progress-bar -o "$2" "$1" || rc=$?
+    curl "${opts[@]}" -o "$2" "$1" || rc=$?
   fi
-  [ "$rc" -eq 0 ] || die "download failed (curl exit $rc): $1 (re-run to resume; set COCO_MIRROR for another mirror)"
+  case "$rc" in
+    0) ;;
+    23) die "cannot write $2 (curl exit 23): a local disk problem (full? read-only? permissions?), not the mirror's; fix it and re-run to resume" ;;
+    28) die "download stalled: $1 sent under ${MIN_SPEED} bytes/s for ${STALL_SECONDS}s (curl exit 28); re-run to resume, or set COCO_MIRROR to another mirror" ;;
+    *) die "download failed (curl exit $rc): $1 (re-run to resume; set COCO_MIRROR for another mirror)" ;;
+  esac
 }
 
 for step in "${STEPS[@]}"; do

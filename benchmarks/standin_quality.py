@@ -33,7 +33,7 @@ def run(name, data_dir, models_dir, weights, epochs):
     config = get_config("tiny", data_dir=data_dir, models_dir=models_dir, weights=weights, progress=False,
                         **overrides)
     t = time.time()                          # train() builds the stand-in first when it is missing
-    summary = train(config)
+    summary = train(config, overwrite=True)   # a rerun replaces the previous one
     seconds = time.time() - t
     result = evaluate_checkpoint(summary["best"], beam_size=3, progress=False, data_dir=data_dir)
     return {"name": name, "seconds": seconds, **{k: result["semantic"][k] for k in

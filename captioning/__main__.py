@@ -4,7 +4,8 @@
                                   [--colours pink,navy=#1f3a93] [--shapes star,ring] [--background white]
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
-    python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...] [--resume]
+    python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
+                                  [--resume | --overwrite]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
@@ -14,7 +15,9 @@ Heavy imports (torch) happen inside each command, so `resize` and `tinyset` star
 import argparse
 import dataclasses
 import json
+import os
 import pickle
+import re
 import sys
 
 
@@ -29,9 +32,24 @@ def cmd_tinyset(args):
     print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
 
 
+def check_writable(path, flag):
+    """Fail now, naming the flag, if `path` cannot be written, rather than after the work it would hold."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
+
+
 def cmd_vocab(args):
     from .vocabulary import build_vocabulary, save_vocabulary
 
+    if args.threshold < 1:
+        raise ValueError(f"--threshold must be >= 1, got {args.threshold}")
+    check_writable(args.out, "--out")
     vocab = build_vocabulary(args.captions, args.threshold)
     save_vocabulary(vocab, args.out)
     print(f"vocabulary of {len(vocab)} words saved to {args.out}")
@@ -43,6 +61,8 @@ def cmd_resize(args):
     r = resize_images(args.src, args.dst, args.size, args.workers)
     print(f"{r['resized']} resized, {r['skipped_up_to_date']} already up to date, {len(r['failed'])} unreadable "
           f"-> {args.dst}")
+    if r["failed"]:
+        sys.exit(1)
 
 
 def _parse_value(field, text):
@@ -91,7 +111,7 @@ def cmd_train(args):
             sys.exit(f"error: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}; got {item!r}")
         overrides[name] = _parse_value(fields[name], value)
     config = get_config(args.preset, **overrides)
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
     if summary["interrupted"]:
         sys.exit(130)
 
@@ -172,6 +192,9 @@ def cmd_evaluate(args):
         return
     if not args.checkpoint:
         raise ValueError("evaluate needs --checkpoint (or --compare A.json B.json)")
+    for flag, path in (("--out", args.out), ("--results", args.results)):
+        if path:
+            check_writable(path, flag)
     device = pick_device(args.device)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
@@ -215,7 +238,9 @@ def build_parser():
     p.add_argument("--threshold", type=int, default=4)
     p.set_defaults(func=cmd_vocab)
 
-    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel")
+    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel",
+                       description="Resize every image of --src into --dst (same names), skipping those already "
+                                   "done. Unreadable images are listed and skipped; the exit code is then 1.")
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--size", type=int, default=256)
@@ -227,6 +252,8 @@ def build_parser():
     p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in models_dir (its checkpoints, log and evaluation)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
     p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -267,6 +294,21 @@ def build_parser():
     return parser
 
 
+# exceptions whose message says what is wrong by itself; any other is shown with its type
+MESSAGE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, ValueError, RuntimeError,
+                  pickle.UnpicklingError)
+
+
+def one_line(error):
+    """An exception's message on one line. A DataLoader worker's error carries the worker's traceback
+    in its message: its last line is the original error."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in text:
+        return re.sub(rf"^([\w.]+\.)?{type(error).__name__}: ", "", lines[-1])
+    return " ".join(lines)
+
+
 def main(argv=None):
     """Run one command; a bad input ends with one 'error:' line and exit 1, Ctrl-C with exit 130."""
     parser = build_parser()
@@ -275,17 +317,15 @@ def main(argv=None):
         parser.error("--beam must be >= 1")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        if args.debug:
-            raise
-        sys.exit(f"error: {e}")
-    except (OSError, TypeError, KeyError, AttributeError, IndexError) as e:   # what no check foresaw
-        if args.debug:
-            raise
-        sys.exit(f"error: {type(e).__name__}: {e} (python -m captioning --debug ... shows where)")
     except KeyboardInterrupt:                  # a second Ctrl-C, after the interrupted state was saved
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, MESSAGE_ERRORS):
+            sys.exit(f"error: {one_line(e)}")
+        sys.exit(f"error: {type(e).__name__}: {one_line(e)} (python -m captioning --debug ... shows where)")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ torn one, and a failed write leaves no temporary file behind.
 """
 import contextlib
 import os
+import signal
+import sys
 import tempfile
+import threading
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # not supported on some platforms
@@ -23,20 +26,59 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Yield a file open in `mode`; on success fsync it and rename it over `path`."""
+def atomic_write(path, mode="wb", sync_dir=True):
+    """Yield a file open in `mode`; on success fsync it and rename it over `path`.
+
+    The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600.
+    `sync_dir=False` leaves the folder's fsync to the caller (one for many files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        if sync_dir:
+            fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
+
+    A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
+    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state.
+    Outside the main thread signals cannot be handled, and the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        if not received and not getattr(previous, "holds_interrupts", False):   # said once, not per nesting
+            print("Ctrl-C: finishing the checkpoint write first", file=sys.stderr, flush=True)
+        received.append(frame)
+
+    hold.holds_interrupts = True
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, received[-1])          # default_int_handler raises KeyboardInterrupt

@@ -12,10 +12,12 @@
   ImageNet file.
 """
 import colorsys
+import contextlib
 import json
 import math
 import os
 import random
+import sys
 
 import torch
 import torch.nn as nn
@@ -60,13 +62,21 @@ def weights_id(weights):
 
 def _load_state_dict(weights):
     if isinstance(weights, str):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # a text file, a truncated download, a pickle of other objects
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            raise ValueError(f"{weights} is not a weights file torch.load can read ({type(e).__name__}: "
+                             f"{reason})") from e
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise ValueError(f"{weights} does not hold a state_dict of tensors")
         return state
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        # torch.hub prints "Downloading: ..." to stdout: to stderr with it, where it cannot mix with
+        # the results a command prints (caption --json)
+        with contextlib.redirect_stdout(sys.stderr):
+            return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # offline, proxy, disk full...
         file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         raise RuntimeError(

@@ -12,18 +12,15 @@ backbone is rebuilt from its weights id instead. `load_checkpoint` uses
 torch.load(weights_only=True), so a checkpoint cannot run code, and maps everything to the
 CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
-import contextlib
 import math
 import os
 import random
 import shutil
-import signal
-import threading
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, interrupts_deferred
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -39,27 +36,6 @@ def strip_prefixes(state_dict):
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
-
-    A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
-    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state.
-    Outside the main thread signals cannot be handled, and the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):
-        previous(signal.SIGINT, received[-1])          # default_int_handler raises KeyboardInterrupt
 
 
 def atomic_save(obj, path):
@@ -82,16 +58,21 @@ def load_checkpoint(path, map_location="cpu"):
                                 f"`python -m captioning train`)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a loadable checkpoint: {type(e).__name__}: {e}") from e
+    except Exception as e:  # a text file, a truncated copy, a pickle of other objects
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise RuntimeError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a captioning checkpoint (it holds {type(ckpt).__name__}, not a dict)")
-    missing = [k for k in ("config", "vocab", "encoder", "decoder") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a captioning checkpoint (missing {missing})")
+    for key, kind in (("config", dict), ("vocab", list), ("encoder", dict), ("decoder", dict)):
+        if key not in ckpt:
+            raise ValueError(f"{path} is not a captioning checkpoint: it has no {key!r} entry")
+        if not isinstance(ckpt[key], kind):
+            raise ValueError(f"{path}: its {key!r} entry is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
     for key in ("encoder", "decoder"):
         ckpt[key] = strip_prefixes(ckpt[key])
     backbone = ckpt.get("backbone")
+    if backbone is not None and not isinstance(backbone, dict):
+        raise ValueError(f"{path}: its 'backbone' entry is a {type(backbone).__name__}, not a dict")
     if backbone is not None and "included" not in backbone:   # written before checkpoints said so
         backbone["included"] = any(k.startswith("resnet_module.") for k in ckpt["encoder"])
     return ckpt
@@ -121,8 +102,11 @@ def build_models(config, vocab_size, weights=_FROM_CONFIG):
 
 
 def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
-                     best_val_loss=math.inf):
-    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True)."""
+                     best_val_loss=math.inf, world_size=1):
+    """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True).
+
+    `world_size`: the number of processes that trained it; with the batch size, it says which items
+    of the epoch `batch` batches were, which a resume skips."""
     # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
     # or stand-in one (a file of this machine's) travels in the checkpoint.
     from .backbone import STANDIN
@@ -138,6 +122,7 @@ def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=Non
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
+        "world_size": world_size,
     }
 
 
@@ -192,10 +177,15 @@ def load_captioner(path, device="cpu", weights=None):
     from .vocabulary import Vocab
 
     ckpt = load_checkpoint(path)
-    backbone = ckpt.get("backbone") or {}
-    if "name" not in backbone or "trained" not in backbone:
-        raise ValueError(f"{path} has no backbone description (name, trained): it was not written by this "
-                         f"project's train(); re-train, or rebuild the encoder by hand from its state dict")
+    backbone = ckpt.get("backbone")
+    if backbone is None:
+        raise ValueError(f"{path} has no 'backbone' entry (which ResNet, whether trained): it was not written by "
+                         f"this project's train(); re-train, or rebuild the encoder by hand from its state dict")
+    for key in ("name", "trained", "weights"):
+        if key not in backbone:
+            raise ValueError(f"{path}: its 'backbone' entry has no {key!r}: re-train, or rebuild the encoder by hand")
+    if "linear_layer.weight" not in ckpt["decoder"]:
+        raise ValueError(f"{path}: its 'decoder' state has no 'linear_layer.weight': not this project's LSTMModel")
     config = Config.from_checkpoint(ckpt["config"])
     vocab = Vocab.from_words(ckpt["vocab"])
     config.backbone, config.train_backbone = backbone["name"], backbone["trained"]

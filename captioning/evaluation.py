@@ -4,14 +4,24 @@ The scorers are built one by one: `COCOEvalCap.evaluate()` always builds SPICE, 
 downloads Stanford CoreNLP and so fails offline. SPICE runs only when its jars are
 already in place. The PTB tokenizer and METEOR need Java; without it the captions are
 tokenized in Python (the same rules as the vocabulary) and METEOR is skipped, loudly.
+The two Java programs are run here, not through pycocoevalcap's wrappers, with a timeout
+(CAPTIONING_JAVA_TIMEOUT seconds per answer, default 120): a JVM that cannot start (say
+JAVA_TOOL_OPTIONS=-Xms3g against METEOR's -Xmx2G) or never answers is skipped with a
+warning, where pycocoevalcap's METEOR would wait forever.
 
 On a synthetic set whose captions file carries the generator's truth, `evaluate_checkpoint`
 also reports semantic accuracy (captioning.semantics): whether the captions name the right
 objects, which n-gram metrics cannot tell.
 """
+import collections
 import json
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import tempfile
+import threading
 from collections import Counter
 
 from .diagnostics import bleu_statistics
@@ -32,6 +42,140 @@ def spice_available():
 
 def _python_tokenize(captions_for_image):
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions_for_image.items()}
+
+
+class JavaFailed(RuntimeError):
+    """A Java scorer could not start, failed, or did not answer in time."""
+
+
+def java_timeout():
+    return float(os.environ.get("CAPTIONING_JAVA_TIMEOUT", "120"))
+
+
+class _JavaProcess:
+    """A Java program in its own process group, read by a thread, so that every wait has a timeout
+    and the whole group can be killed (a `java` on the PATH may be a wrapper script)."""
+
+    def __init__(self, cmd, cwd):
+        try:
+            self.p = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            raise JavaFailed(f"cannot start {cmd[0]}: {e}") from None
+        self.lines = queue.Queue()
+        self.said = collections.deque(maxlen=3), collections.deque(maxlen=3)    # last lines of stdout, stderr
+        self.readers = [threading.Thread(target=self._read, args=(pipe, put, said), daemon=True)
+                        for pipe, put, said in ((self.p.stdout, self.lines.put, self.said[0]),
+                                                (self.p.stderr, None, self.said[1]))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe, put, said):
+        for line in pipe:
+            said.append(line)
+            if put:
+                put(line)
+        if put:
+            put(None)
+
+    def why(self, default):
+        """What Java said last before it died (a JVM that cannot start says it on stdout), else `default`."""
+        for reader in self.readers:
+            reader.join(timeout=2)
+        said = [line.decode(errors="replace").strip() for line in [*self.said[0], *self.said[1]]]
+        said = [line for line in said if line and not line.startswith("Picked up JAVA_TOOL_OPTIONS")]
+        return ": ".join(said[-2:]) if said else default
+
+    def finish(self, timeout):
+        """Wait for the program to end by itself; an exit code other than 0 is a failure."""
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise JavaFailed(f"it did not end within {timeout:g} s") from None
+        if self.p.returncode:
+            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}"))
+
+    def ask(self, text, answers, timeout):
+        """Send one line; return the next `answers` lines of output."""
+        try:
+            self.p.stdin.write(text.encode() + b"\n")
+            self.p.stdin.flush()
+        except OSError:                             # BrokenPipeError: the JVM is gone
+            self.p.wait()
+            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}")) from None
+        return [self.read(timeout) for _ in range(answers)]
+
+    def read(self, timeout):
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise JavaFailed(f"no answer within {timeout:g} s") from None
+        if line is None:
+            self.p.wait()
+            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}"))
+        return line.decode(errors="replace").rstrip("\n")
+
+    def close(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.p.wait()
+        for pipe in (self.p.stdin, self.p.stdout, self.p.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+def ptb_tokenize(captions_for_image, timeout=None):
+    """pycocoevalcap's PTBTokenizer ({key: [captions]} -> {key: [tokenized]}), with a timeout."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    timeout = java_timeout() if timeout is None else timeout
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    keys = [k for k, captions in captions_for_image.items() for _ in captions]
+    sentences = [c.replace("\n", " ") for captions in captions_for_image.values() for c in captions]
+    with tempfile.TemporaryDirectory() as folder:      # not in site-packages, as pycocoevalcap does
+        path = os.path.join(folder, "captions.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(sentences))
+        java = _JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                             "-lowerCase", path], folder)
+        try:
+            java.p.stdin.close()
+            lines = [java.read(timeout) for _ in sentences]
+            java.finish(timeout)
+        finally:
+            java.close()
+    out = {}
+    for key, line in zip(keys, lines):
+        out.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return out
+
+
+def meteor_score(gts, res, timeout=None):
+    """pycocoevalcap's METEOR (same jar, same protocol) -> (score, per-image scores), with a timeout."""
+    import pycocoevalcap.meteor.meteor as meteor
+
+    timeout = java_timeout() if timeout is None else timeout
+    java = _JavaProcess(["java", "-jar", "-Xmx2G", meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"],
+                        os.path.dirname(os.path.abspath(meteor.__file__)))
+    try:
+        eval_line = "EVAL"
+        for i in gts:
+            hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
+            eval_line += " ||| " + java.ask(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)), 1,
+                                            timeout)[0].strip()
+        answers = java.ask(eval_line, len(gts) + 1, timeout)
+        try:
+            values = [float(a) for a in answers]
+        except ValueError:
+            raise JavaFailed(f"METEOR answered {answers[-1][:80]!r}, not a score") from None
+    finally:
+        java.close()
+    return values[-1], values[:-1]
 
 
 def score_captions(references, predictions, use_java=None, log=print, details=None):
@@ -55,20 +199,20 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
     gts = {i: list(references[i]) for i in ids}
     res = {i: [predictions[i]] for i in ids}
     if use_java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tokenizer = PTBTokenizer()
-        gts = tokenizer.tokenize({i: [{"caption": c} for c in caps] for i, caps in gts.items()})
-        res = tokenizer.tokenize({i: [{"caption": c} for c in caps] for i, caps in res.items()})
+        try:  # one JVM for both: keys ("g", id) and ("r", id)
+            both = ptb_tokenize({**{("g", i): c for i, c in gts.items()}, **{("r", i): c for i, c in res.items()}})
+            gts, res = {i: both[("g", i)] for i in ids}, {i: both[("r", i)] for i in ids}
+        except JavaFailed as e:
+            log(f"warning: Java cannot run the PTB tokenizer ({e}): tokenizing in Python and skipping METEOR")
+            use_java = False
     else:
         log("warning: Java not found: tokenizing in Python and skipping METEOR (install a JRE for the full set)")
+    if not use_java:
         gts, res = _python_tokenize(gts), _python_tokenize(res)
 
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
     if use_java:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scorers.append((Meteor(), ["METEOR"]))
+        scorers.append((None, ["METEOR"]))
     scorers += [(Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
     if use_java and spice_available():
         from pycocoevalcap.spice.spice import Spice
@@ -76,7 +220,14 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
         scorers.append((Spice(), ["SPICE"]))
     metrics, per_image = {}, {i: {} for i in ids}
     for scorer, names in scorers:
-        score, scores = scorer.compute_score(gts, res, **({"verbose": 0} if isinstance(scorer, Bleu) else {}))
+        if scorer is None:
+            try:
+                score, scores = meteor_score(gts, res)
+            except JavaFailed as e:
+                log(f"warning: METEOR skipped: Java cannot run it ({e})")
+                continue
+        else:
+            score, scores = scorer.compute_score(gts, res, **({"verbose": 0} if isinstance(scorer, Bleu) else {}))
         if len(names) == 1:
             score, scores = [score], [scores]
         for name, value, values in zip(names, score, scores):

@@ -11,11 +11,27 @@ full-size JPEG decoding dominates, then the resampling filter, then encoding. So
 - files are spread over all cores with a process pool.
 """
 import os
+import re
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image, ImageOps
 
+from .atomic import atomic_write, fsync_dir
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded; the message names the file, `reason` says why."""
+
+    def __init__(self, path, reason=None):       # one argument: a whole message (as DataLoader re-raises it)
+        super().__init__(path if reason is None else f"cannot read image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):                     # raised in a DataLoader worker, rebuilt in the main process
+        return type(self), (self.path, self.reason)
 
 
 def to_rgb(image):
@@ -30,12 +46,19 @@ def to_rgb(image):
 
 
 def load_image(path, draft_size=None):
-    """Open an image as upright RGB. `draft_size` lets JPEGs decode at a reduced scale >= that size."""
-    with Image.open(path) as image:
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", draft_size)
-        image.load()
-        return to_rgb(image)
+    """Open an image as upright RGB. `draft_size` lets JPEGs decode at a reduced scale >= that size.
+
+    A file that cannot be decoded raises ImageReadError, naming it (a missing one FileNotFoundError)."""
+    try:
+        with Image.open(path) as image:
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", draft_size)
+            image.load()
+            return to_rgb(image)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:  # PIL's errors rarely name the file: a truncated JPEG is "image file is truncated"
+        raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
 
 
 def list_images(folder):
@@ -51,20 +74,44 @@ def draft_size(size):
 
 
 def _resize_one(args):
+    """None, or ("read", what) for a source that cannot be decoded, ("write", what) for a failed write."""
     src, dst, size = args
     try:
         image = load_image(src, draft_size=draft_size(size))
         image = image.resize((size, size), Image.BILINEAR)
-        tmp = dst + ".part"
-        fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower(), "JPEG")
-        image.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        os.replace(tmp, dst)  # a half-written file never carries the final name
-        return None
     except Exception as e:  # a corrupt file must not stop a 100k-image run
-        return f"{os.path.basename(src)}: {type(e).__name__}: {e}"
+        return "read", f"{os.path.basename(src)}: {e.reason if isinstance(e, ImageReadError) else e}"
+    try:
+        fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower(), "JPEG")
+        # temp file, fsync, rename: a crash leaves the old file or the new one, never a torn or empty one
+        with atomic_write(dst, sync_dir=False) as f:     # the folder is fsynced once, at the end
+            image.save(f, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        return None
+    except Exception as e:  # disk full, read-only: every other file would fail the same way
+        return "write", f"cannot write {dst}: {type(e).__name__}: {e}"
 
 
 SIZE_STAMP = ".resized-size"  # in the output folder: the size its images were made at
+_TEMP_FILE = re.compile(r"\.[a-z0-9_]{8}\.tmp$|\.part$")    # atomic_write's temp files (".part": older versions)
+
+
+def _check_writable(folder):
+    """Create `folder` if needed, prove a file can be written there, and remove temporary files
+    that a killed run left (older than 10 minutes: a running resize's are seconds old)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            if _TEMP_FILE.search(name) and time.time() - os.path.getmtime(path) > 600:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def _read_size_stamp(folder):
@@ -75,9 +122,32 @@ def _read_size_stamp(folder):
         return None
 
 
+# the last bytes of a complete file of the formats resize writes most
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+
+
+def _complete(path, size):
+    """Not empty, and ends as a whole JPEG/PNG does (a file cut short by a crash or a full disk does not)."""
+    if size == 0:
+        return False
+    marker = _END_MARKERS.get(os.path.splitext(path)[1].lower())
+    if marker is None:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(marker)))
+            return f.read() == marker
+    except OSError:
+        return False
+
+
 def _up_to_date(src, dst, check_size=None):
-    """dst exists, is newer than src and, when `check_size` is given, really is that size."""
-    if not (os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src)):
+    """dst exists, is complete, is newer than src and, when `check_size` is given, really is that size."""
+    try:
+        stat = os.stat(dst)
+    except OSError:
+        return False
+    if stat.st_mtime < os.path.getmtime(src) or not _complete(dst, stat.st_size):
         return False
     if check_size is None:
         return True
@@ -103,7 +173,7 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
     if os.path.realpath(src) == os.path.realpath(dst):
         raise ValueError(f"--dst {dst} is the source folder: resizing there would overwrite every original; "
                          f"give another folder (the pipeline uses <data>/resized_images/<split>)")
-    os.makedirs(dst, exist_ok=True)
+    _check_writable(dst)
     names = list_images(src)
     # The stamp says which size the folder holds. A different size redoes everything; no stamp
     # (an interrupted or older run) means each existing file's header is checked.
@@ -126,13 +196,16 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         results = pool.map(_resize_one, jobs, chunksize=32)
     try:
         for error in results:
+            if error and error[0] == "write":
+                raise OSError(f"{error[1]} (resize stopped: a local disk problem)")
             if error:
-                failed.append(error)
+                failed.append(error[1])
             bar.update()
     finally:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
+        fsync_dir(dst)
     if done_size != size:
         with open(os.path.join(dst, SIZE_STAMP), "w") as f:
             f.write(str(size))

@@ -5,7 +5,7 @@ import torch
 import torch.utils.data as data
 
 from .data import eval_transform
-from .images import list_images, load_image
+from .images import ImageReadError, list_images, load_image
 from .model import decode
 
 
@@ -38,7 +38,9 @@ class _ImageFiles(data.Dataset):
     def __getitem__(self, i):
         try:
             return i, self.transform(load_image(self.paths[i])), None
-        except Exception as e:  # report the file, keep captioning the rest
+        except ImageReadError as e:  # report the file, keep captioning the rest
+            return i, None, e.reason
+        except Exception as e:
             return i, None, f"{type(e).__name__}: {e}"
 
 

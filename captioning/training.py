@@ -12,8 +12,10 @@
 import json
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +24,14 @@ import torch.nn as nn
 import torch.utils.data as data
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .atomic import interrupts_deferred
 from .backbone import STANDIN
 from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, restore_training_state
 from .config import Config
 from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .lstm import use_packed_cpu_lstm
+from .rundir import RunLock, check_resumable, prepare_run_dir, trim_log
 from .vocabulary import load_vocabulary
 
 
@@ -79,10 +83,16 @@ def ensure_prerequisites(config, log=print):
                 raise FileNotFoundError(f"{path} not found: {config.data_dir} must be a COCO-layout folder "
                                         f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json); "
                                         f"run notebook 01 or download_coco.sh first")
+    # the vocabulary of these captions at this threshold (cheap once the tokens are cached): an
+    # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold
+    vocab = build_vocabulary(config.captions_json("train"), config.vocab_threshold, progress=config.progress)
     if not os.path.exists(config.vocabulary_path):
         log(f"building the vocabulary: {config.vocabulary_path}")
-        save_vocabulary(build_vocabulary(config.captions_json("train"), config.vocab_threshold,
-                                         progress=config.progress), config.vocabulary_path)
+        save_vocabulary(vocab, config.vocabulary_path)
+    elif load_vocabulary(config.vocabulary_path).words() != vocab.words():
+        log(f"{config.vocabulary_path} is not the vocabulary of these captions at vocab_threshold="
+            f"{config.vocab_threshold}: rebuilding it ({len(vocab)} words)")
+        save_vocabulary(vocab, config.vocabulary_path)
     for split in ("train", "val"):
         dst = config.resized_images(split)  # resize_images skips what is already done, at this size
         report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
@@ -257,16 +267,11 @@ def setup_run(config, resume, rank, world, device, master, log):
     os.makedirs(config.models_dir, exist_ok=True)
     log_path = run.path("train_log.jsonl")
     if resume:
-        if not os.path.exists(run.path("last.ckpt")):
-            raise FileNotFoundError(f"--resume: no checkpoint at {run.path('last.ckpt')}")
         run.epoch, run.batch, run.step, run.best_val = restore_training_state(
             run.path("last.ckpt"), vocab, encoder, decoder, optimizer, scaler, device)
         log(f"resumed from {run.path('last.ckpt')} at epoch {run.epoch}, step {run.step}")
-        if master and os.path.exists(log_path):  # drop rows logged after that checkpoint was written
-            with open(log_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= run.step]
-            with open(log_path, "w") as f:
-                f.writelines(rows)
+        if master:  # drop rows logged after that checkpoint was written, and a torn last line
+            trim_log(log_path, run.step, log)
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     run.log_file = open(log_path, "a") if master else None
@@ -282,7 +287,8 @@ def save_checkpoint(run):
     """last.ckpt from rank 0, atomically, saying where a resume starts: this epoch, this batch, this step."""
     if run.master:
         state = checkpoint_state(run.config, run.vocab, run.encoder, run.decoder, run.optimizer, run.scaler,
-                                 run.epoch, run.batch, run.step, run.best_val)
+                                 run.epoch, run.batch, run.step, run.best_val,
+                                 world_size=dist.get_world_size() if dist.is_initialized() else 1)
         atomic_save(state, run.path("last.ckpt"))
 
 
@@ -334,27 +340,61 @@ def validate(run):
                    "val_perplexity": math.exp(min(val_loss, 50))})
     run.log(f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
     improved = val_loss < run.best_val
-    run.best_val = min(run.best_val, val_loss)
-    save_checkpoint(run)
-    if improved:
-        atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
+    with interrupts_deferred():                   # last.ckpt and best.ckpt agree, even after a Ctrl-C
+        run.best_val = min(run.best_val, val_loss)
+        save_checkpoint(run)
+        if improved:
+            atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
 
 
-def train(config: Config, resume=False):
-    """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt."""
+def train(config: Config, resume=False, overwrite=False):
+    """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt.
+
+    A models_dir that holds a run is refused unless `resume` (continue it) or `overwrite` (replace it).
+    """
     rank, world, ddp_device = setup_distributed()
     master = rank == 0
     device = ddp_device or pick_device(config.device)
     log = print if master else (lambda *a, **k: None)
+    lock = RunLock(config.models_dir) if master else None
     try:
-        if master:
+        if master:  # the cheap checks first: one trainer per folder, no run replaced unasked, resumable
+            lock.acquire(log)
+            prepare_run_dir(config.models_dir, resume, overwrite, log)
+            if resume:
+                check_resumable(os.path.join(config.models_dir, "last.ckpt"), config, world)
             ensure_prerequisites(config, log)
         if dist.is_initialized():
             dist.barrier()
         return _fit(setup_run(config, resume, rank, world, device, master, log))
     finally:
+        if lock:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def _interrupt_once():
+    """The first Ctrl-C raises KeyboardInterrupt (the loop stops, the final checkpoint follows); later
+    ones are let go, so that an impatient second Ctrl-C cannot lose that checkpoint.
+    (A Ctrl-C during any checkpoint write waits for the write: atomic.interrupts_deferred.)"""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield                                    # SIGINT ignored, or handled by someone else: leave it
+        return
+    count = []
+
+    def handler(signum, frame):
+        count.append(signum)
+        if len(count) == 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fit(run):
@@ -364,27 +404,29 @@ def _fit(run):
     config, interrupted, t0 = run.config, False, time.time()
     bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
                disable=not (run.master and config.progress))
-    try:
-        while run.epoch < config.epochs and run.step < run.total_steps:
-            train_one_epoch(run, bar, t0)
-            if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
-                run.epoch, run.batch = run.epoch + 1, 0
-                validate(run)
-                if dist.is_initialized():
-                    dist.barrier()
-    except KeyboardInterrupt:
-        interrupted = True
-        run.log(f"\ninterrupted at step {run.step}; saving {run.path('last.ckpt')} "
-                f"(continue with resume=True / --resume)")
-    finally:
-        bar.close()
-    if run.loss is not None:
-        run.last_loss = run.loss.item()
-    save_checkpoint(run)
-    if run.master and not os.path.exists(run.path("best.ckpt")):  # no epoch finished yet: best is what we have
-        atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
-    if run.log_file:
-        run.log_file.close()
+    with _interrupt_once():
+        try:
+            while run.epoch < config.epochs and run.step < run.total_steps:
+                train_one_epoch(run, bar, t0)
+                if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
+                    run.epoch, run.batch = run.epoch + 1, 0
+                    validate(run)
+                    if dist.is_initialized():
+                        dist.barrier()
+        except KeyboardInterrupt:
+            interrupted = True
+            run.log(f"\ninterrupted at step {run.step}; saving {run.path('last.ckpt')} "
+                    f"(continue with resume=True / --resume)")
+        finally:
+            bar.close()
+        with interrupts_deferred():               # a Ctrl-C now is answered once everything is written
+            if run.loss is not None:
+                run.last_loss = run.loss.item()
+            save_checkpoint(run)
+            if run.master and not os.path.exists(run.path("best.ckpt")):  # no epoch finished: best is what we have
+                atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
+            if run.log_file:
+                run.log_file.close()
     run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
     return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
             "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,

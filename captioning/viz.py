@@ -1,5 +1,4 @@
 """Matplotlib helpers for the notebooks: image grids with captions, length histogram, training curves."""
-import json
 import math
 import textwrap
 
@@ -110,8 +109,10 @@ def plot_length_histogram(lengths, max_seq_len=20):
 
 
 def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a train_log.jsonl; a torn line (a kill during a write) is skipped with a warning."""
+    from .rundir import read_log as read_rows
+
+    return read_rows(path, warn=print)
 
 
 def plot_training_log(path):

@@ -88,8 +88,53 @@ def _read_token_cache(path, source):
     return None
 
 
+def read_captions_json(json_path):
+    """A COCO captions file, checked: a JSON object whose `annotations` are objects with an `id`,
+    an `image_id` and a string `caption` (and whose `images`, when present, have an `id` and a
+    `file_name`), ids unique. Anything else is a ValueError naming the file and what is wrong."""
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f"captions file not found: {json_path} (get the data with notebook 01 first)")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{json_path} is not UTF-8 text (byte {e.start}): is it a captions file?") from None
+    expected = "a COCO captions file (a JSON object with 'images' and 'annotations')"
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_path} holds a JSON {type(data).__name__}, not {expected}")
+    if "annotations" not in data:
+        raise ValueError(f"{json_path} has no 'annotations' key: not {expected}")
+    for key, fields in (("annotations", ("id", "image_id", "caption")), ("images", ("id", "file_name"))):
+        items = data.get(key, [])
+        if not isinstance(items, list):
+            raise ValueError(f"{json_path}: '{key}' is a {type(items).__name__}, not a list")
+        for k, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"{json_path}: {key}[{k}] is {item!r}, not an object")
+            for field in fields:
+                if field not in item:
+                    raise ValueError(f"{json_path}: {key}[{k}] has no '{field}' key: {_short(item)}")
+            if key == "annotations" and not isinstance(item["caption"], str):
+                raise ValueError(f"{json_path}: annotations[{k}] has caption {_short(item['caption'])} "
+                                 f"({type(item['caption']).__name__}), not a string")
+        seen = set()
+        for k, item in enumerate(items):        # pycocotools indexes both by id: a duplicate would vanish
+            if item["id"] in seen:
+                raise ValueError(f"{json_path}: {key}[{k}] repeats the id {item['id']!r}")
+            seen.add(item["id"])
+    return data
+
+
+def _short(value, limit=80):
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_coco(json_path):
-    """pycocotools' index of a captions file, without the four lines it prints while loading.
+    """pycocotools' index of a captions file (checked by read_captions_json), without the four
+    lines it prints while loading.
 
     The library loads captions files several times per run; in a notebook those prints would
     bury the lines that matter. A reader's own COCO(...) calls still print.
@@ -99,8 +144,12 @@ def load_coco(json_path):
 
     from pycocotools.coco import COCO
 
+    data = read_captions_json(json_path)
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(json_path)
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    return coco
 
 
 def caption_tokens(json_path, coco=None, progress=True):

@@ -46,3 +46,19 @@ def tiny_copy(tiny_data, tmp_path):
     dst = tmp_path / "tiny"
     shutil.copytree(tiny_data, dst)
     return dst
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder in which nothing can be created: a chmod 555 folder, or /sys where permissions do not
+    stop us (root)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, "/sys"):
+        try:
+            os.mkdir(os.path.join(candidate, "probe"))
+        except OSError:
+            return str(candidate)
+        os.rmdir(os.path.join(candidate, "probe"))
+    pytest.skip("no read-only folder available here")

@@ -32,6 +32,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -525,3 +526,106 @@ def test_karpathy_zip_already_downloaded_is_not_fetched_again(server, mirror_tre
     assert again.returncode == 0, again.report
     assert server.log == [], again.report
     assert json.loads((dest / "dataset_coco.json").read_text())["dataset"] == "coco"
+
+
+# ----------------------------------------------------------------------------------------
+# stalled mirrors and local write errors: the script ends, and says which
+# ----------------------------------------------------------------------------------------
+FAST_TIMEOUTS = dict(COCO_CONNECT_TIMEOUT="2", COCO_HEAD_TIMEOUT="2", COCO_STALL_SECONDS="2", COCO_RETRIES="0")
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts connections on 127.0.0.1 and never answers a byte."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.fixture
+def stalling_server():
+    """Answers HEAD like a mirror, then sends a GET's headers and 10 bytes, and nothing more."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            self.wfile.write(b"PK\x03\x04stall")
+            self.wfile.flush()
+            stop.wait(60)
+
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def run_against(base, dest, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k.lower() not in {"http_proxy", "https_proxy", "all_proxy"}}
+    env.update(COCO_MIRROR=base, KARPATHY_URL=base + "/karpathy.zip", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+               **FAST_TIMEOUTS, **env_extra)
+    t = time.time()
+    proc = subprocess.run(["bash", str(SCRIPT), str(dest)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, time.time() - t
+
+
+def test_a_mirror_that_never_answers_is_named_within_the_timeout(silent_server, tmp_path):
+    proc, seconds = run_against(silent_server, tmp_path / "coco")
+    url = f"{silent_server}/annotations/annotations_trainval2014.zip"
+    assert proc.returncode == 1 and seconds < 20, (seconds, proc.stderr)
+    assert url in proc.stderr and "no answer within 2s" in proc.stderr, proc.stderr
+
+
+def test_a_download_that_stalls_is_given_up_on_and_named(stalling_server, tmp_path):
+    proc, seconds = run_against(stalling_server, tmp_path / "coco")
+    url = f"{stalling_server}/annotations/annotations_trainval2014.zip"
+    assert proc.returncode == 1 and seconds < 30, (seconds, proc.stderr)
+    assert "download stalled" in proc.stderr and url in proc.stderr, proc.stderr
+    assert (tmp_path / "coco" / "annotations_trainval2014.zip").is_file()   # kept: a re-run resumes it
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_local_write_error_is_called_one(server, tmp_path):
+    dest = tmp_path / "coco"
+    dest.mkdir()
+    (dest / "annotations_trainval2014.zip").symlink_to("/dev/full")   # every write: no space left
+    proc = run_script(server, dest)
+    assert proc.returncode == 1, proc.report
+    assert "curl exit 23" in proc.stderr and "local disk problem" in proc.stderr, proc.report
+    assert "COCO_MIRROR" not in proc.stderr, proc.report

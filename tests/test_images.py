@@ -2,6 +2,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, run_cli
@@ -95,11 +96,72 @@ def test_missing_source_is_a_clear_error(tmp_path):
         resize_images(str(tmp_path / "nope"), str(tmp_path / "dst"))
 
 
-def test_cli_reports_and_exits_zero(odd_images, tmp_path):
-    proc = run_cli("resize", "--src", odd_images, "--dst", tmp_path / "d", "--size", 20, "--workers", 1)
+def test_cli_reports_and_exits_1_when_files_failed(odd_images, tmp_path):
+    proc = run_cli("resize", "--src", odd_images, "--dst", tmp_path / "d", "--size", 20, "--workers", 1, check=False)
+    assert proc.returncode == 1 and "exit code is then 1" in run_cli("resize", "--help").stdout
     assert "5 resized" in proc.stdout and "2 unreadable" in proc.stdout and "corrupt.jpg" in proc.stdout
+    os.remove(odd_images / "corrupt.jpg")
+    os.remove(odd_images / "truncated.jpg")
+    proc = run_cli("resize", "--src", odd_images, "--dst", tmp_path / "d", "--size", 20)     # exit 0: none failed
+    assert "5 already up to date" in proc.stdout
     proc = run_cli("resize", "--src", tmp_path / "missing", "--dst", tmp_path / "d", check=False)
     assert proc.returncode != 0 and "missing" in proc.stderr
+
+
+def test_a_read_only_destination_is_one_line(odd_images, readonly_dir):
+    for dst in (readonly_dir, os.path.join(readonly_dir, "resized")):   # the folder, or one to be created in it
+        proc = run_cli("resize", "--src", odd_images, "--dst", dst, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"error: cannot write to the output folder {dst}"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_write_error_stops_the_resize_naming_the_file(odd_images, tmp_path, monkeypatch):
+    import captioning.images as images
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(images, "atomic_write", disk_full)
+    with pytest.raises(OSError, match=r"cannot write .*\.(jpg|png): OSError: .*No space left.*local disk problem"):
+        resize_images(str(odd_images), str(tmp_path / "dst"), size=16, workers=1, progress=False)
+
+
+def test_empty_or_truncated_outputs_are_redone_and_writes_leave_no_temp_files(odd_images, tmp_path):
+    dst = tmp_path / "dst"
+    resize_images(str(odd_images), str(dst), size=16, progress=False)
+    (dst / "gray.jpg").write_bytes(b"")                               # a 0-byte file, newer than its source
+    whole = (dst / "exif.jpg").read_bytes()
+    (dst / "exif.jpg").write_bytes(whole[: len(whole) // 2])           # cut short
+    png = (dst / "rgba.png").read_bytes()
+    (dst / "rgba.png").write_bytes(png[:-5])
+    (dst / "old.jpg.k3j5x0ab.tmp").write_bytes(b"left by a kill -9")
+    os.utime(dst / "old.jpg.k3j5x0ab.tmp", (time.time() - 3600,) * 2)
+    again = resize_images(str(odd_images), str(dst), size=16, progress=False)
+    assert again["resized"] == 3 and again["skipped_up_to_date"] == 2
+    assert (dst / "exif.jpg").read_bytes()[-2:] == b"\xff\xd9" and Image.open(dst / "gray.jpg").size == (16, 16)
+    assert sorted(os.listdir(dst)) == sorted(["gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "exif.jpg",
+                                              SIZE_STAMP])
+
+
+def test_a_corrupt_resized_image_met_in_training_is_one_line(tiny_copy, tmp_path):
+    """A resized file that passes the checks but does not decode: one line naming it, from a
+    DataLoader worker too, no traceback."""
+    from test_training import _train_cmd
+
+    for split in ("train", "val"):
+        resize_images(str(tiny_copy / f"{split}2014"), str(tiny_copy / "resized_images" / f"{split}2014"), 36,
+                      progress=False)
+    folder = tiny_copy / "resized_images" / "train2014"
+    empty, bad = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[:2]
+    (folder / empty).write_bytes(b"")                        # redone by the resize check before training
+    (folder / bad).write_bytes(b"\xff\xd8 garbage that ends as a JPEG does \xff\xd9")
+    proc = run_cli(*_train_cmd(tiny_copy, tmp_path / "m", "--max-steps", "1", "--num-workers", "1")[3:],
+                   check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot read image {folder / bad}: "), proc.stderr
+    assert (folder / empty).stat().st_size > 0
 
 
 def test_resize_cli_does_not_import_torch(odd_images, tmp_path):
@@ -107,8 +169,8 @@ def test_resize_cli_does_not_import_torch(odd_images, tmp_path):
             "import captioning.__main__ as m\ntry:\n m.main()\n"
             "finally:\n print('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
     out = subprocess.run([sys.executable, "-c", code, str(odd_images), str(tmp_path / "d")], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("NOTORCH")
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout.strip().endswith("NOTORCH")     # 1: two unreadable images
 
 
 def test_resize_refuses_to_overwrite_its_sources(odd_images):

@@ -191,7 +191,7 @@ def test_checkpoints_of_earlier_versions_still_caption(trained, tmp_path, image_
     del old["backbone"]
     torch.save(old, tmp_path / "foreign.ckpt")
     proc = run_cli("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "foreign.ckpt", check=False)
-    assert proc.returncode == 1 and "no backbone description" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "has no 'backbone' entry" in proc.stderr and "Traceback" not in proc.stderr
 
 
 
@@ -243,3 +243,86 @@ def test_collapse_warning_on_a_decoder_that_says_one_thing(trained, tmp_path):
     assert d["mean_length"] == pytest.approx(sum(len(c.split()) for c in said) / len(said))
     assert d["words_used"] == len({w for c in said for w in c.split()}) and 0 <= d["copied"] <= 1
     assert (collapse_warning(d) is not None) == (d["distinct"] < DISTINCT_BELOW or d["top_share"] > 0.5)
+
+
+def _one_line_error(proc, *words):
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert all(w in proc.stderr for w in words), (words, proc.stderr)
+
+
+def _in_process_error(*args):
+    """main(args) in this process (no interpreter start per case): the one-line message it exits with."""
+    from captioning.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def _head_only(ckpt, weights="/elsewhere/resnet18.pth"):
+    """The checkpoint as a frozen pretrained backbone leaves it: the head only, the ResNet named by its weights."""
+    state = torch.load(ckpt, weights_only=True)
+    state["encoder"] = {k: v for k, v in state["encoder"].items() if not k.startswith("resnet_module.")}
+    state["backbone"].update(weights=weights, trained=False, included=False)
+    return state
+
+
+def test_bad_checkpoint_and_weights_files_are_one_line(trained, tmp_path, image_dir):
+    _, ckpt = trained
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a checkpoint\n")
+    _one_line_error(run_cli("caption", image_dir, "--checkpoint", text, check=False), str(text), "not a loadable")
+    assert "not a loadable" in _in_process_error("evaluate", "--checkpoint", text)
+    good = torch.load(ckpt, weights_only=True)
+    for key in ("config", "vocab", "encoder", "decoder", "backbone"):
+        broken = {k: v for k, v in good.items() if k != key}
+        torch.save(broken, tmp_path / f"no_{key}.ckpt")
+        message = _in_process_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / f"no_{key}.ckpt")
+        assert f"no_{key}.ckpt" in message and f"no '{key}' entry" in message, message
+    torch.save({**good, "backbone": {k: v for k, v in good["backbone"].items() if k != "name"}}, tmp_path / "n.ckpt")
+    assert "has no 'name'" in _in_process_error("caption", image_dir, "--checkpoint", tmp_path / "n.ckpt")
+    # --weights for a checkpoint whose frozen backbone is rebuilt from its weights file
+    torch.save(_head_only(ckpt), tmp_path / "head.ckpt")
+    torch.save(5, tmp_path / "five.pth")
+    for weights, words in ((text, "is not a weights file torch.load can read"),
+                           (tmp_path / "five.pth", "does not hold a state_dict"),
+                           (tmp_path / "missing.pth", "not found")):
+        message = _in_process_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "head.ckpt",
+                                    "--weights", weights)
+        assert str(weights) in message and words in message, message
+
+
+def test_evaluate_checks_its_output_paths_before_the_work(trained, tmp_path, readonly_dir):
+    _, ckpt = trained
+    path = os.path.join(readonly_dir, "metrics.json")
+    proc = run_cli("evaluate", "--checkpoint", ckpt, "--out", path, check=False)
+    _one_line_error(proc, "--out", path, "cannot write there")
+    assert "Bleu" not in proc.stdout                                   # found before the evaluation, not after
+    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--results", path)
+    assert "--results" in message and "cannot write there" in message
+    assert "--out" in _in_process_error("evaluate", "--checkpoint", ckpt, "--out", tmp_path)       # a folder
+    assert not os.path.exists(path)
+
+
+def test_a_first_weights_download_does_not_mix_into_json_output(trained, tmp_path, image_dir, monkeypatch, capsys):
+    """torch.hub prints "Downloading: ..." to stdout; `caption --json` must still print only JSON there."""
+    import torch.hub
+
+    from captioning.__main__ import main
+
+    _, ckpt = trained
+    torch.save(_head_only(ckpt, weights="ResNet18_Weights.IMAGENET1K_V1"), tmp_path / "head.ckpt")
+
+    def fake_download(url, dst, *args, **kwargs):      # no network: a random ResNet-18 as the "download"
+        torch.save(torchvision.models.resnet18().state_dict(), dst)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    main(["caption", str(image_dir / "gray.png"), "--checkpoint", str(tmp_path / "head.ckpt"), "--json",
+          "--beam", "1"])
+    out, err = capsys.readouterr()
+    assert [item["image"] for item in json.loads(out)] == [str(image_dir / "gray.png")]
+    assert "Downloading: " in err and (tmp_path / "torch_home" / "hub" / "checkpoints").is_dir()

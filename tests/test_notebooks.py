@@ -131,3 +131,22 @@ def test_demo_html_renders_in_a_browser(executed):
     facts, shot = _probe(browser, out / "07_inference.html")
     assert facts["images"] >= 2 and facts["broken"] == 0 and not facts["zero"]
     assert len(np.unique(np.asarray(shot.resize((60, 80))).reshape(-1, 3), axis=0)) > 20   # pictures, not text
+
+
+# last in this file: it replaces the run the tests above look at
+def test_training_notebook_runs_again_into_the_same_folder(executed):
+    """Run All twice (make demo twice): the fresh run replaces the last one (OVERWRITE = True) instead
+    of being refused, as the command line would refuse it without --overwrite."""
+    import papermill as pm
+
+    root, out = executed
+    params = {"PRESET": "tiny", "DATA_DIR": str(root / "data" / "tiny"), "MODELS_DIR": str(root / "models"),
+              "MAX_STEPS": 3, "STANDIN_STEPS": 3, "CHAPTER_STEPS": 1}
+    notebook = next(p for p in notebooks() if p.endswith("06_training.ipynb"))
+    log = root / "models" / "train_log.jsonl"
+    assert max(json.loads(line)["step"] for line in open(log)) == 12
+    assert (root / "models" / "evaluation.json").exists()
+    pm.execute_notebook(notebook, str(root / "again.ipynb"), parameters=params, kernel_name="python3",
+                        progress_bar=False)
+    assert max(json.loads(line)["step"] for line in open(log)) == 3            # a new log, not appended
+    assert not (root / "models" / "evaluation.json").exists()                # the old run's report went too

@@ -138,3 +138,27 @@ def test_caption_tokens_in_parallel_match_and_an_unwritable_cache_only_warns(tin
     assert v.caption_tokens(str(path), progress=False) == serial
     assert "could not cache the tokenized captions" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["captions_train2014.json", "captions_train2014.json.tokens"]  # no temp left
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"images": [], "info": {}}', "has no 'annotations' key"),
+    ('[{"image_id": 1, "caption": "a dog"}]', "holds a JSON list, not a COCO captions file"),
+    ('{"annotations": [{"id": 1, "image_id": 1, "caption": null}]}', "annotations[0] has caption null (NoneType)"),
+    ('{"annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}, {"id": 2, "image_id": 1, "caption": 42}]}',
+     "annotations[1] has caption 42 (int), not a string"),
+    ('{"annotations": [{"id": 1, "image_id": 1, "caption": ["a", "dog"]}]}', "has caption [\"a\", \"dog\"] (list)"),
+    ('{"annotations": [{"id": 1, "image_id": 1, "text": "a dog"}]}', "annotations[0] has no 'caption' key"),
+    ('{"annotations": {"id": 1}}', "'annotations' is a dict, not a list"),
+    ('{"annotations": [{"id": 1, "image_id": 1, "caption": "a"}, {"id": 1, "image_id": 2, "caption": "b"}]}',
+     "annotations[1] repeats the id 1"),
+    ('{"annotations": [\n  {"id": 1, "image_id": 1, "caption": "a dog"},\n  {"id": 2 "image_id": 1}\n]}',
+     "is not valid JSON: Expecting ',' delimiter at line 3, column 12"),
+])
+def test_broken_annotation_files_are_one_line_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "captions.json"
+    path.write_text(content)
+    proc = run_cli("vocab", "--captions", path, "--out", tmp_path / "vocabulary.pkl", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(path) in proc.stderr and problem in proc.stderr, proc.stderr
+    assert not (tmp_path / "vocabulary.pkl").exists()

@@ -1,0 +1,235 @@
+"""The run folder (models_dir/<dataset>/) of a training run: who may write it, and what a new start finds.
+
+- `RunLock`: `train.lock`, created atomically (O_CREAT|O_EXCL) by rank 0 and holding its PID and host,
+  keeps a second trainer out of the folder. A lock whose process is gone (same host) is stale: it is
+  taken over with a warning.
+- `prepare_run_dir`: before any expensive work, a fresh run refuses a folder that holds a run (unless
+  `overwrite`, which clears it), a resume finds its last.ckpt, and the temporary files of writes that
+  a `kill -9` interrupted are removed.
+- `read_log` / `trim_log`: train_log.jsonl read line by line, a torn last line (a kill during a
+  write) dropped with a warning.
+"""
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+import uuid
+
+RUN_FILES = ("last.ckpt", "best.ckpt", "train_log.jsonl")   # a folder holding any of these holds a run
+OLD_RUN_FILES = RUN_FILES + ("evaluation.json",)             # what --overwrite removes
+LOCK_NAME = "train.lock"
+# atomic_write's temporary names for the checkpoints: last.ckpt.<8 mkstemp characters>.tmp
+TEMP_FILE = re.compile(r"^(last|best)\.ckpt\.[a-z0-9_]{8}\.tmp$")
+
+
+class RunInUse(RuntimeError):
+    """Another trainer holds the run folder."""
+
+
+def _process_start(pid):
+    """When `pid` started (clock ticks since boot, Linux), to tell a reused PID from the lock's owner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid, start):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # another user's process: alive
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """`with RunLock(folder):` or acquire()/release(). Only the process that took it removes it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.token = None
+
+    def acquire(self, log=print):
+        os.makedirs(self.folder, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+              "token": uuid.uuid4().hex, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_if_stale(log)       # raises RunInUse while its owner runs
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.token = me["token"]
+            return self
+        raise RunInUse(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def _remove_if_stale(self, log):
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
+            return                                   # released meanwhile: try again
+        with f:
+            # One process at a time judges this lock file; another one that judged it stale and
+            # removed it meanwhile leaves us holding a file that is no longer the lock.
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino != os.fstat(f.fileno()).st_ino:
+                    return
+            except FileNotFoundError:
+                return
+            try:
+                owner = json.loads(f.read())
+                pid, host = int(owner["pid"]), str(owner["host"])
+            except (ValueError, KeyError, TypeError):
+                if time.time() - os.fstat(f.fileno()).st_mtime < 10:   # its owner may be writing it now
+                    raise RunInUse(f"{self.folder} is being locked by another trainer ({self.path})") from None
+                log(f"warning: removing the unreadable lock file {self.path} (left by a crash)")
+                os.remove(self.path)
+                return
+            if host != socket.gethostname():
+                raise RunInUse(f"another training run (PID {pid} on host {host}) is using {self.folder}; "
+                               f"if none runs there any more, delete {self.path}")
+            if _alive(pid, owner.get("start")):
+                raise RunInUse(f"another training run (PID {pid}) is using {self.folder}: wait for it to end, "
+                               f"stop it, or train into another --models-dir")
+            log(f"warning: taking over the stale lock {self.path}: its process {pid} is no longer running")
+            os.remove(self.path)
+
+    def release(self):
+        """Remove the lock file if it is still ours."""
+        if self.token is None:
+            return
+        try:
+            with open(self.path) as f:
+                ours = json.load(f).get("token") == self.token
+            if ours:
+                os.remove(self.path)
+        except (OSError, ValueError):
+            pass
+        self.token = None
+
+    def __enter__(self):
+        return self if self.token else self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_temp_files(folder, log=print):
+    """Delete the temporary files of checkpoint writes that a kill -9 interrupted (only ours, by name).
+    Call it while holding the lock: then no write of another trainer can be under way."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if TEMP_FILE.match(name):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) of an interrupted checkpoint write from {folder}: "
+            f"{', '.join(removed)}")
+    return removed
+
+
+def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
+    """What a start finds in the run folder, checked before any expensive work (call it holding the lock).
+
+    A fresh run into a folder that holds a run refuses, unless `overwrite` (then the old run's files
+    go); `resume` needs last.ckpt. Leftover temporary files of interrupted writes are removed.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    os.makedirs(models_dir, exist_ok=True)
+    remove_temp_files(models_dir, log)
+    if resume:
+        last = os.path.join(models_dir, "last.ckpt")
+        if not os.path.isfile(last):
+            raise FileNotFoundError(f"--resume: no checkpoint at {last} (train without --resume first)")
+        return
+    present = [n for n in RUN_FILES if os.path.exists(os.path.join(models_dir, n))]
+    if present and not overwrite:
+        raise FileExistsError(f"{models_dir} already holds a training run ({', '.join(present)}): continue it "
+                              f"with --resume (resume=True), replace it with --overwrite (overwrite=True), "
+                              f"or train into another --models-dir")
+    removed = [n for n in OLD_RUN_FILES if os.path.exists(os.path.join(models_dir, n))]
+    for name in removed:
+        os.remove(os.path.join(models_dir, name))
+    if removed:
+        log(f"overwrite: removed the previous run's {', '.join(removed)} from {models_dir}")
+
+
+RESUME_KEYS = ("optimizer", "epoch", "batch", "step", "rng")
+
+
+def check_resumable(path, config, world_size=1):
+    """Before a resume's expensive setup: `path` holds a training state, and this run would skip the
+    same items of the interrupted epoch. Mid-epoch, another batch size or number of processes would
+    skip the wrong number of captions: refused (from an epoch's end any batch size is fine)."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
+    if missing:
+        raise ValueError(f"{path} cannot be resumed: it has no {missing[0]!r} (a checkpoint for inference only?)")
+    for name in ("vocab_threshold", "backbone", "embedding_size", "hidden_layer_size", "num_layers"):
+        was = ckpt["config"].get(name)
+        if was is not None and was != getattr(config, name):
+            raise ValueError(f"{path} was trained with {name} {was}; resuming with {getattr(config, name)} "
+                             f"cannot continue it: resume with --{name.replace('_', '-')} {was}")
+    if not ckpt["batch"]:
+        return
+    where = f"{path} stopped in the middle of epoch {ckpt['epoch']}"
+    batch_size = ckpt["config"].get("batch_size")
+    if batch_size is not None and batch_size != config.batch_size:
+        raise ValueError(f"{where} with batch_size {batch_size}: resuming with {config.batch_size} would skip "
+                         f"the wrong captions; resume with --batch-size {batch_size} (another batch size can "
+                         f"start from an epoch's end)")
+    world = ckpt.get("world_size")
+    if world is not None and world != world_size:
+        raise ValueError(f"{where} with {world} process(es): resuming with {world_size} would skip the wrong "
+                         f"captions; resume with {world} (torchrun --nproc_per_node={world})")
+
+
+def read_log(path, warn=None):
+    """The rows of a train_log.jsonl. A line that is not JSON (a torn last line after a kill) is
+    skipped, with `warn(message)` called when given."""
+    rows, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    if bad and warn:
+        warn(f"warning: {path}: dropped {bad} unreadable line(s) (a write cut short by a kill?)")
+    return rows
+
+
+def trim_log(path, step, log=print):
+    """On resume: keep the rows logged up to the checkpoint's `step`, drop later and torn ones."""
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_log(path, warn=log) if isinstance(r.get("step"), int) and r["step"] <= step]
+    from .atomic import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,0 +1,95 @@
+"""Evaluation never hangs on a Java that is on the PATH but cannot run: the PTB tokenizer or METEOR
+that fails to start, or never answers, is skipped with a warning, and the other metrics still come.
+
+Each case runs in a subprocess under a timeout: a hang fails the test instead of stalling the suite.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+REFS = {1: ["a red circle to the left of a blue square", "A red circle and a blue square."],
+        2: ["a green triangle above a yellow circle", "The green triangle is above the yellow circle"]}
+RIGHT = {1: "a red circle to the left of a blue square", 2: "a green triangle above a yellow circle"}
+SCORE = f"""
+import json
+from captioning.evaluation import score_captions
+refs = {{int(k): v for k, v in json.loads({json.dumps(json.dumps(REFS))}).items()}}
+right = {{int(k): v for k, v in json.loads({json.dumps(json.dumps(RIGHT))}).items()}}
+metrics, _ = score_captions(refs, right)
+print("METRICS " + json.dumps(metrics))
+"""
+REAL_JAVA = shutil.which("java")
+
+
+def fake_java(folder, body):
+    """A `java` first on the PATH that runs `body` (bash)."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "java"
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def score(env, limit=60):
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", SCORE], cwd=ROOT, capture_output=True, text=True, timeout=limit,
+                          env={**os.environ, "CAPTIONING_JAVA_TIMEOUT": "3", **env})
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.split("METRICS ", 1)[1])
+    return metrics, proc.stdout, time.time() - t
+
+
+def test_a_java_that_cannot_start_is_skipped(tmp_path):
+    env = fake_java(tmp_path / "bin", 'echo "Error: Could not create the Java Virtual Machine." >&2; exit 1')
+    metrics, out, _ = score(env)
+    assert "Could not create the Java Virtual Machine" in out and "tokenizing in Python and skipping METEOR" in out
+    assert "METEOR" not in metrics and metrics["Bleu_4"] > 0.9 and "CIDEr" in metrics
+
+
+def test_a_java_that_never_answers_is_given_up_on(tmp_path):
+    env = fake_java(tmp_path / "bin", "exec sleep 300")
+    metrics, out, seconds = score(env)
+    assert "no answer within 3 s" in out and "METEOR" not in metrics and metrics["Bleu_4"] > 0.9
+    assert seconds < 40
+
+
+@pytest.mark.skipif(REAL_JAVA is None, reason="needs a real Java for the PTB tokenizer")
+def test_a_meteor_that_never_answers_is_skipped_alone(tmp_path):
+    # the PTB tokenizer runs on the real Java; METEOR's JVM (-jar) hangs
+    env = fake_java(tmp_path / "bin", f'case " $* " in *" -jar "*) exec sleep 300;; esac; exec {REAL_JAVA} "$@"')
+    metrics, out, seconds = score(env)
+    assert "METEOR skipped" in out and "no answer within 3 s" in out
+    assert "METEOR" not in metrics and metrics["Bleu_4"] > 0.9 and "tokenizing in Python" not in out
+    assert seconds < 40
+
+
+@pytest.mark.skipif(REAL_JAVA is None, reason="needs Java")
+def test_java_tool_options_that_clash_with_meteors_heap_skip_meteor(tmp_path):
+    """JAVA_TOOL_OPTIONS=-Xms3g against METEOR's -Xmx2G: the JVM refuses to start. pycocoevalcap's
+    METEOR then deadlocks; here it is skipped, naming the reason."""
+    metrics, out, _ = score({"JAVA_TOOL_OPTIONS": "-Xms3g", "CAPTIONING_JAVA_TIMEOUT": "60"}, limit=120)
+    assert "METEOR skipped" in out and "heap" in out.lower(), out
+    assert "METEOR" not in metrics and metrics["Bleu_4"] > 0.9
+
+
+@pytest.mark.skipif(REAL_JAVA is None, reason="needs Java")
+def test_meteor_and_ptb_match_pycocoevalcaps_own_wrappers():
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from captioning.evaluation import meteor_score, ptb_tokenize
+
+    wrong = {1: "a green triangle above a yellow circle .", 2: "a red circle, to the left of a blue square"}
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in caps] for i, caps in REFS.items()})
+    res = tokenizer.tokenize({i: [{"caption": wrong[i]}] for i in REFS})
+    assert ptb_tokenize(REFS) == gts and ptb_tokenize({i: [wrong[i]] for i in REFS}) == res
+    theirs = Meteor().compute_score(gts, res)
+    ours = meteor_score(gts, res)
+    assert ours == theirs and 0 < ours[0] < 1

@@ -1,0 +1,185 @@
+"""A run folder is never mixed or replaced unasked: the existing-run check, --overwrite, the lock,
+the temporary files of a killed write, a torn log line, and the checks a resume makes first."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SMALL, run_cli
+from test_training import _train_cmd, _wait_for_step, losses
+
+from captioning.checkpoint import atomic_save, load_checkpoint
+from captioning.config import get_config
+from captioning.rundir import RunInUse, RunLock, read_log
+from captioning.training import train
+from captioning.viz import plot_training_log
+
+
+def config(data, models, **kw):
+    return get_config("tiny", data_dir=str(data), models_dir=str(models), **{**SMALL, **kw})
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(tiny_copy, tmp_path, capsys):
+    models = tmp_path / "m"
+    train(config(tiny_copy, models, max_steps=2))
+    (models / "evaluation.json").write_text("{}")          # notebook 08's report of that run
+    before = {n: (models / n).read_bytes() for n in ("last.ckpt", "best.ckpt", "train_log.jsonl")}
+    proc = run_cli(*_train_cmd(tiny_copy, models, "--max-steps", "3")[3:], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert all(word in proc.stderr for word in ("already holds a training run", "--resume", "--overwrite",
+                                                "--models-dir")), proc.stderr
+    assert "training on" not in proc.stdout                  # refused before any setup
+    assert {n: (models / n).read_bytes() for n in before} == before
+    with pytest.raises(FileExistsError, match="overwrite=True"):   # the library refuses the same way
+        train(config(tiny_copy, models, max_steps=3))
+    # overwrite: the old run's files go, best.ckpt included (no epoch ends in 3 steps: best = last)
+    capsys.readouterr()
+    train(config(tiny_copy, models, max_steps=3, log_every=1), overwrite=True)
+    said = capsys.readouterr().out
+    assert "removed the previous run's last.ckpt, best.ckpt, train_log.jsonl, evaluation.json" in said, said
+    assert sorted(losses(models / "train_log.jsonl")) == [1, 2, 3]
+    assert load_checkpoint(str(models / "best.ckpt"))["step"] == 3
+    assert not (models / "evaluation.json").exists()
+    message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--overwrite")[3:])   # the flag reaches train
+    assert "--resume and --overwrite contradict each other" in message
+
+
+def cli_error(*args):
+    """main(args) in this process (no interpreter start): the one-line message it exits with."""
+    from captioning.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    assert isinstance(exit_.value.code, str) and "\n" not in exit_.value.code, exit_.value.code
+    return exit_.value.code
+
+
+def test_epochs_below_one_are_refused(tmp_path):
+    for value in ("0", "-1"):
+        message = cli_error("train", "--data-dir", tmp_path / "nowhere", "--epochs", value)
+        assert message.startswith("error: epochs must be an integer >= 1"), message
+
+
+def test_resume_checks_come_before_any_expensive_work(tiny_copy, tmp_path):
+    proc = run_cli(*_train_cmd(tiny_copy, tmp_path / "empty", "--resume")[3:], check=False)
+    assert proc.returncode == 1 and "no checkpoint at" in proc.stderr and "last.ckpt" in proc.stderr
+    assert not (tiny_copy / "vocabulary.pkl").exists() and not (tiny_copy / "resized_images").exists()
+    assert not (tiny_copy / "features").exists()
+
+
+def test_resume_with_another_batch_size_mid_epoch_is_refused(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    summary = train(config(tiny_copy, models, max_steps=3))              # 300 captions / 8: mid-epoch
+    ckpt = load_checkpoint(summary["last"])
+    assert ckpt["batch"] == 3 and ckpt["world_size"] == 1
+    with pytest.raises(ValueError, match="batch_size 8: resuming with 16 would skip the wrong captions"):
+        train(config(tiny_copy, models, max_steps=6, batch_size=16), resume=True)
+    assert train(config(tiny_copy, models, max_steps=5), resume=True)["step"] == 5   # the same size resumes
+    assert load_checkpoint(summary["last"])["step"] == 5
+    state = torch.load(summary["last"], weights_only=True)
+    del state["optimizer"]                                  # e.g. a checkpoint exported for inference
+    torch.save(state, summary["last"])
+    with pytest.raises(ValueError, match="cannot be resumed: it has no 'optimizer'"):
+        train(config(tiny_copy, models, max_steps=6), resume=True)
+
+
+def test_lock_keeps_a_second_owner_out_and_takes_over_stale_locks(tmp_path):
+    folder = tmp_path / "m"
+    lock = RunLock(str(folder)).acquire()
+    owner = json.load(open(folder / "train.lock"))
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(RunInUse, match=f"PID {os.getpid()}"):
+        RunLock(str(folder)).acquire()
+    lock.release()
+    assert not (folder / "train.lock").exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                             # a PID that no longer runs
+    (folder / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    said = []
+    with RunLock(str(folder)).acquire(log=said.append):
+        assert json.load(open(folder / "train.lock"))["pid"] == os.getpid()
+    assert said and "stale lock" in said[0] and str(dead.pid) in said[0]
+
+    # our own PID, but a process that started at another time: the PID was reused
+    (folder / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": 1}))
+    if os.path.exists("/proc/self/stat"):
+        RunLock(str(folder)).acquire(log=said.append).release()
+    (folder / "train.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(RunInUse, match="on host elsewhere"):
+        RunLock(str(folder)).acquire()
+    (folder / "train.lock").write_text("")                  # torn: being written now, or left by a crash
+    with pytest.raises(RunInUse, match="being locked"):
+        RunLock(str(folder)).acquire()
+    os.utime(folder / "train.lock", (time.time() - 60,) * 2)
+    RunLock(str(folder)).acquire(log=said.append).release()
+    assert "unreadable lock" in said[-1]
+
+
+def test_a_second_trainer_is_kept_out_and_a_killed_ones_files_are_cleaned(tiny_copy, tmp_path, capsys):
+    models = tmp_path / "m"
+    first = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "1"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(models / "train_log.jsonl", 2, first)
+        second = run_cli(*_train_cmd(tiny_copy, models, "--resume")[3:], check=False)
+        assert second.returncode == 1 and f"another training run (PID {first.pid})" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert first.poll() is None                          # the first one never noticed
+    finally:
+        first.kill()                                         # kill -9: the lock and maybe a temp file stay
+        first.wait()
+    assert json.load(open(models / "train.lock"))["pid"] == first.pid
+    ours = ["last.ckpt.k9x_2ab7.tmp", "best.ckpt.0a1b2c3d.tmp"]
+    others = ["notes.tmp", "last.ckpt.tmp", "mine.ckpt.abcdefgh.tmp"]
+    for name in ours + others:
+        (models / name).write_bytes(b"half a checkpoint")
+    saved = load_checkpoint(str(models / "last.ckpt"))["step"]
+    # a torn last line in the log, as a kill during its write leaves it
+    with open(models / "train_log.jsonl", "a") as f:
+        f.write('{"step": 99999, "epoch": 0, "lo')
+    assert 99999 not in [r["step"] for r in read_log(str(models / "train_log.jsonl"))]   # readers skip it
+    plot_training_log(str(models / "train_log.jsonl"))
+    capsys.readouterr()
+    train(config(tiny_copy, models, epochs=50, max_steps=saved + 2, log_every=1), resume=True)
+    said = capsys.readouterr().out
+    assert "stale lock" in said and str(first.pid) in said
+    removed = re.search(r"removed (\d+) temporary file\(s\)", said)    # ours, and the kill's own if any
+    assert removed and int(removed.group(1)) >= 2 and "dropped 1 unreadable line" in said, said
+    left = sorted(os.listdir(models))
+    assert not any(name in left for name in ours) and all(name in left for name in others)
+    assert "train.lock" not in left                          # released at exit
+    assert sorted(losses(models / "train_log.jsonl")) == list(range(1, saved + 3))
+
+
+def test_checkpoints_get_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = atomic_save({"step": 1}, str(tmp_path / "last.ckpt"))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640          # not mkstemp's 0600
+
+
+
+def test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_own(tiny_copy, tmp_path, capsys):
+    from captioning.vocabulary import load_vocabulary
+
+    first = train(config(tiny_copy, tmp_path / "a", max_steps=1))                      # vocab_threshold=1
+    words = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
+    capsys.readouterr()
+    second = train(config(tiny_copy, tmp_path / "b", max_steps=1, vocab_threshold=100))
+    assert "rebuilding it" in capsys.readouterr().out
+    rebuilt = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
+    ckpt = load_checkpoint(second["last"])
+    assert len(rebuilt) < len(words) and ckpt["vocab"] == rebuilt and ckpt["config"]["vocab_threshold"] == 100
+    with pytest.raises(ValueError, match="trained with vocab_threshold 1; resuming with 100"):
+        train(config(tiny_copy, tmp_path / "a", max_steps=2, vocab_threshold=100), resume=True)
+    assert load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words() == rebuilt      # refused before a rebuild
+    assert load_checkpoint(first["last"])["vocab"] == words
