@@ -106,6 +106,12 @@ def report_text(report):
     lines = ["sample captions (tiny val split, beam 3):"]
     lines += [f"  {os.path.basename(s['image'])}: {s['caption']}" for s in report["samples"]]
     lines += ["", format_table(report["table"])]
+    if report.get("intervals"):
+        from .diagnostics import format_diagnostics, format_intervals, format_signature
+
+        beam = next(iter(report["table"].values()))
+        lines += [format_intervals(beam, report["intervals"]), format_signature(report["signature"]),
+                  format_diagnostics(report["diagnostics"])]
     if report.get("semantic"):
         lines += ["", "semantic accuracy (captions parsed against what the generator drew):",
                   format_semantic_table(report["semantic"])]

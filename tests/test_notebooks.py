@@ -50,6 +50,11 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     assert {"Bleu_4", "CIDEr", "ROUGE_L"} <= set(report["table"]["beam 3"])
     assert {"objects", "colours", "shapes", "relation"} <= set(report["semantic"]["beam 3"])
     assert len(report["samples"]) == 5 and all(s["caption"] for s in report["samples"])
+    lo, hi = report["intervals"]["CIDEr"]
+    assert lo <= report["table"]["beam 3"]["CIDEr"] <= hi and report["signature"]["beam"] == 3
+    text_08 = _text(out / "08_evaluate.ipynb")
+    assert "signature: pycocoevalcap" in text_08 and "B - A" in text_08
+    assert "caption collapse" in text_08                                 # the blind baseline's row warns
     executed_07 = nbformat.read(out / "07_inference.ipynb", as_version=4)
     assert len(_images(executed_07)) >= 3  # the captioned images are shown inline, and a saliency strip
     # the pretraining scenes and the random-vs-stand-in feature map
