@@ -9,10 +9,11 @@ and the words before it):
   cover it. It asks the model directly, in about 100 forward passes per image.
 - Grad-CAM: the gradient of the word's log-probability with respect to a convolutional feature
   map A, averaged over the map's cells, weights A's channels; their sum, positive part only,
-  is the map. One forward pass and one backward pass per word, but it is a linear estimate of
-  a non-linear network: on the tiny set it points at the right object less often than occlusion
-  does (benchmarks/README.md). The map is the backbone's last one (7 x 7 at 224 px), or the one
-  before it when the last is coarser than 4 x 4 (the tiny preset's 56 px images).
+  is the map. One forward pass, then one backward pass per word. It is a linear estimate of a
+  non-linear network: on the tiny set it points at the named object far less often than
+  occlusion does, and is slower there too (benchmarks/saliency_pointing.py). The map is the
+  backbone's last one (7 x 7 at 224 px), or the one before it when the last is coarser than
+  4 x 4 (the tiny preset's 56 px images).
 
 Neither needs training-time support: the backbone runs on the image here, frozen or not,
 whether the model was trained on cached features or not.
