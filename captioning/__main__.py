@@ -32,9 +32,10 @@ def cmd_tinyset(args):
 
 
 def cmd_vocab(args):
+    from .karpathy import coco_captions_file
     from .vocabulary import build_vocabulary, save_vocabulary
 
-    vocab = build_vocabulary(args.captions, args.threshold)
+    vocab = build_vocabulary(coco_captions_file(args.captions), args.threshold)
     save_vocabulary(vocab, args.out)
     print(f"vocabulary of {len(vocab)} words saved to {args.out}")
 
@@ -67,7 +68,8 @@ def _add_config_flags(parser):
     """--field-name VALUE for every Config field (but the preset), parsed by _parse_value in cmd_train."""
     from .config import Config
 
-    helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/)",
+    helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/), or a Karpathy-format one "
+                         "(dataset_*.json and the images: converted once)",
              "models_dir": "where checkpoints go (default: models_dir/<name of the data folder>)"}
     for field in dataclasses.fields(Config):
         if field.name != "preset":
@@ -153,6 +155,10 @@ def cmd_evaluate(args):
     from .semantics import format_semantic
 
     device = pick_device(args.device)
+    if args.data_dir:
+        from .karpathy import ensure_coco_layout
+
+        ensure_coco_layout(args.data_dir)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
@@ -223,7 +229,7 @@ def build_parser():
     p.add_argument("--background", metavar="COLOUR", help="a colour name or #RRGGBB")
     p.set_defaults(func=cmd_tinyset)
 
-    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file")
+    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file (or a Karpathy dataset_*.json)")
     p.add_argument("--captions", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=int, default=4)

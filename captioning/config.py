@@ -157,6 +157,11 @@ def get_config(preset, root=None, **overrides):
 def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):
     """get_config for the notebooks' parameters: None means the preset's folder, and relative paths
     are taken from the project root, so a notebook finds the same files whether Jupyter runs it
-    from notebooks/ or papermill from the root."""
+    from notebooks/ or papermill from the root. A Karpathy-format folder is put in the COCO layout
+    (karpathy.py)."""
+    from .karpathy import ensure_coco_layout
+
     paths = {k: v for k, v in (("data_dir", data_dir), ("models_dir", models_dir)) if v}
-    return get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
+    config = get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
+    ensure_coco_layout(config.data_dir)    # a Karpathy-format DATA_DIR: converted once, then read as COCO
+    return config

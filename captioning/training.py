@@ -68,16 +68,20 @@ class _SkipSampler(data.Sampler):
 
 
 def ensure_prerequisites(config, log=print):
-    """Build what training needs and is missing: the vocabulary, the resized images, the stand-in backbone."""
+    """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
+    the resized images, the stand-in backbone."""
     from .backbone import ensure_standin
     from .images import resize_images
+    from .karpathy import ensure_coco_layout
     from .vocabulary import build_vocabulary, save_vocabulary
 
+    ensure_coco_layout(config.data_dir, log, config.progress)   # a Karpathy-format folder: once, in place
     for split in ("train", "val"):
         for path in (config.captions_json(split), config.split_images(split)):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} not found: {config.data_dir} must be a COCO-layout folder "
-                                        f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json); "
+                                        f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json) or "
+                                        f"hold a Karpathy dataset_*.json and its images; "
                                         f"run notebook 01 or download_coco.sh first")
     if not os.path.exists(config.vocabulary_path):
         log(f"building the vocabulary: {config.vocabulary_path}")
