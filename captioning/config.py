@@ -51,6 +51,7 @@ class Config:
     channels_last: bool = True             # CNN memory format on CUDA, and on a CPU for a frozen backbone
     device: str = ""                       # "" = cuda if available, else cpu
     progress: bool = True
+    tensorboard: bool = True               # event files in models_dir/tb/ (tblog.py)
 
     def __post_init__(self):
         if not self.models_dir:
@@ -113,7 +114,7 @@ class Config:
 
 
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
-RUNTIME_FIELDS = ("device", "progress", "num_workers")
+RUNTIME_FIELDS = ("device", "progress", "num_workers", "tensorboard")
 
 
 PRESETS = {

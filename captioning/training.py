@@ -152,6 +152,7 @@ class Run:
     last_loss: float | None = None
     loss: torch.Tensor | None = None   # the latest step's loss, read (a GPU sync) only when logged
     log_file: object = None
+    board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
 
     def path(self, name):
         return os.path.join(self.config.models_dir, name)
@@ -322,6 +323,8 @@ def train_one_epoch(run, bar, t0):
             bar.set_postfix(epoch=run.epoch, loss=f"{run.last_loss:.3f}", ppl=f"{perplexity:.1f}")
             run.write_log({"step": run.step, "epoch": run.epoch, "loss": run.last_loss, "perplexity": perplexity,
                            "elapsed_s": round(time.time() - t0, 2)})
+            if run.board:
+                run.board.training(run.step, run.last_loss, run.optimizer)
         if run.step >= run.total_steps:
             return
         if config.save_every and run.step % config.save_every == 0:
@@ -336,6 +339,8 @@ def validate(run):
     run.write_log({"step": run.step, "epoch": run.epoch - 1, "val_loss": val_loss,
                    "val_perplexity": math.exp(min(val_loss, 50))})
     run.log(f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
+    if run.board:
+        run.board.validation(run.step, val_loss, run.encoder, run.decoder)
     improved = val_loss < run.best_val
     run.best_val = min(run.best_val, val_loss)
     save_checkpoint(run)
@@ -365,6 +370,10 @@ def _fit(run):
     from .progress import tqdm
 
     config, interrupted, t0 = run.config, False, time.time()
+    if run.master and config.tensorboard:
+        from .tblog import open_board
+
+        run.board = open_board(config, run.vocab, run.device, resume_step=run.step, log=run.log)
     bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
                disable=not (run.master and config.progress))
     try:
@@ -381,6 +390,8 @@ def _fit(run):
                 f"(continue with resume=True / --resume)")
     finally:
         bar.close()
+        if run.board:
+            run.board.close()
     if run.loss is not None:
         run.last_loss = run.loss.item()
     save_checkpoint(run)
