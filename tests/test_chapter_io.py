@@ -196,3 +196,17 @@ def test_the_exported_vocabulary_pickle_names_only_main_vocab_and_builtins(tiny_
     assert globals_ == ["__main__ Vocab"]
     with pytest.raises(AttributeError, match="Vocab"):   # without the book's class in __main__ it cannot load
         pickle.loads(data)
+
+
+def test_every_backbone_is_recognised_from_its_state_dict_keys():
+    """The book's resnet152 included: built on the meta device, so no weights are made."""
+    from captioning.backbone import BACKBONES
+    from captioning.chapter_io import infer_backbone
+
+    for name in BACKBONES:
+        with torch.device("meta"):
+            resnet = getattr(torchvision.models, name)()
+        children = torch.nn.Sequential(*list(resnet.children())[:-1])
+        assert infer_backbone({f"resnet_module.{k}": v for k, v in children.state_dict().items()}) == name
+    with pytest.raises(ValueError, match="no ResNet weights"):
+        infer_backbone({"linear_layer.weight": torch.zeros(1)})
