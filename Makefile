@@ -1,6 +1,7 @@
 # make demo  - generate the tiny dataset and run notebooks 01..08 on it (offline, CPU)
 # make test  - ruff, then the test suite (includes executing every notebook on the tiny preset)
 # make lab   - JupyterLab on notebooks/ (works as root and headless; LAB_ARGS="--ip=0.0.0.0 --port=8889" passes options)
+# make tensorboard - TensorBoard on models_dir/ (training's event files; TB_ARGS="--port 6007 --bind_all" passes options)
 # Each target creates .venv on first use and installs the pinned requirements.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lab bench clean
+.PHONY: demo test lab tensorboard bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,18 @@ lab: $(STAMP)
 		echo "    ssh -L $$port:localhost:$$port $${USER:-you}@$$(hostname)"; \
 	fi; \
 	exec $(VENV)/bin/jupyter lab notebooks/ $$flags $(LAB_ARGS)
+
+# TensorBoard never opens a browser and runs as root too; it listens on localhost unless TB_ARGS says
+# --bind_all. It prints its URL; without a display, the port-forward to use from a laptop comes first.
+TB_ARGS ?=
+TB_LOGDIR ?= models_dir
+tensorboard: $(STAMP)
+	@port=$$(echo "$(TB_ARGS)" | sed -n 's/.*--port[= ]*\([0-9][0-9]*\).*/\1/p'); port=$${port:-6006}; \
+	if [ -n "$$SSH_CONNECTION" ] || { [ "$$(uname)" != "Darwin" ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; }; then \
+		echo "No display here: open the URL printed below. From a laptop, forward its port first:"; \
+		echo "    ssh -L $$port:localhost:$$port $${USER:-you}@$$(hostname)"; \
+	fi; \
+	exec $(VENV)/bin/tensorboard --logdir $(TB_LOGDIR) --port $$port $(TB_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/resize.py

@@ -9,6 +9,8 @@
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
+    python -m captioning import-chapter --encoder ENC.ckpt --decoder DEC.ckpt --vocabulary VOCAB.pkl --out CKPT
+    python -m captioning export-chapter --checkpoint CKPT --out DIR
 
 Heavy imports (torch) happen inside each command, so `resize` and `tinyset` start fast.
 """
@@ -45,12 +47,13 @@ def check_writable(path, flag):
 
 
 def cmd_vocab(args):
+    from .karpathy import coco_captions_file
     from .vocabulary import build_vocabulary, save_vocabulary
 
     if args.threshold < 1:
         raise ValueError(f"--threshold must be >= 1, got {args.threshold}")
     check_writable(args.out, "--out")
-    vocab = build_vocabulary(args.captions, args.threshold)
+    vocab = build_vocabulary(coco_captions_file(args.captions), args.threshold)
     save_vocabulary(vocab, args.out)
     print(f"vocabulary of {len(vocab)} words saved to {args.out}")
 
@@ -85,7 +88,8 @@ def _add_config_flags(parser):
     """--field-name VALUE for every Config field (but the preset), parsed by _parse_value in cmd_train."""
     from .config import Config
 
-    helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/)",
+    helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/), or a Karpathy-format one "
+                         "(dataset_*.json and the images: converted once)",
              "models_dir": "where checkpoints go (default: models_dir/<name of the data folder>)"}
     for field in dataclasses.fields(Config):
         if field.name != "preset":
@@ -196,6 +200,10 @@ def cmd_evaluate(args):
         if path:
             check_writable(path, flag)
     device = pick_device(args.device)
+    if args.data_dir:
+        from .karpathy import ensure_coco_layout
+
+        ensure_coco_layout(args.data_dir)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
@@ -215,6 +223,44 @@ def cmd_evaluate(args):
             json.dump(results_json(r["predictions"]), f)
 
 
+def cmd_import_chapter(args):
+    from .chapter_io import import_chapter
+
+    import_chapter(args.encoder, args.decoder, args.vocabulary, args.out, args.backbone, args.embedding_size,
+                   args.hidden_size, args.num_layers, args.max_seq_len)
+
+
+def cmd_export_chapter(args):
+    from .chapter_io import export_chapter
+
+    export_chapter(args.checkpoint, args.out, args.weights)
+
+
+def _add_chapter_commands(sub):
+    from .chapter_io import BOOK
+
+    p = sub.add_parser("import-chapter", help="the book's encoder/decoder .ckpt and vocabulary.pkl -> one checkpoint",
+                       description="Sizes left out are read off the weights (the book's, unless they say "
+                                   "otherwise); a size that disagrees with the weights is an error.")
+    p.add_argument("--encoder", required=True, help="the book's encoder-E-S.ckpt (CNNModel state_dict)")
+    p.add_argument("--decoder", required=True, help="the book's decoder-E-S.ckpt (LSTMModel state_dict)")
+    p.add_argument("--vocabulary", required=True, help="the book's vocabulary.pkl")
+    p.add_argument("--out", required=True, help="the checkpoint to write")
+    p.add_argument("--backbone", help=f"default: the weights' ResNet (the book: {BOOK['backbone']})")
+    for flag in ("embedding_size", "hidden_size", "num_layers"):
+        p.add_argument("--" + flag.replace("_", "-"), type=int, help=f"default: the weights' (the book: {BOOK[flag]})")
+    p.add_argument("--max-seq-len", type=int, help=f"longest caption generated (default: the book's "
+                                                   f"{BOOK['max_seq_len']}; not in the weights)")
+    p.set_defaults(func=cmd_import_chapter)
+
+    p = sub.add_parser("export-chapter", help="a checkpoint -> DIR/encoder.ckpt, decoder.ckpt, vocabulary.pkl "
+                                              "for the book's notebook")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the folder to write the three files to")
+    p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
+    p.set_defaults(func=cmd_export_chapter)
+
+
 def build_parser():
     """The commands and their options, as one table (splitting it would scatter what --help shows)."""
     parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
@@ -232,7 +278,7 @@ def build_parser():
     p.add_argument("--background", metavar="COLOUR", help="a colour name or #RRGGBB")
     p.set_defaults(func=cmd_tinyset)
 
-    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file")
+    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file (or a Karpathy dataset_*.json)")
     p.add_argument("--captions", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=int, default=4)
@@ -291,6 +337,7 @@ def build_parser():
         p.add_argument("--device", default="")
         p.set_defaults(func=func)
 
+    _add_chapter_commands(sub)
     return parser
 
 

@@ -51,6 +51,7 @@ class Config:
     channels_last: bool = True             # CNN memory format on CUDA, and on a CPU for a frozen backbone
     device: str = ""                       # "" = cuda if available, else cpu
     progress: bool = True
+    tensorboard: bool = True               # event files in models_dir/tb/ (tblog.py)
 
     def __post_init__(self):
         if not self.models_dir:
@@ -113,7 +114,7 @@ class Config:
 
 
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
-RUNTIME_FIELDS = ("device", "progress", "num_workers")
+RUNTIME_FIELDS = ("device", "progress", "num_workers", "tensorboard")
 
 
 PRESETS = {
@@ -157,6 +158,11 @@ def get_config(preset, root=None, **overrides):
 def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):
     """get_config for the notebooks' parameters: None means the preset's folder, and relative paths
     are taken from the project root, so a notebook finds the same files whether Jupyter runs it
-    from notebooks/ or papermill from the root."""
+    from notebooks/ or papermill from the root. A Karpathy-format folder is put in the COCO layout
+    (karpathy.py)."""
+    from .karpathy import ensure_coco_layout
+
     paths = {k: v for k, v in (("data_dir", data_dir), ("models_dir", models_dir)) if v}
-    return get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
+    config = get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
+    ensure_coco_layout(config.data_dir)    # a Karpathy-format DATA_DIR: converted once, then read as COCO
+    return config

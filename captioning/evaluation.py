@@ -14,7 +14,6 @@ also reports semantic accuracy (captioning.semantics): whether the captions name
 objects, which n-gram metrics cannot tell.
 """
 import collections
-import json
 import os
 import queue
 import shutil
@@ -25,6 +24,7 @@ import threading
 from collections import Counter
 
 from .diagnostics import bleu_statistics
+from .karpathy import karpathy_test_images
 from .vocabulary import caption_tokens, load_coco, tokenize
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -244,7 +244,8 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
 def heldout_split(config, split="val"):
     """(image folder, captions json, image ids) of the split the metrics are computed on.
 
-    - with `dataset_coco.json` (Karpathy's split file) in the data folder: its test images;
+    - with a Karpathy split file (`dataset_coco.json`, `dataset_flickr8k.json`...) in the data folder:
+      its test images;
     - without it: the `config.heldout_images` val images with the smallest ids, all of them when 0
       (COCO: 5000 of val2014; train2014 is all we train on, so any part of val2014 is held out,
       and the smallest ids make it reproducible everywhere; the tiny preset: its whole val split).
@@ -257,10 +258,8 @@ def heldout_split(config, split="val"):
     json_path = config.captions_json(split)
     coco = load_coco(json_path)
     ids = sorted(coco.getImgIds())
-    karpathy = os.path.join(config.data_dir, "dataset_coco.json")
-    if split == "val" and os.path.exists(karpathy):
-        with open(karpathy) as f:
-            test_names = {img["filename"] for img in json.load(f)["images"] if img["split"] == "test"}
+    test_names = karpathy_test_images(config.data_dir) if split == "val" else None
+    if test_names is not None:
         ids = [i for i in ids if coco.imgs[i]["file_name"] in test_names]
     elif split == "val" and config.heldout_images:
         ids = ids[:config.heldout_images]

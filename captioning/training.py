@@ -72,16 +72,20 @@ class _SkipSampler(data.Sampler):
 
 
 def ensure_prerequisites(config, log=print):
-    """Build what training needs and is missing: the vocabulary, the resized images, the stand-in backbone."""
+    """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
+    the resized images, the stand-in backbone."""
     from .backbone import ensure_standin
     from .images import resize_images
+    from .karpathy import ensure_coco_layout
     from .vocabulary import build_vocabulary, save_vocabulary
 
+    ensure_coco_layout(config.data_dir, log, config.progress)   # a Karpathy-format folder: once, in place
     for split in ("train", "val"):
         for path in (config.captions_json(split), config.split_images(split)):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} not found: {config.data_dir} must be a COCO-layout folder "
-                                        f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json); "
+                                        f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json) or "
+                                        f"hold a Karpathy dataset_*.json and its images; "
                                         f"run notebook 01 or download_coco.sh first")
     # the vocabulary of these captions at this threshold (cheap once the tokens are cached): an
     # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold
@@ -159,6 +163,7 @@ class Run:
     last_loss: float | None = None
     loss: torch.Tensor | None = None   # the latest step's loss, read (a GPU sync) only when logged
     log_file: object = None
+    board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
 
     def path(self, name):
         return os.path.join(self.config.models_dir, name)
@@ -325,6 +330,8 @@ def train_one_epoch(run, bar, t0):
             bar.set_postfix(epoch=run.epoch, loss=f"{run.last_loss:.3f}", ppl=f"{perplexity:.1f}")
             run.write_log({"step": run.step, "epoch": run.epoch, "loss": run.last_loss, "perplexity": perplexity,
                            "elapsed_s": round(time.time() - t0, 2)})
+            if run.board:
+                run.board.training(run.step, run.last_loss, run.optimizer)
         if run.step >= run.total_steps:
             return
         if config.save_every and run.step % config.save_every == 0:
@@ -339,6 +346,8 @@ def validate(run):
     run.write_log({"step": run.step, "epoch": run.epoch - 1, "val_loss": val_loss,
                    "val_perplexity": math.exp(min(val_loss, 50))})
     run.log(f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
+    if run.board:
+        run.board.validation(run.step, val_loss, run.encoder, run.decoder)
     improved = val_loss < run.best_val
     with interrupts_deferred():                   # last.ckpt and best.ckpt agree, even after a Ctrl-C
         run.best_val = min(run.best_val, val_loss)
@@ -402,6 +411,10 @@ def _fit(run):
     from .progress import tqdm
 
     config, interrupted, t0 = run.config, False, time.time()
+    if run.master and config.tensorboard:
+        from .tblog import open_board
+
+        run.board = open_board(config, run.vocab, run.device, resume_step=run.step, log=run.log)
     bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
                disable=not (run.master and config.progress))
     with _interrupt_once():
@@ -419,6 +432,8 @@ def _fit(run):
                     f"(continue with resume=True / --resume)")
         finally:
             bar.close()
+            if run.board:
+                run.board.close()
         with interrupts_deferred():               # a Ctrl-C now is answered once everything is written
             if run.loss is not None:
                 run.last_loss = run.loss.item()

@@ -273,6 +273,7 @@ def test_torchrun_ddp_on_cpu(tiny_copy, tmp_path, procs):
     assert proc.stdout.count(expected) == 1, proc.stdout                # only rank 0 logs
     rows = [json.loads(line) for line in open(models / "train_log.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # one writer, no duplicates
+    assert len([f for f in os.listdir(models / "tb") if f.startswith("events.")]) == 1   # and one TensorBoard file
     assert load_checkpoint(str(models / "last.ckpt"))["step"] == 6
 
 
