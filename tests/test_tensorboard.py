@@ -62,7 +62,7 @@ def test_a_resume_hides_events_after_its_checkpoint_and_a_fresh_run_starts_over(
     assert sorted(scalars["train/loss"]) == list(range(1, 7))
     assert abs(scalars["train/loss"][5] - losses[5]) < 1e-5 and scalars["train/loss"][5] != 123.0
 
-    train(small(tiny_copy, models, epochs=3, max_steps=2))                   # fresh: the old events go
+    train(small(tiny_copy, models, epochs=3, max_steps=2), overwrite=True)   # fresh: the old events go
     assert sorted(board(models / "tb")[0]["train/loss"]) == [1, 2]
     train(small(tiny_copy, tmp_path / "off", max_steps=1, tensorboard=False))
     assert not os.path.exists(tmp_path / "off" / "tb") and os.path.exists(tmp_path / "off" / "last.ckpt")
