@@ -58,8 +58,10 @@ def collapse_warning(diagnostics):
         return None
     if d["distinct"] >= DISTINCT_BELOW and d["top_share"] <= ONE_CAPTION_ABOVE:
         return None
-    return (f"warning: caption collapse: {d['distinct']:.0%} of {d['images']} images get a distinct caption, and "
-            f"{d['top_share']:.0%} get \"{d['top_caption']}\". The model is ignoring the image. Likely causes: "
+    distinct = round(d["distinct"] * d["images"])
+    return (f"warning: caption collapse: {distinct} distinct caption{'s' if distinct != 1 else ''} for "
+            f"{d['images']} images, and {d['top_share']:.0%} of them get \"{d['top_caption']}\". The model is "
+            f"ignoring the image. Likely causes: "
             f"images normalised differently than in training (mean/std, size), a learning rate too high for "
             f"the decoder, or an untrained or collapsed checkpoint (check the training log's loss).")
 
