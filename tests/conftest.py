@@ -1,6 +1,15 @@
 import os
+import queue
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -62,3 +71,52 @@ def readonly_dir(tmp_path):
             return str(candidate)
         os.rmdir(os.path.join(candidate, "probe"))
     pytest.skip("no read-only folder available here")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url, wait=30):
+    """The HTTP status of url; the server may print its URL a moment before it listens."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except urllib.error.URLError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@contextmanager
+def make_server(args, url_pattern, env=None, timeout=90):
+    """Run `make -s ARGS` as a user without a display would, until it prints a line matching url_pattern.
+
+    Yields (the match, every line printed so far); the server's whole process group is stopped on exit.
+    """
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    proc = subprocess.Popen(["make", "-s", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, match = [], None
+    try:
+        deadline = time.time() + timeout
+        while match is None and time.time() < deadline:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, "".join(seen)
+                continue
+            match = re.search(url_pattern, seen[-1])
+        assert match, "no URL printed:\n" + "".join(seen)
+        yield match, seen
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -70,48 +70,24 @@ def test_a_resume_hides_events_after_its_checkpoint_and_a_fresh_run_starts_over(
 
 def test_make_tensorboard_serves_the_models_dir_headless_and_prints_its_url(tmp_path):
     """As `make lab`: no display, maybe root. The URL it prints must answer and show the runs."""
-    import queue
-    import re
-    import signal
     import subprocess
-    import threading
     import time
     import urllib.request
 
-    from conftest import ROOT
-    from test_lab import _free_port, _status
+    from conftest import ROOT, free_port, http_status, make_server
 
     dry = subprocess.run(["make", "-n", "tensorboard"], cwd=ROOT, capture_output=True, text=True)
     assert "tensorboard --logdir models_dir --port" in dry.stdout                 # the default: every dataset
     with SummaryWriter(str(tmp_path / "tiny" / "tb")) as writer:
         writer.add_scalar("train/loss", 1.5, 1)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    proc = subprocess.Popen(["make", "-s", "tensorboard", f"TB_ARGS=--port {port}", f"TB_LOGDIR={tmp_path}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    seen, url = [], None
-    try:
-        deadline = time.time() + 90
-        while url is None and time.time() < deadline:
-            try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
-                assert proc.poll() is None, "".join(seen)
-                continue
-            match = re.search(rf"(http://localhost:{port}/)", seen[-1])
-            url = match and match.group(1)
-        assert url, "no URL printed:\n" + "".join(seen)
+    port = free_port()
+    with make_server(["tensorboard", f"TB_ARGS=--port {port}", f"TB_LOGDIR={tmp_path}"],
+                     rf"(http://localhost:{port}/)") as (match, seen):
         assert any(f"ssh -L {port}:localhost:{port}" in line for line in seen)   # the port-forward hint
-        assert _status(url) == 200
+        assert http_status(match.group(1)) == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/logdir", timeout=10) as r:
             assert json.load(r)["logdir"] == str(tmp_path)
         deadline = time.time() + 30                                            # it finds the run
         while "tiny/tb" not in urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=10).read().decode():
             assert time.time() < deadline, "the run never appeared"
             time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
