@@ -281,7 +281,7 @@ def standin_accuracy(resnet, head, heldout):
     return accuracy, error
 
 
-def resolution_schedule(steps, resize_size, crop_size, batch_size, low_share=3 / 7):
+def resolution_schedule(steps, resize_size, crop_size, batch_size, low_share=3 / 7, low_batch=2):
     """[(steps, resize, crop, batch)]: small images first, in batches twice as large, then the captioner's size.
 
     Progressive resizing: a small image costs a fraction of a full one, so the network sees far
@@ -294,11 +294,12 @@ def resolution_schedule(steps, resize_size, crop_size, batch_size, low_share=3 /
         return [(steps, resize_size, crop_size, batch_size)]
     low_resize = low_crop + (resize_size - crop_size) * low_crop // crop_size
     low_steps = round(low_share * steps)
-    return [(low_steps, low_resize, low_crop, 2 * batch_size), (steps - low_steps, resize_size, crop_size, batch_size)]
+    return [(low_steps, low_resize, low_crop, low_batch * batch_size),
+            (steps - low_steps, resize_size, crop_size, batch_size)]
 
 
-def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=1000, batch_size=64, lr=2e-3,
-                     seed=0, progress=True):
+def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=1400, batch_size=64, lr=2e-3,
+                     seed=0, progress=True, low_share=3 / 7, low_batch=2):
     """Train a ResNet from scratch on synthetic scenes; returns (state_dict without fc, report dict).
 
     Deterministic for a seed: the scenes come from random.Random(seed), the initialisation and
@@ -319,7 +320,7 @@ def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=10
     params = list(resnet.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr, weight_decay=1e-4)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
-    schedule = resolution_schedule(steps, resize_size, crop_size, batch_size)
+    schedule = resolution_schedule(steps, resize_size, crop_size, batch_size, low_share, low_batch)
     heldout = scene_batch(random.Random(seed + 1_000_003), 512, shapes, resize_size, crop_size)
     resnet.train()
     with tqdm(total=steps, desc=f"pretraining the stand-in {backbone}", unit="step", disable=not progress) as bar:
