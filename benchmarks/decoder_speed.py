@@ -7,7 +7,7 @@ batch, cross-entropy, backward, Adam. Same weights, same batches; the two ways a
 step by step so that machine noise hits both alike; median step time of each.
 Shapes: the coco preset (batch 128, embedding 256, hidden 512) with a 10,000-word vocabulary,
 about COCO's at threshold 4, and with the tiny set's 33 words as benchmarks/train_speed.py
-trains it; and the tiny preset (batch 256, embedding 128, hidden 256, 33 words).
+trains it; and the tiny preset (batch 128, embedding 128, hidden 256, 33 words).
 Caption lengths are drawn from 9..20 tokens (<start> ... <end>; COCO averages about 13).
 --profile then prints torch.profiler's busiest operations in 3 nn.LSTM steps at the coco shapes
 with 33 words: the aten::fill_ and aten::add_ on (N, 4H) tensors are what lstm.py avoids.

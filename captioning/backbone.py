@@ -192,9 +192,10 @@ def synthetic_scene(rng, shapes, resize_size, crop_size):
         draw_shape(draw, shapes[shape], (cx - r, cy - r, cx + r, cy + r), tuple(round(255 * c) for c in colour),
                    rotation=rng.uniform(-ROTATION, ROTATION))
         objects.append((shape, colour, cx, cy, r))
-    if rng.random() < 0.7:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
+    blur = rng.uniform(0.2, 1.0) if rng.random() < 0.7 else 0.0   # in the drawing's pixels
     image = image.resize((resize_size, resize_size), resample=2)        # bilinear, as resize_images
+    if blur:  # blurred after the resize, at the radius that scale gives: the same look, a fraction of the work
+        image = image.filter(ImageFilter.GaussianBlur(blur * resize_size / max(width, height)))
     left, top = rng.randint(0, resize_size - crop_size), rng.randint(0, resize_size - crop_size)
     image = image.crop((left, top, left + crop_size, top + crop_size))
     scale_x, scale_y = resize_size / width, resize_size / height
@@ -280,22 +281,25 @@ def standin_accuracy(resnet, head, heldout):
     return accuracy, error
 
 
-def resolution_schedule(steps, resize_size, crop_size, low_share=0.6):
-    """[(steps, resize, crop)]: most steps on small images, then the rest at the captioner's size.
+def resolution_schedule(steps, resize_size, crop_size, batch_size, low_share=3 / 7, low_batch=2):
+    """[(steps, resize, crop, batch)]: small images first, in batches twice as large, then the captioner's size.
 
     Progressive resizing: a small image costs a fraction of a full one, so the network sees far
     more scenes in the same time, and the last steps adapt it to the size it will be used at.
+    Small images go in double batches: on a CPU a step of small images is mostly fixed overhead,
+    and the gradients of small, hard-to-read scenes are noisier.
     """
     low_crop = max(32, crop_size * 4 // 7)
     if low_crop >= crop_size:
-        return [(steps, resize_size, crop_size)]
+        return [(steps, resize_size, crop_size, batch_size)]
     low_resize = low_crop + (resize_size - crop_size) * low_crop // crop_size
     low_steps = round(low_share * steps)
-    return [(low_steps, low_resize, low_crop), (steps - low_steps, resize_size, crop_size)]
+    return [(low_steps, low_resize, low_crop, low_batch * batch_size),
+            (steps - low_steps, resize_size, crop_size, batch_size)]
 
 
-def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=1000, batch_size=64, lr=2e-3,
-                     seed=0, progress=True):
+def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=1400, batch_size=64, lr=2e-3,
+                     seed=0, progress=True, low_share=3 / 7, low_batch=2):
     """Train a ResNet from scratch on synthetic scenes; returns (state_dict without fc, report dict).
 
     Deterministic for a seed: the scenes come from random.Random(seed), the initialisation and
@@ -315,25 +319,26 @@ def pretrain_standin(backbone="resnet18", resize_size=64, crop_size=56, steps=10
     resnet.to(memory_format=torch.channels_last)
     params = list(resnet.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
+    schedule = resolution_schedule(steps, resize_size, crop_size, batch_size, low_share, low_batch)
     heldout = scene_batch(random.Random(seed + 1_000_003), 512, shapes, resize_size, crop_size)
     resnet.train()
     with tqdm(total=steps, desc=f"pretraining the stand-in {backbone}", unit="step", disable=not progress) as bar:
-        for phase_steps, phase_resize, phase_crop in resolution_schedule(steps, resize_size, crop_size):
+        for phase_steps, phase_resize, phase_crop, phase_batch in schedule:
             for _ in range(phase_steps):
-                images, *targets = scene_batch(rng, batch_size, shapes, phase_resize, phase_crop)
+                images, *targets = scene_batch(rng, phase_batch, shapes, phase_resize, phase_crop)
                 loss = standin_loss(head(resnet(images.contiguous(memory_format=torch.channels_last))), *targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                one_cycle.step()
                 bar.update()
                 if bar.n % 10 == 0:
                     bar.set_postfix(size=phase_crop, loss=f"{loss.item():.3f}")
     accuracy, error = standin_accuracy(resnet, head, heldout)
     state = {k: v.contiguous() for k, v in resnet.state_dict().items()}
     report = {"backbone": backbone, "resize_size": resize_size, "crop_size": crop_size, "steps": steps,
-              "schedule": resolution_schedule(steps, resize_size, crop_size), "batch_size": batch_size, "lr": lr,
+              "schedule": schedule, "batch_size": batch_size, "lr": lr,
               "seed": seed, "shapes": list(shapes), "heldout_scenes": len(heldout[0]),
               "heldout_shape_accuracy": round(accuracy, 4), "heldout_colour_error": round(error, 4)}
     return state, report

@@ -23,7 +23,7 @@ class Config:
     # model
     backbone: str = "resnet152"
     weights: str | None = "DEFAULT"        # "DEFAULT", an enum name, None, a local .pth file, or "standin"
-    standin_steps: int = 1000              # weights="standin": pretraining steps on synthetic scenes
+    standin_steps: int = 1400              # weights="standin": pretraining steps on synthetic scenes
     standin_seed: int = 0
     train_backbone: bool = False
     embedding_size: int = 256
@@ -131,7 +131,7 @@ PRESETS = {
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
-        embedding_size=128, hidden_layer_size=256, batch_size=256, lr=5e-3, backbone_lr=2e-3,
+        embedding_size=128, hidden_layer_size=256, batch_size=128, lr=5e-3, backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }

@@ -94,7 +94,7 @@ def test_training_builds_the_standin_once_and_checkpoints_carry_it(tiny_copy, tm
 
 
 def test_resolution_schedule_ends_at_the_captioners_size():
-    assert resolution_schedule(1000, 64, 56) == [(600, 36, 32), (400, 64, 56)]
-    assert resolution_schedule(1000, 256, 224) == [(600, 146, 128), (400, 256, 224)]
-    assert resolution_schedule(7, 36, 32) == [(7, 36, 32)]           # already small: one phase
-    assert sum(s for s, _, _ in resolution_schedule(5, 64, 56)) == 5
+    assert resolution_schedule(1400, 64, 56, 64) == [(600, 36, 32, 128), (800, 64, 56, 64)]
+    assert resolution_schedule(700, 256, 224, 32) == [(300, 146, 128, 64), (400, 256, 224, 32)]
+    assert resolution_schedule(7, 36, 32, 64) == [(7, 36, 32, 64)]           # already small: one phase
+    assert sum(s for s, *_ in resolution_schedule(5, 64, 56, 64)) == 5
