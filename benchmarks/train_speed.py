@@ -4,7 +4,9 @@
                                      [--methods chapter views:2 maps] [--seeds 0] [--workers 0] [--profile]
 
 Methods: `chapter` is the chapter's loop (--no-cache); `views:K` a cache of K pooled crops per
-image; `maps` a cache of feature maps (the whole image and its mirror) that crops are pooled from.
+image, one drawn per caption; `views:K+J` the same cache with `cache_jitter` J (the views' mean
+plus J times another image's crop deviation); `maps` a cache of feature maps (the whole image
+and its mirror) that crops are pooled from.
 
 Both use the coco preset's frozen-backbone configuration (ResNet-152, embedding 256, hidden
 512, Adam 1e-3, batch 128). No ImageNet weights can be downloaded here, so the benchmark
@@ -98,10 +100,16 @@ def method(text):
         return "chapter loop (--no-cache)", dict(cache=False)
     if text == "maps":
         return "cached maps, pooled crops", dict(cache=True, cache_kind="maps")
-    if text.startswith("views:") and text[6:].isdigit():
-        k = int(text[6:])
-        return f"cached views, K={k}", dict(cache=True, cache_kind="views", cache_views=k)
-    raise SystemExit(f"unknown method {text!r}: chapter, views:K or maps")
+    views, _, jitter = text[6:].partition("+")
+    if text.startswith("views:") and views.isdigit():
+        try:
+            jitter = float(jitter or 0)
+        except ValueError:
+            jitter = -1
+        if jitter >= 0:
+            name = f"cached views, K={views}" + (f", jitter {jitter:g}" if jitter else "")
+            return name, dict(cache=True, cache_kind="views", cache_views=int(views), cache_jitter=jitter)
+    raise SystemExit(f"unknown method {text!r}: chapter, views:K, views:K+JITTER or maps")
 
 
 def paired(losses, base):
@@ -120,7 +128,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=64, help="crop size (images are resized to size + size/8)")
     parser.add_argument("--methods", nargs="+", default=["chapter", "views:2", "maps"],
-                        help="chapter, views:K (a cache of K pooled crops), maps (a cache of feature maps)")
+                        help="chapter, views:K (a cache of K pooled crops), views:K+J (with cache_jitter J), "
+                             "maps (a cache of feature maps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per method per seed")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (0 on a 2-core CPU)")
     parser.add_argument("--profile", action="store_true", help="cProfile the cached runs")

@@ -41,6 +41,7 @@ class Config:
     cache: bool = True
     cache_kind: str = "views"              # "views": K pooled crops per image; "maps": crops pooled from feature maps
     cache_views: int = 2                   # K augmented views per training image (views cache)
+    cache_jitter: float = 2.0              # views cache: mean of K views + this x another image's crop deviation
     # bookkeeping
     save_every: int = 1000
     log_every: int = 10
@@ -74,6 +75,9 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 10:
                 raise ValueError(f"{name} must be a learning rate between 0 and 10, got {value!r}")
+        if not isinstance(self.cache_jitter, (int, float)) or isinstance(self.cache_jitter, bool) \
+                or not 0 <= self.cache_jitter <= 10:
+            raise ValueError(f"cache_jitter must be a number from 0 to 10, got {self.cache_jitter!r}")
         if self.cache_kind not in ("maps", "views"):
             raise ValueError(f"cache_kind must be 'maps' or 'views', got {self.cache_kind!r}")
         if self.crop_size > self.resize_size:
@@ -126,7 +130,7 @@ PRESETS = {
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
-        hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8,
+        hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
         embedding_size=128, hidden_layer_size=256, batch_size=128, lr=5e-3, backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),

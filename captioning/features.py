@@ -6,7 +6,8 @@ and training reads it instead. Only the Linear+BatchNorm head and the LSTM are t
 top, exactly as in the chapter. Two kinds of cache:
 
 - "views": each training image is encoded K times, once per augmented view (a random crop, and
-  a flip where allowed), as pooled vectors; training draws one view per caption per step.
+  a flip where allowed), as pooled vectors; training draws one view per caption per step, or,
+  with `cache_jitter`, the views' mean plus a crop deviation borrowed from another image.
 - "maps": each training image is encoded whole (and mirrored, where flips are allowed), and the
   last convolutional map is kept. Each caption at each step gets a fresh random crop taken in
   feature space: the crop's window is average-pooled from the map (pool_window). One or two
@@ -258,15 +259,26 @@ def format_caches(caches):
 class CachedCaptionDataset(data.Dataset):
     """Items of a CocoCaptionDataset with the image replaced by cached features: (D,) float32.
 
-    A views cache gives one of the image's K stored views. A maps cache gives a fresh crop of
-    `crop_fraction` of the image's side at a random, sub-cell offset, pooled from the map or,
-    for half the draws when a mirrored map is stored, from the mirrored one. The draws depend
-    on (seed, epoch, item) only, so a resumed run sees the same ones.
+    A views cache gives one of the image's K stored views; with `jitter` > 0 it gives instead the
+    mean of the K views plus `jitter` times a crop deviation borrowed from a random other image
+    (one of that image's views minus their mean), a fresh one per caption per step. A maps cache
+    gives a fresh crop of `crop_fraction` of the image's side at a random, sub-cell offset, pooled
+    from the map or, for half the draws when a mirrored map is stored, from the mirrored one. The
+    draws depend on (seed, epoch, item) only, so a resumed run sees the same ones.
+
+    Why borrow: K views show the decoder K fixed points per image for the whole run, where the
+    chapter's loop shows a new crop per caption per step, and the decoder overfits to them. The
+    deviation between two crops of one image looks like the deviation between two crops of any
+    other; added to the mean of K views it has the crop-to-crop spread of real crops (at
+    jitter 1), drawn from the N x K deviations the cache holds instead of K.
     """
 
-    def __init__(self, caption_dataset, cache, seed=0, crop_fraction=None):
+    def __init__(self, caption_dataset, cache, seed=0, crop_fraction=None, jitter=0.0):
         self.ds, self.cache, self.seed, self.epoch = caption_dataset, cache, seed, 0
         self.maps = cache.ndim == 5
+        if not (isinstance(jitter, (int, float)) and jitter >= 0):
+            raise ValueError(f"jitter must be a number >= 0, got {jitter!r}")
+        self.jitter = float(jitter)
         if self.maps and not (crop_fraction and 0 < crop_fraction <= 1):
             raise ValueError(f"a maps cache needs a crop_fraction in (0, 1], got {crop_fraction!r}")
         self.crop_fraction = crop_fraction
@@ -298,7 +310,22 @@ class CachedCaptionDataset(data.Dataset):
             size = torch.full((len(indices),), self.crop_fraction * h)              # square images: h == w
             room = h - size
             features = pool_window(maps, torch.tensor(tops) * room, torch.tensor(lefts) * room, size)
+        elif self.jitter and self.cache.shape[1] > 1:
+            features = self._jittered(rows, indices)
         else:
             features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
                                                    dtype=np.float32))               # (B, D)
         return [(f, self.ds.target(i)) for f, i in zip(features, indices)]
+
+    def _jittered(self, rows, indices):
+        """Each item: the mean of its image's K views + jitter x (a random image's view - that image's mean)."""
+        k = self.cache.shape[1]
+        picks = [int(torch.randint(len(self.cache) * k, (1,), generator=seeded_generator(self.seed, self.epoch, i, 1)))
+                 for i in indices]                      # (other image, its view), flattened
+        others = sorted({p // k for p in picks})
+        where = {row: n for n, row in enumerate(others)}
+        views = torch.from_numpy(np.asarray(self.cache[rows], dtype=np.float32))                # (B, K, D)
+        other_views = torch.from_numpy(np.asarray(self.cache[others], dtype=np.float32))        # (U, K, D)
+        other_rows = torch.tensor([where[p // k] for p in picks])
+        deviation = other_views[other_rows, torch.tensor([p % k for p in picks])] - other_views.mean(1)[other_rows]
+        return views.mean(1) + self.jitter * deviation

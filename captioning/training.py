@@ -206,7 +206,8 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
                                      channels_last, log)
                   for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, "views"))}
         train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed,
-                                        crop_fraction=config.crop_size / config.resize_size)
+                                        crop_fraction=config.crop_size / config.resize_size,
+                                        jitter=config.cache_jitter)
         val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
     # grouped items are whole images, already only those that hold val_captions captions
     val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))

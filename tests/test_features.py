@@ -1,4 +1,4 @@
-"""The map cache: crops taken in feature space (features.pool_window, kind="maps")."""
+"""The map cache (crops taken in feature space, kind="maps") and the views cache's jitter."""
 import json
 import os
 
@@ -110,3 +110,43 @@ def test_training_on_a_maps_cache_resumes_exactly(tiny_copy, tmp_path):
 def test_cache_kind_is_checked():
     with pytest.raises(ValueError, match="cache_kind"):
         get_config("tiny", cache_kind="tiles")
+
+
+def test_jitter_adds_another_images_crop_deviation_to_the_mean_of_the_views(dataset):
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((len(dataset.image_ids), 3, 16)).astype(np.float16)
+    views = torch.from_numpy(cache.astype(np.float32))
+    deviations = (views - views.mean(1, keepdim=True)).flatten(0, 1)           # every (image, view) of the cache
+    cached = CachedCaptionDataset(dataset, cache, seed=1, jitter=2.0)
+    indices = [5, 0, 5, len(dataset) - 1]
+    first = torch.stack([f for f, _ in cached.__getitems__(indices)])
+    for feature, i in zip(first, indices):
+        own = views[dataset.image_index(i)]
+        borrowed = (feature - own.mean(0)) / 2.0
+        assert (deviations - borrowed).abs().amax(1).min() < 1e-4               # exactly one of the cache's deviations
+        assert not any(torch.allclose(feature, v, atol=1e-3) for v in own)      # not one of its own views
+    assert torch.equal(first[1], cached[0][0])                                  # a batch is its items, one by one
+    again = CachedCaptionDataset(dataset, cache, seed=1, jitter=2.0)
+    assert torch.equal(torch.stack([f for f, _ in again.__getitems__(indices)]), first)   # a resume sees the same
+    cached.set_epoch(1)
+    assert not torch.allclose(torch.stack([f for f, _ in cached.__getitems__(indices)]), first)   # fresh each epoch
+    # across items the borrowed deviations come from many images, not the K views of a few
+    picked = {int((deviations - (f - views[dataset.image_index(i)].mean(0)) / 2.0).abs().amax(1).argmin())
+              for i in range(len(dataset)) for f in [cached[i][0]]}
+    assert len(picked) > min(len(deviations), len(dataset)) // 3
+
+
+def test_jitter_off_or_one_view_gives_the_stored_views(dataset):
+    rng = np.random.default_rng(1)
+    two = rng.standard_normal((len(dataset.image_ids), 2, 8)).astype(np.float16)
+    one = two[:, :1].copy()
+    for cache, jitter in ((two, 0.0), (one, 2.0)):
+        cached = CachedCaptionDataset(dataset, cache, jitter=jitter)
+        for i in range(0, len(dataset), 7):
+            stored = torch.from_numpy(cache[dataset.image_index(i)].astype(np.float32))
+            assert any(torch.equal(cached[i][0], v) for v in stored)
+    with pytest.raises(ValueError, match="jitter"):
+        CachedCaptionDataset(dataset, two, jitter=-1)
+    for bad in (-0.5, "2", True, 11):
+        with pytest.raises(ValueError, match="cache_jitter"):
+            get_config("coco", cache_jitter=bad)
