@@ -28,7 +28,7 @@ part() {  # part NAME SECONDS COMMAND...
     grep -v "^saved \|^training on\|features: \|^building\|^resized\|^epoch \|^frozen\|UserWarning\|check_worker" "$out/$name.txt" | tail -25
 }
 
-part train_speed ${SPEED_LIMIT:-330} python3 benchmarks/train_speed.py --size ${SIZE:-224} --images ${IMAGES:-2000} --methods chapter views:2 maps \
+part train_speed ${SPEED_LIMIT:-330} python3 benchmarks/train_speed.py --size ${SIZE:-224} --images ${IMAGES:-2000} --methods chapter views:2+2 views:2 maps \
     --seeds 0 1 2 --workers 8
 part decoder_compile 120 python3 benchmarks/decoder_compile.py
 part feature_crops 60 python3 benchmarks/feature_crops.py --images 64 --runs random152:224:256
