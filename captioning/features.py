@@ -322,10 +322,7 @@ class CachedCaptionDataset(data.Dataset):
         k = self.cache.shape[1]
         picks = [int(torch.randint(len(self.cache) * k, (1,), generator=seeded_generator(self.seed, self.epoch, i, 1)))
                  for i in indices]                      # (other image, its view), flattened
-        others = sorted({p // k for p in picks})
-        where = {row: n for n, row in enumerate(others)}
-        views = torch.from_numpy(np.asarray(self.cache[rows], dtype=np.float32))                # (B, K, D)
-        other_views = torch.from_numpy(np.asarray(self.cache[others], dtype=np.float32))        # (U, K, D)
-        other_rows = torch.tensor([where[p // k] for p in picks])
-        deviation = other_views[other_rows, torch.tensor([p % k for p in picks])] - other_views.mean(1)[other_rows]
+        views = torch.from_numpy(np.asarray(self.cache[rows], dtype=np.float32))                          # (B, K, D)
+        others = torch.from_numpy(np.asarray(self.cache[[p // k for p in picks]], dtype=np.float32))      # (B, K, D)
+        deviation = others[torch.arange(len(picks)), torch.tensor([p % k for p in picks])] - others.mean(1)
         return views.mean(1) + self.jitter * deviation
