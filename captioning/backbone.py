@@ -3,6 +3,7 @@
 - `build_resnet(name, weights)`: torchvision's weights API ("DEFAULT", an enum name, None) or a
   local `.pth` file, whatever its classifier size (the `fc` layer is dropped by CNNModel anyway).
 - `calibrate_batchnorm`: BatchNorm statistics estimated from images, for a frozen random ResNet.
+- `fold_batchnorm`: a frozen ResNet with its BatchNorms folded into the convolutions, for extraction.
 - `ensure_standin(config)`: the tiny preset's pretrained backbone. On COCO the chapter's frozen
   encoder works because ImageNet taught it to see; the tiny world has no ImageNet, so this
   module makes one: a ResNet trained from scratch (`standin_steps`, small images first) to say
@@ -13,6 +14,7 @@
 """
 import colorsys
 import contextlib
+import copy
 import json
 import math
 import os
@@ -106,6 +108,29 @@ def build_resnet(backbone, weights):
         where = weights if isinstance(weights, str) else weights_id(weights)
         raise ValueError(f"{where} does not fit a {backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return resnet
+
+
+def fold_batchnorm(module):
+    """A copy of a frozen network with every BatchNorm2d folded into the convolution before it.
+
+    In eval mode a BatchNorm is a fixed per-channel scale and shift, which the convolution's
+    weights and bias can absorb: the copy computes the same features (up to float rounding) with
+    one pass over each activation instead of two. The feature cache extracts with it. A
+    convolution and a BatchNorm are folded when they are consecutive children of one module, as
+    in torchvision's ResNets (conv1/bn1, conv2/bn2, conv3/bn3, downsample). The original module is
+    left as it is; one in training mode is refused, since its BatchNorm is not yet fixed.
+    """
+    if module.training:
+        raise ValueError("fold_batchnorm needs a module in eval mode (fixed BatchNorm statistics)")
+    folded = copy.deepcopy(module)
+    for parent in folded.modules():
+        names = list(parent._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[conv_name] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                parent._modules[bn_name] = nn.Identity()
+    return folded.requires_grad_(False)
 
 
 @torch.no_grad()

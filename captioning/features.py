@@ -160,6 +160,9 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                                  batch_size=batch_size, num_workers=num_workers)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         encoder.eval()
+        extractor = encoder.frozen_extractor(maps=kind == "maps")    # extract() / extract_map(), BatchNorm folded
+        if channels_last:
+            extractor.to(memory_format=torch.channels_last)
         what = f"maps {'x'.join(map(str, shape[3:]))}{', flipped too' if views == 2 else ''}" if kind == "maps" \
             else f"K={views}"
         with tqdm(total=len(names), initial=done, desc=f"extracting {split} features ({what})",
@@ -170,7 +173,7 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad(), autocast:
-                    feats = encoder.extract_map(images) if kind == "maps" else encoder.extract(images)
+                    feats = extractor(images)
                 rows = feats.reshape(b, *shape[1:]).float().cpu().numpy().astype(np.float16)
                 if not np.isfinite(rows).all():
                     raise FloatingPointError(f"backbone features overflow float16 (images {done}..{done + b}); "

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .backbone import build_resnet, calibrate_batchnorm, resolve_weights, weights_id
+from .backbone import build_resnet, calibrate_batchnorm, fold_batchnorm, resolve_weights, weights_id
 from .vocabulary import END, END_ID, PAD, START
 
 LENGTH_PENALTY = 0.7  # beam search ranks finished captions by sum(log p) / length ** LENGTH_PENALTY
@@ -54,6 +54,13 @@ class CNNModel(nn.Module):
         """
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             return self.resnet_module[:-1](input_images)
+
+    def frozen_extractor(self, maps=False):
+        """A frozen copy of the backbone for bulk extraction (the feature cache): images -> what
+        `extract` gives, or `extract_map` with maps=True, with every BatchNorm folded into the
+        convolution before it (backbone.fold_batchnorm), which saves a pass over each activation."""
+        backbone = fold_batchnorm(self.resnet_module)
+        return backbone[:-1] if maps else nn.Sequential(backbone, nn.Flatten(1))
 
     def head(self, resnet_features):
         """Pooled features -> image embedding (B, embedding_size); always trained."""

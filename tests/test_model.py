@@ -26,6 +26,44 @@ def test_frozen_backbone_gets_no_gradients_and_keeps_bn_statistics():
     assert enc.linear_layer.weight.grad is not None and enc.batch_norm.weight.grad is not None
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])   # basic blocks; bottlenecks with downsample convs
+def test_frozen_extractor_folds_batchnorm_and_gives_the_same_features(backbone):
+    torch.manual_seed(0)
+    enc = CNNModel(8, backbone, weights=None)
+    with torch.no_grad():                      # statistics and affine parameters far from the defaults
+        for m in enc.resnet_module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        pooled, maps = enc.extract(images), enc.extract_map(images)
+        folded_pooled, folded_maps = enc.frozen_extractor()(images), enc.frozen_extractor(maps=True)(images)
+        channels_last = enc.frozen_extractor().to(memory_format=torch.channels_last)(
+            images.contiguous(memory_format=torch.channels_last))
+    assert folded_pooled.shape == pooled.shape and folded_maps.shape == maps.shape
+    assert torch.allclose(folded_pooled, pooled, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(folded_maps, maps, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(channels_last, pooled, rtol=1e-4, atol=1e-4)
+    extractor = enc.frozen_extractor()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())       # all folded
+    assert not any(p.requires_grad for p in extractor.parameters())
+    # the encoder itself is untouched: its BatchNorms are still there and still used
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in enc.resnet_module.modules()) == \
+        sum(isinstance(m, torch.nn.Conv2d) for m in enc.resnet_module.modules())
+    with torch.no_grad():
+        assert torch.equal(enc.extract(images), pooled)
+
+
+def test_fold_batchnorm_refuses_a_module_in_training_mode():
+    from captioning.backbone import fold_batchnorm
+
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(torchvision.models.resnet18(weights=None))
+
+
 def test_trainable_backbone_fine_tunes():
     enc = CNNModel(8, "resnet18", weights=None, train_backbone=True).train()
     assert any(m.training for m in enc.resnet_module.modules() if isinstance(m, torch.nn.BatchNorm2d))
