@@ -21,6 +21,17 @@ def notebooks(folder=NOTEBOOK_DIR):
     return sorted(glob.glob(os.path.join(folder, "[0-9][0-9]_*.ipynb")))
 
 
+def kernel_options():
+    """papermill keyword arguments for the kernels it starts: on Linux and macOS they talk over
+    Unix sockets (IPC) instead of TCP ports on localhost, which nothing else can listen in on
+    and which ipykernel does not warn about on every start."""
+    if os.name != "posix":
+        return {}
+    from traitlets.config import Config
+
+    return {"config": Config({"KernelManager": {"transport": "ipc"}})}
+
+
 def _last_frames(text):
     """Terminal semantics for saved stream text: of each line, only what follows its last carriage return."""
     lines = []
@@ -86,7 +97,7 @@ def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
             log(f"running {os.path.basename(path)} ...")
             try:
                 pm.execute_notebook(path, out, parameters=parameters or {}, cwd=cwd, kernel_name="python3",
-                                    progress_bar=False, log_output=False)
+                                    progress_bar=False, log_output=False, **kernel_options())
             finally:                                     # a failed notebook is saved too: tidy it as well
                 if os.path.exists(out):
                     nbformat.write(tidy_streams(nbformat.read(out, as_version=4)), out)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.demo import notebooks, run_notebooks, write_html
+from captioning.demo import kernel_options, notebooks, run_notebooks, write_html
 
 
 def test_committed_notebooks_have_no_outputs():
@@ -152,6 +152,6 @@ def test_training_notebook_runs_again_into_the_same_folder(executed):
     assert max(json.loads(line)["step"] for line in open(log)) == 12
     assert (root / "models" / "evaluation.json").exists()
     pm.execute_notebook(notebook, str(root / "again.ipynb"), parameters=params, kernel_name="python3",
-                        progress_bar=False)
+                        progress_bar=False, **kernel_options())
     assert max(json.loads(line)["step"] for line in open(log)) == 3            # a new log, not appended
     assert not (root / "models" / "evaluation.json").exists()                # the old run's report went too
