@@ -106,15 +106,20 @@ def test_feature_extraction_resumes_after_an_interruption(tiny_copy, tmp_path):
     reference = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "ref"), **args))
 
     calls = {"n": 0}
-    real_extract = encoder.extract
+    real_extractor = encoder.frozen_extractor
 
-    def flaky(images):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_extract(images)
+    def flaky_extractor(maps=False):          # what the cache runs: Ctrl-C arrives during its third batch
+        extractor = real_extractor(maps)
 
-    encoder.extract = flaky
+        class Flaky(torch.nn.Module):
+            def forward(self, images):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise KeyboardInterrupt
+                return extractor(images)
+        return Flaky()
+
+    encoder.frozen_extractor = flaky_extractor
     with pytest.raises(KeyboardInterrupt):
         build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
     folder = tmp_path / "f" / os.listdir(tmp_path / "f")[0]
