@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine, about 7 minutes on an H200: the feature-cache comparison
-# at 224 px, the decoder step compiled, extraction with BatchNorm folded, and the feature-space crops'
-# fidelity. Each part has its
-# own time limit, so a slow one cannot eat the others; their outputs go to $OUT (or ./gpu-out).
+# at 224 px, the decoder step compiled, extraction with BatchNorm folded, and the feature-space
+# crops' fidelity. Each part has its own time limit, so a slow one cannot eat the others; their
+# outputs go to $OUT (or ./gpu-out).
 #   bash benchmarks/gpu_check.sh
 # Packages the machine lacks (nltk, pycocotools) can come as wheels in .whl/ (see the device notes).
 set -uo pipefail
