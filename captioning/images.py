@@ -34,9 +34,45 @@ class ImageReadError(ValueError):
         return type(self), (self.path, self.reason)
 
 
+# greyscale modes deeper than 8 bits: `convert("RGB")` clips them (a 16-bit picture turns white), so
+# to_rgb scales them itself
+_DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "F")
+
+
+def deep_grey_to_l(image):
+    """An 8-bit "L" image from 16/32-bit integer or floating greyscale (modes I;16*, I, F), scaled, not clipped.
+
+    The rule, one for all these modes: the values are read in the smallest of the ranges 0..1 (mode F
+    only: floats from 0 to 1), 0..255, 0..65535 that holds all of them, and that range becomes
+    0..255. So I;16 (16-bit PNG, TIFF) is value / 257; 16-bit data stored as 32-bit (mode I, as older
+    Pillow reads a 16-bit PNG, or an ImageJ TIFF) is value / 257 too; 8-bit values stored as I or F
+    stay as they are. Values outside 0..65535 (negative, or deeper than 16 bits) are stretched from
+    their minimum to their maximum. NaN and infinities become 0. (A picture so dark that all its 16-bit
+    values are <= 255 is read as 8-bit: from the values alone the two cannot be told apart.)
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    values = np.where(finite, values, 0.0)
+    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+    if low >= 0 and high <= 1 and image.mode == "F":
+        values = values * 255
+    elif low >= 0 and high <= 255:
+        pass
+    elif low >= 0 and high <= 65535:
+        values = values / 257
+    else:
+        values = (values - low) * (255 / (high - low) if high > low else 0.0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image):
-    """Upright RGB from any mode: EXIF rotation applied, alpha composited on white, CMYK/L/P converted."""
+    """Upright 8-bit RGB from any mode Pillow reads: EXIF rotation applied, alpha composited on white,
+    CMYK/L/P/LAB... converted, 16-bit and 32-bit greyscale (I;16, I, F) scaled by deep_grey_to_l."""
     image = ImageOps.exif_transpose(image)
+    if image.mode in _DEEP_GREY:
+        image = deep_grey_to_l(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))

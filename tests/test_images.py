@@ -179,3 +179,59 @@ def test_resize_refuses_to_overwrite_its_sources(odd_images):
     assert proc.returncode == 1 and "would overwrite every original" in proc.stderr
     assert {p.name: p.read_bytes() for p in odd_images.iterdir() if p.is_file()} == before
 
+
+
+def _grey_picture():
+    """An 8-bit greyscale picture with every value 0..255 (a gradient and a dark square on it)."""
+    import numpy as np
+
+    values = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)
+    values[10:20, 10:30] = 3
+    return values
+
+
+def test_16_and_32_bit_greyscale_are_scaled_not_clipped(tmp_path):
+    """16-bit PNG (I;16), a big-endian I;16B, 32-bit integer (I) and float (F) TIFFs of one picture load as the
+    8-bit version does: `convert("RGB")` alone clips them (all but the darkest pixels become white)."""
+    import numpy as np
+
+    values = _grey_picture()
+    Image.fromarray(values, "L").save(tmp_path / "grey8.png")
+    wide = values.astype(np.uint16) * 257                                  # 0..255 -> 0..65535
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    Image.fromarray(wide).save(tmp_path / "grey16.tif")
+    Image.fromarray(wide.astype(np.int32), "I").save(tmp_path / "grey32i.tif")
+    Image.fromarray(values.astype(np.float32) / 255, "F").save(tmp_path / "grey32f.tif")
+    Image.fromarray(values.astype(np.int32), "I").save(tmp_path / "grey8_as_i.tif")     # 8-bit values in 32 bits
+    expected = np.asarray(load_image(tmp_path / "grey8.png"))
+    assert expected.shape == (48, 64, 3) and expected.min() == 0 and expected.max() == 255
+    modes = {}
+    for name in ("grey16.png", "grey16.tif", "grey32i.tif", "grey32f.tif", "grey8_as_i.tif"):
+        with Image.open(tmp_path / name) as image:
+            modes[name] = image.mode
+        got = load_image(tmp_path / name)
+        assert got.mode == "RGB", name
+        pixels = np.asarray(got).astype(int)
+        assert (pixels == 255).mean() < 0.05 and (pixels == 0).mean() < 0.05, f"{name} clipped to white or black"
+        assert np.abs(pixels - expected).max() <= 1, name
+    assert modes["grey16.png"].startswith("I;16") and modes["grey32i.tif"] == "I" and modes["grey32f.tif"] == "F"
+
+
+def test_every_deep_greyscale_mode_and_odd_ranges():
+    import numpy as np
+
+    from captioning.images import to_rgb
+
+    values = _grey_picture()
+    wide = values.astype(np.uint16) * 257
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2")):   # Pillow's convert() clips to them
+        got = np.asarray(to_rgb(Image.frombytes(mode, (64, 48), wide.astype(dtype).tobytes())))
+        assert np.abs(got[..., 0].astype(int) - values).max() <= 1 and (got[..., 0] == got[..., 2]).all(), mode
+    # floats beyond 0..1 and 0..65535, negative ones: stretched from their minimum to their maximum
+    stretched = np.asarray(to_rgb(Image.fromarray(values.astype(np.float32) * 1000 - 5e4, "F")))[..., 0]
+    assert stretched.min() == 0 and stretched.max() == 255 and np.abs(stretched.astype(int) - values).max() <= 1
+    # a float image with NaN: no error, NaN reads as 0
+    nan = values.astype(np.float32) / 255
+    nan[0, 0] = np.nan
+    assert to_rgb(Image.fromarray(nan, "F")).getpixel((0, 0)) == (0, 0, 0)
+    assert to_rgb(Image.fromarray(np.full((4, 4), -7, np.int32), "I")).getpixel((1, 1)) == (0, 0, 0)
