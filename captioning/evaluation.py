@@ -130,28 +130,37 @@ class _JavaProcess:
 
 
 def ptb_tokenize(captions_for_image, timeout=None):
-    """pycocoevalcap's PTBTokenizer ({key: [captions]} -> {key: [tokenized]}), with a timeout."""
+    """pycocoevalcap's PTBTokenizer ({key: [captions]} -> {key: [tokenized]}), with a timeout.
+
+    Blank captions (an empty prediction) are not sent to Java: they tokenize to "" here. The tokenizer
+    reads one caption a line, and a blank last line is no line at all to it, so it would answer one
+    line too few."""
     import pycocoevalcap.tokenizer.ptbtokenizer as ptb
 
     timeout = java_timeout() if timeout is None else timeout
     jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
     keys = [k for k, captions in captions_for_image.items() for _ in captions]
-    sentences = [c.replace("\n", " ") for captions in captions_for_image.values() for c in captions]
-    with tempfile.TemporaryDirectory() as folder:      # not in site-packages, as pycocoevalcap does
-        path = os.path.join(folder, "captions.txt")
-        with open(path, "w") as f:
-            f.write("\n".join(sentences))
-        java = _JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                             "-lowerCase", path], folder)
-        try:
-            java.p.stdin.close()
-            lines = [java.read(timeout) for _ in sentences]
-            java.finish(timeout)
-        finally:
-            java.close()
+    sentences = [" ".join(c.split()) for captions in captions_for_image.values() for c in captions]
+    asked = [s for s in sentences if s]
+    lines = []
+    if asked:
+        with tempfile.TemporaryDirectory() as folder:      # not in site-packages, as pycocoevalcap does
+            path = os.path.join(folder, "captions.txt")
+            with open(path, "w") as f:
+                f.write("\n".join(asked))
+            java = _JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                                 "-lowerCase", path], folder)
+            try:
+                java.p.stdin.close()
+                lines = [java.read(timeout) for _ in asked]
+                java.finish(timeout)
+            finally:
+                java.close()
+    answers = iter(lines)
     out = {}
-    for key, line in zip(keys, lines):
-        out.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    for key, sentence in zip(keys, sentences):
+        line = next(answers) if sentence else ""
+        out.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w and w not in ptb.PUNCTUATIONS))
     return out
 
 

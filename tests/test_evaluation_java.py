@@ -93,3 +93,18 @@ def test_meteor_and_ptb_match_pycocoevalcaps_own_wrappers():
     theirs = Meteor().compute_score(gts, res)
     ours = meteor_score(gts, res)
     assert ours == theirs and 0 < ours[0] < 1
+
+
+@pytest.mark.skipif(REAL_JAVA is None, reason="needs Java")
+def test_an_empty_last_caption_keeps_the_java_tokenizer_and_meteor():
+    """An empty prediction for the last image once made the tokenizer answer one line too few: METEOR was
+    dropped, with a warning blaming Java. Blank captions now tokenize to "" and score 0, and Java stays."""
+    from captioning.evaluation import ptb_tokenize, score_captions
+
+    assert ptb_tokenize({1: ["A red circle."], 2: ["", "  \t"], 3: ["a\r\nblue  square"], 4: [""]}) == \
+        {1: ["a red circle"], 2: ["", ""], 3: ["a blue square"], 4: [""]}
+    said, details = [], {}
+    metrics, per_image = score_captions(REFS, {1: RIGHT[1], 2: ""}, log=said.append, details=details)
+    assert said == [] and details["tokenizer"] == "ptb-java"
+    assert "METEOR" in metrics and per_image[2]["METEOR"] == 0 and per_image[1]["METEOR"] > 0.9
+    assert per_image[2]["Bleu_1"] < 1e-6 and per_image[1]["Bleu_4"] > 0.9
