@@ -5,7 +5,7 @@
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
     python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
-                                  [--resume | --overwrite]
+                                  [--resume | --overwrite [delete]]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
@@ -115,7 +115,7 @@ def cmd_train(args):
             sys.exit(f"error: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}; got {item!r}")
         overrides[name] = _parse_value(fields[name], value)
     config = get_config(args.preset, **overrides)
-    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite or False)
     if summary["interrupted"]:
         sys.exit(130)
 
@@ -227,13 +227,13 @@ def cmd_import_chapter(args):
     from .chapter_io import import_chapter
 
     import_chapter(args.encoder, args.decoder, args.vocabulary, args.out, args.backbone, args.embedding_size,
-                   args.hidden_size, args.num_layers, args.max_seq_len)
+                   args.hidden_size, args.num_layers, args.max_seq_len, overwrite=args.overwrite)
 
 
 def cmd_export_chapter(args):
     from .chapter_io import export_chapter
 
-    export_chapter(args.checkpoint, args.out, args.weights)
+    export_chapter(args.checkpoint, args.out, args.weights, overwrite=args.overwrite)
 
 
 def _add_chapter_commands(sub):
@@ -251,12 +251,16 @@ def _add_chapter_commands(sub):
         p.add_argument("--" + flag.replace("_", "-"), type=int, help=f"default: the weights' (the book: {BOOK[flag]})")
     p.add_argument("--max-seq-len", type=int, help=f"longest caption generated (default: the book's "
                                                    f"{BOOK['max_seq_len']}; not in the weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out: the old file is moved into previous-<timestamp>/ beside it")
     p.set_defaults(func=cmd_import_chapter)
 
     p = sub.add_parser("export-chapter", help="a checkpoint -> DIR/encoder.ckpt, decoder.ckpt, vocabulary.pkl "
                                               "for the book's notebook")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="the folder to write the three files to")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out: its files are moved into --out/previous-<timestamp>/")
     p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
     p.set_defaults(func=cmd_export_chapter)
 
@@ -298,8 +302,9 @@ def build_parser():
     p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in models_dir (its checkpoints, log and evaluation)")
+    p.add_argument("--overwrite", nargs="?", const="move", choices=["move", "delete"],
+                   help="start afresh in a models_dir holding a run: its checkpoints, log, evaluation and "
+                        "events are moved into models_dir/previous-<timestamp>/ (--overwrite delete: deleted)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
     p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

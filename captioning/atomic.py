@@ -1,4 +1,4 @@
-"""All-or-nothing file writes (no torch import: the vocabulary and the CLI use it too).
+"""Writes that lose nothing (no torch import: the vocabulary and the CLI use it too).
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f)
@@ -6,9 +6,16 @@
 The file is written under a temporary name in the same folder, fsynced, then renamed over
 `path`. A crash or kill at any point leaves either the old file or the new one, never a
 torn one, and a failed write leaves no temporary file behind.
+
+    move_aside(folder, ["last.ckpt", "tb"])   # -> folder/previous-20261206-221503/
+
+What a user made and a command is about to replace (a run, an imported checkpoint, an
+export) is moved into a `previous-<timestamp>/` folder beside it, and the move is printed:
+replacing never deletes.
 """
 import contextlib
 import os
+import time
 import signal
 import sys
 import tempfile
@@ -54,6 +61,34 @@ def atomic_write(path, mode="wb", sync_dir=True):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+PREVIOUS_PREFIX = "previous-"
+
+
+def move_aside(folder, names, log=print, what="the previous files"):
+    """Move the entries `names` of `folder` (files or folders; absent ones are ignored) into a new
+    `folder/previous-<timestamp>/`, and say so. Returns that folder, or None when nothing was there.
+
+    A rename within one folder: instant whatever the size, and nothing is copied or deleted."""
+    present = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):               # two replacements in one second get their own folders
+        aside = os.path.join(folder, PREVIOUS_PREFIX + stamp + (f"-{k + 1}" if k else ""))
+        try:
+            os.mkdir(aside)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"cannot make a {PREVIOUS_PREFIX}{stamp} folder in {folder}")
+    for name in present:
+        os.rename(os.path.join(folder, name), os.path.join(aside, name))
+    fsync_dir(folder)
+    log(f"moved {what} ({', '.join(present)}) to {aside}/ (delete it when you no longer need it)")
+    return aside
 
 
 @contextlib.contextmanager

@@ -106,19 +106,24 @@ def _check_vocabulary(vocab, path):
 
 
 def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=None, embedding_size=None,
-                   hidden_size=None, num_layers=None, max_seq_len=None, log=print):
+                   hidden_size=None, num_layers=None, max_seq_len=None, log=print, overwrite=False):
     """The book's encoder/decoder .ckpt and vocabulary.pkl -> one checkpoint at `out`; returns its sizes.
 
     Sizes left as None are read off the weights (the book's, unless the weights say otherwise);
     one given that disagrees with the weights is a ValueError naming the flag. max_seq_len is
-    not in the weights: the book's 20 unless given.
+    not in the weights: the book's 20 unless given. An existing `out` is refused unless
+    `overwrite`; then it is moved into a previous-<timestamp>/ folder beside it, never deleted.
     """
+    from .atomic import move_aside
     from .checkpoint import atomic_save, build_models, checkpoint_state
     from .config import get_config
     from .vocabulary import load_vocabulary
 
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder: give the checkpoint's file name, e.g. {out}/chapter.ckpt")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists: choose another name, or pass --overwrite to move "
+                              f"it into a previous-<timestamp>/ folder beside it")
     vocab = _check_vocabulary(load_vocabulary(vocabulary_path), vocabulary_path)   # the restricted unpickler
     enc = _load_state_dict(encoder_path, "encoder", ("linear_layer.weight", "batch_norm.running_mean"))
     dec = _load_state_dict(decoder_path, "decoder", ("embedding_layer.weight", "lstm_layer.weight_hh_l0",
@@ -155,6 +160,7 @@ def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=No
     state = checkpoint_state(config, vocab, encoder.eval(), decoder.eval())
     state["imported_from"] = {"encoder": os.path.abspath(encoder_path), "decoder": os.path.abspath(decoder_path),
                               "vocabulary": os.path.abspath(vocabulary_path)}
+    move_aside(os.path.dirname(os.path.abspath(out)), [os.path.basename(out)], log, what=f"the existing {out}")
     atomic_save(state, out)
     log(f"wrote {out}: {sizes['backbone']}, embedding {sizes['embedding_size']}, hidden {sizes['hidden_size']}, "
         f"{sizes['num_layers']} layer(s), {len(vocab)} words, max_seq_len {sizes['max_seq_len']}")
@@ -175,22 +181,29 @@ def chapter_vocab_pickle(vocab):
             + state[2:-1] + pickle.BUILD + pickle.STOP)
 
 
-def export_chapter(checkpoint, out_dir, weights=None, log=print):
+def export_chapter(checkpoint, out_dir, weights=None, log=print, overwrite=False):
     """One checkpoint -> out_dir/{encoder.ckpt, decoder.ckpt, vocabulary.pkl} for the book's inference cells.
 
     The encoder state is complete: a frozen pretrained ResNet the checkpoint left out is rebuilt
-    from its weights (downloaded, or `weights`, a local .pth) and saved with it.
+    from its weights (downloaded, or `weights`, a local .pth) and saved with it. A folder that
+    already holds any of the three files is refused unless `overwrite`; then the old ones are
+    moved into out_dir/previous-<timestamp>/ first, so that no export is a mix of two.
     Returns {"encoder", "decoder", "vocabulary": paths, "sizes": ...}.
     """
-    from .atomic import atomic_write
+    from .atomic import atomic_write, move_aside
     from .checkpoint import atomic_save, load_captioner
 
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir} is a file: give a folder for encoder.ckpt, decoder.ckpt, vocabulary.pkl")
-    encoder, decoder, vocab, config = load_captioner(checkpoint, "cpu", weights)
-    os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name + ext) for name, ext in
              (("encoder", ".ckpt"), ("decoder", ".ckpt"), ("vocabulary", ".pkl"))}
+    there = [os.path.basename(p) for p in paths.values() if os.path.lexists(p)]
+    if there and not overwrite:
+        raise FileExistsError(f"--out {out_dir} already holds an export ({', '.join(there)}): choose another "
+                              f"folder, or pass --overwrite to move those into {out_dir}/previous-<timestamp>/")
+    encoder, decoder, vocab, config = load_captioner(checkpoint, "cpu", weights)
+    os.makedirs(out_dir, exist_ok=True)
+    move_aside(out_dir, there, log, what="the previous export")
     atomic_save({k: v.contiguous() for k, v in encoder.state_dict().items()}, paths["encoder"])
     atomic_save(decoder.state_dict(), paths["decoder"])
     with atomic_write(paths["vocabulary"]) as f:

@@ -4,8 +4,9 @@
   keeps a second trainer out of the folder. A lock whose process is gone (same host) is stale: it is
   taken over with a warning.
 - `prepare_run_dir`: before any expensive work, a fresh run refuses a folder that holds a run (unless
-  `overwrite`, which clears it), a resume finds its last.ckpt, and the temporary files of writes that
-  a `kill -9` interrupted are removed.
+  `overwrite`, which moves the old run into `previous-<timestamp>/`; only `overwrite="delete"`
+  deletes it), a resume finds its last.ckpt, and the temporary files of writes that a `kill -9`
+  interrupted are removed.
 - `read_log` / `trim_log`: train_log.jsonl read line by line, a torn last line (a kill during a
   write) dropped with a warning.
 """
@@ -17,8 +18,11 @@ import socket
 import time
 import uuid
 
+from .atomic import move_aside
+
 RUN_FILES = ("last.ckpt", "best.ckpt", "train_log.jsonl")   # a folder holding any of these holds a run
-OLD_RUN_FILES = RUN_FILES + ("evaluation.json",)             # what --overwrite removes
+OLD_RUN_FILES = RUN_FILES + ("evaluation.json", "tb")       # what --overwrite moves aside
+OVERWRITE_CHOICES = (False, True, "move", "delete")          # True is "move"
 LOCK_NAME = "train.lock"
 # atomic_write's temporary names for the checkpoints: last.ckpt.<8 mkstemp characters>.tmp
 TEMP_FILE = re.compile(r"^(last|best)\.ckpt\.[a-z0-9_]{8}\.tmp$")
@@ -146,9 +150,12 @@ def remove_temp_files(folder, log=print):
 def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
     """What a start finds in the run folder, checked before any expensive work (call it holding the lock).
 
-    A fresh run into a folder that holds a run refuses, unless `overwrite` (then the old run's files
-    go); `resume` needs last.ckpt. Leftover temporary files of interrupted writes are removed.
+    A fresh run into a folder that holds a run refuses, unless `overwrite`: True (or "move") moves
+    the old run's files into `models_dir/previous-<timestamp>/` and says so; only "delete" deletes
+    them. `resume` needs last.ckpt. Leftover temporary files of interrupted writes are removed.
     """
+    if overwrite not in OVERWRITE_CHOICES:
+        raise ValueError(f"overwrite must be one of {OVERWRITE_CHOICES}, got {overwrite!r}")
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
     os.makedirs(models_dir, exist_ok=True)
@@ -161,13 +168,19 @@ def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
     present = [n for n in RUN_FILES if os.path.exists(os.path.join(models_dir, n))]
     if present and not overwrite:
         raise FileExistsError(f"{models_dir} already holds a training run ({', '.join(present)}): continue it "
-                              f"with --resume (resume=True), replace it with --overwrite (overwrite=True), "
-                              f"or train into another --models-dir")
-    removed = [n for n in OLD_RUN_FILES if os.path.exists(os.path.join(models_dir, n))]
-    for name in removed:
-        os.remove(os.path.join(models_dir, name))
-    if removed:
-        log(f"overwrite: removed the previous run's {', '.join(removed)} from {models_dir}")
+                              f"with --resume (resume=True), move it aside and start afresh with --overwrite "
+                              f"(overwrite=True), or train into another --models-dir")
+    if overwrite == "delete":
+        import shutil
+
+        removed = [n for n in OLD_RUN_FILES if os.path.lexists(os.path.join(models_dir, n))]
+        for name in removed:
+            path = os.path.join(models_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if removed:
+            log(f"overwrite=delete: deleted the previous run's {', '.join(removed)} from {models_dir}")
+    else:                             # no run files, but leftovers of one (tb/, evaluation.json): aside too
+        move_aside(models_dir, OLD_RUN_FILES, log, what="the previous run")
 
 
 RESUME_KEYS = ("optimizer", "epoch", "batch", "step", "rng")

@@ -14,11 +14,10 @@ alone, 0.13 ms inside a training loop on a busy 2-core CPU. torch's SummaryWrite
 event to a background thread instead; there the GIL passing to and from that thread made a
 call 2.5 ms and the step after it 13% slower (benchmarks/tensorboard_overhead.py). The file
 is flushed every FLUSH_SECONDS and at each epoch end.
-A fresh run removes the event files of the previous one, as it does train_log.jsonl; a resumed
-run hides the events logged after its checkpoint (a purge, as SummaryWriter's purge_step),
+A fresh run finds no events: the previous run's tb/ was moved aside with its checkpoints
+(rundir.prepare_run_dir); a resumed run hides the events logged after its checkpoint (a purge, as SummaryWriter's purge_step),
 as it drops those log rows.
 """
-import glob
 import itertools
 import math
 import os
@@ -73,9 +72,6 @@ class TrainingBoard:
     def __init__(self, config, vocab, device, resume_step=0, log=print):
         self.config, self.vocab, self.device = config, vocab, device
         self.dir = os.path.join(config.models_dir, "tb")
-        if not resume_step:
-            for old in glob.glob(os.path.join(glob.escape(self.dir), "events.out.tfevents.*")):
-                os.remove(old)
         self.events = EventFile(self.dir, purge_step=resume_step + 1 if resume_step else None)
         self.samples = self._sample_images()
         log(f"TensorBoard events in {self.dir} (make tensorboard)")

@@ -360,7 +360,8 @@ def validate(run):
 def train(config: Config, resume=False, overwrite=False):
     """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt.
 
-    A models_dir that holds a run is refused unless `resume` (continue it) or `overwrite` (replace it).
+    A models_dir that holds a run is refused unless `resume` (continue it) or `overwrite` (start afresh:
+    True moves the old run into models_dir/previous-<timestamp>/, "delete" deletes it).
     """
     rank, world, ddp_device = setup_distributed()
     master = rank == 0

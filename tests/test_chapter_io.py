@@ -102,6 +102,18 @@ def test_import_gives_the_books_greedy_ids_then_the_cli_captions_a_folder(book_f
         expected = [decode(ids, ours) for ids in book_decoder.sample(book_encoder(batch))]
     assert [captions[n] for n in names] == expected and any(expected)
 
+    # an existing --out, a trained checkpoint included, is refused; --overwrite moves it aside
+    before = out.read_bytes()
+    args = ("import-chapter", "--encoder", folder / "encoder-5-3000.ckpt", "--decoder",
+            folder / "decoder-5-3000.ckpt", "--vocabulary", folder / "vocabulary.pkl", "--out", out)
+    message = cli_error(*args)
+    assert f"--out {out} already exists" in message and "--overwrite" in message
+    assert out.read_bytes() == before and not any(p.name.startswith("previous-") for p in tmp_path.iterdir())
+    cli(*args, "--overwrite")
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "chapter.ckpt").read_bytes() == before and out.exists()
+    assert str(aside) in capsys.readouterr().out
+
 
 def test_import_refuses_sizes_and_files_that_do_not_fit(book_files, tmp_path, tiny_vocab):
     folder, *_ = book_files
@@ -120,6 +132,7 @@ def test_import_refuses_sizes_and_files_that_do_not_fit(book_files, tmp_path, ti
     import_chapter(enc, dec, voc, out, backbone="resnet18", embedding_size=E, hidden_size=H, num_layers=1,
                    max_seq_len=12, **quiet)    # the right sizes, given by hand, are accepted
     assert load_captioner(out)[3].max_seq_len == 12
+    os.remove(out)                   # the checks below must refuse the files, not the existing --out
     with pytest.raises(ValueError, match="swapped"):
         import_chapter(dec, enc, voc, out, **quiet)
     # a vocabulary of other weights
@@ -193,6 +206,16 @@ def test_export_loads_strictly_into_the_books_classes_with_the_whole_frozen_back
         assert torch.allclose(ours_encoder(images), features, atol=1e-5)
         assert torch.equal(decoder_model.sample(features), ours_decoder.sample(features))
     # and our own loader reads the exported pickle back, through the restricted unpickler
+    assert load_vocabulary(str(out / "vocabulary.pkl")).words() == tiny_vocab.words()
+    # a folder holding an export is refused; --overwrite moves the old files aside before writing
+    (out / "notes.txt").write_text("mine")
+    exported = {n: (out / n).read_bytes() for n in ("decoder.ckpt", "encoder.ckpt", "vocabulary.pkl")}
+    message = cli_error("export-chapter", "--checkpoint", ckpt, "--out", out)
+    assert "already holds an export (encoder.ckpt, decoder.ckpt, vocabulary.pkl)" in message, message
+    cli("export-chapter", "--checkpoint", ckpt, "--out", out, "--overwrite")
+    [aside] = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert {n: (aside / n).read_bytes() for n in exported} == exported
+    assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(aside)) == sorted(exported)
     assert load_vocabulary(str(out / "vocabulary.pkl")).words() == tiny_vocab.words()
     with pytest.raises(ValueError, match="is a file"):
         export_chapter(str(ckpt), str(out / "encoder.ckpt"), log=lambda *a: None)

@@ -140,8 +140,8 @@ def test_demo_html_renders_in_a_browser(executed):
 
 # last in this file: it replaces the run the tests above look at
 def test_training_notebook_runs_again_into_the_same_folder(executed):
-    """Run All twice (make demo twice): the fresh run replaces the last one (OVERWRITE = True) instead
-    of being refused, as the command line would refuse it without --overwrite."""
+    """Run All twice (make demo twice): the fresh run starts (OVERWRITE = True) instead of being
+    refused, and the first run's checkpoints, log and report are moved aside, byte for byte."""
     import papermill as pm
 
     root, out = executed
@@ -150,8 +150,12 @@ def test_training_notebook_runs_again_into_the_same_folder(executed):
     notebook = next(p for p in notebooks() if p.endswith("06_training.ipynb"))
     log = root / "models" / "train_log.jsonl"
     assert max(json.loads(line)["step"] for line in open(log)) == 12
-    assert (root / "models" / "evaluation.json").exists()
+    first = {n: (root / "models" / n).read_bytes() for n in ("last.ckpt", "best.ckpt", "train_log.jsonl",
+                                                             "evaluation.json")}
     pm.execute_notebook(notebook, str(root / "again.ipynb"), parameters=params, kernel_name="python3",
                         progress_bar=False, **kernel_options())
     assert max(json.loads(line)["step"] for line in open(log)) == 3            # a new log, not appended
-    assert not (root / "models" / "evaluation.json").exists()                # the old run's report went too
+    assert not (root / "models" / "evaluation.json").exists()                # the old report is not this run's
+    [aside] = [p for p in (root / "models").iterdir() if p.name.startswith("previous-")]
+    assert {n: (aside / n).read_bytes() for n in first} == first              # nothing of the first run lost
+    assert aside.name in _text(root / "again.ipynb")                          # and the reader is told where

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, SMALL, run_cli
 from test_training import _train_cmd, _wait_for_step, losses
 
+from captioning.__main__ import main
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
 from captioning.rundir import RunInUse, RunLock, read_log
@@ -38,14 +39,30 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     assert {n: (models / n).read_bytes() for n in before} == before
     with pytest.raises(FileExistsError, match="overwrite=True"):   # the library refuses the same way
         train(config(tiny_copy, models, max_steps=3))
-    # overwrite: the old run's files go, best.ckpt included (no epoch ends in 3 steps: best = last)
+    # overwrite: the old run's files are moved aside, best.ckpt included (no epoch ends in 3 steps: best = last)
     capsys.readouterr()
     train(config(tiny_copy, models, max_steps=3, log_every=1), overwrite=True)
     said = capsys.readouterr().out
-    assert "removed the previous run's last.ckpt, best.ckpt, train_log.jsonl, evaluation.json" in said, said
+    assert "moved the previous run (last.ckpt, best.ckpt, train_log.jsonl, evaluation.json, tb)" in said, said
     assert sorted(losses(models / "train_log.jsonl")) == [1, 2, 3]
     assert load_checkpoint(str(models / "best.ckpt"))["step"] == 3
     assert not (models / "evaluation.json").exists()
+    [aside] = [p for p in models.iterdir() if p.name.startswith("previous-")]
+    assert aside.name in said
+    assert {n: (aside / n).read_bytes() for n in before} == before      # the first run, byte for byte
+    assert (aside / "evaluation.json").read_text() == "{}" and (aside / "tb").is_dir()
+    # the CLI's --overwrite moves aside too, into a folder of its own; only "--overwrite delete" deletes
+    second = {n: (models / n).read_bytes() for n in before}
+    main([str(a) for a in _train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite")[3:]])
+    asides = sorted(p for p in models.iterdir() if p.name.startswith("previous-"))
+    assert len(asides) == 2
+    assert {n: (asides[1] / n).read_bytes() for n in before} == second
+    capsys.readouterr()
+    main([str(a) for a in _train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite", "delete")[3:]])
+    assert "deleted the previous run's last.ckpt, best.ckpt, train_log.jsonl, tb" in capsys.readouterr().out
+    assert sorted(p for p in models.iterdir() if p.name.startswith("previous-")) == asides   # untouched
+    with pytest.raises(ValueError, match="overwrite must be one of"):
+        train(config(tiny_copy, models, max_steps=1), overwrite="yes")
     message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--overwrite")[3:])   # the flag reaches train
     assert "--resume and --overwrite contradict each other" in message
 
