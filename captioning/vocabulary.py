@@ -88,10 +88,21 @@ def _read_token_cache(path, source):
     return None
 
 
-def read_captions_json(json_path):
-    """A COCO captions file, checked: a JSON object whose `annotations` are objects with an `id`,
-    an `image_id` and a string `caption` (and whose `images`, when present, have an `id` and a
-    `file_name`), ids unique. Anything else is a ValueError naming the file and what is wrong."""
+_warned = set()   # (path, size, mtime) of the captions files whose skipped entries were reported
+
+
+def read_captions_json(json_path, log=print):
+    """A COCO captions file, checked once, as it is read.
+
+    It must be a JSON object whose `annotations` are objects with an int `id`, an int `image_id`
+    and a string `caption`, and whose `images`, when present, have an int `id` and a string
+    `file_name`; ids unique. Anything else is a ValueError naming the file and the first bad entry
+    (a string `image_id` would otherwise match no image and its caption would vanish unseen).
+
+    Empty or blank captions are dropped (each would teach `<start> <end>`: stop at once), and so
+    are captions whose `image_id` is none of the listed images; both are counted in one warning,
+    given once per version of the file.
+    """
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"captions file not found: {json_path} (get the data with notebook 01 first)")
     try:
@@ -106,24 +117,46 @@ def read_captions_json(json_path):
         raise ValueError(f"{json_path} holds a JSON {type(data).__name__}, not {expected}")
     if "annotations" not in data:
         raise ValueError(f"{json_path} has no 'annotations' key: not {expected}")
-    for key, fields in (("annotations", ("id", "image_id", "caption")), ("images", ("id", "file_name"))):
+    types = {"annotations": {"id": int, "image_id": int, "caption": str}, "images": {"id": int, "file_name": str}}
+    for key, fields in types.items():
         items = data.get(key, [])
         if not isinstance(items, list):
             raise ValueError(f"{json_path}: '{key}' is a {type(items).__name__}, not a list")
+        seen = set()
         for k, item in enumerate(items):
             if not isinstance(item, dict):
                 raise ValueError(f"{json_path}: {key}[{k}] is {item!r}, not an object")
-            for field in fields:
+            for field, kind in fields.items():
                 if field not in item:
                     raise ValueError(f"{json_path}: {key}[{k}] has no '{field}' key: {_short(item)}")
-            if key == "annotations" and not isinstance(item["caption"], str):
-                raise ValueError(f"{json_path}: annotations[{k}] has caption {_short(item['caption'])} "
-                                 f"({type(item['caption']).__name__}), not a string")
-        seen = set()
-        for k, item in enumerate(items):        # pycocotools indexes both by id: a duplicate would vanish
-            if item["id"] in seen:
+                value = item[field]
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    what = "a string" if kind is str else "an integer"
+                    raise ValueError(f"{json_path}: {key}[{k}] has {field} {_short(value)} "
+                                     f"({type(value).__name__}), not {what}: {_short(item)}")
+            if key == "images" and not item["file_name"].strip():
+                raise ValueError(f"{json_path}: images[{k}] has an empty file_name: {_short(item)}")
+            if item["id"] in seen:        # pycocotools indexes both by id: a duplicate would vanish
                 raise ValueError(f"{json_path}: {key}[{k}] repeats the id {item['id']!r}")
             seen.add(item["id"])
+    annotations = data["annotations"]
+    blank = [a for a in annotations if not a["caption"].strip()]
+    known = {im["id"] for im in data["images"]} if "images" in data else None
+    orphans = [a for a in annotations if known is not None and a["image_id"] not in known]
+    if blank or orphans:
+        data["annotations"] = [a for a in annotations if a["caption"].strip()
+                               and (known is None or a["image_id"] in known)]
+        stat = os.stat(json_path)
+        key = (os.path.abspath(json_path), stat.st_size, stat.st_mtime_ns)
+        if key not in _warned:
+            _warned.add(key)
+            parts = []
+            if blank:
+                parts.append(f"{len(blank)} empty or blank caption(s) (e.g. annotation id {blank[0]['id']})")
+            if orphans:
+                parts.append(f"{len(orphans)} caption(s) of image ids that {os.path.basename(json_path)} does not "
+                             f"list (e.g. image_id {orphans[0]['image_id']})")
+            log(f"warning: {json_path}: skipping {' and '.join(parts)}, of {len(annotations)} captions")
     return data
 
 

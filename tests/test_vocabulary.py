@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import subprocess
@@ -6,7 +7,8 @@ import sys
 import pytest
 from conftest import ROOT, run_cli
 
-from captioning.vocabulary import SPECIAL_TOKENS, Vocab, build_vocabulary, load_vocabulary, save_vocabulary, tokenize
+from captioning.vocabulary import (SPECIAL_TOKENS, Vocab, build_vocabulary, count_tokens, load_vocabulary,
+                                   save_vocabulary, tokenize)
 
 
 def test_tokenize_is_offline_lowercase_and_drops_punctuation():
@@ -162,3 +164,51 @@ def test_broken_annotation_files_are_one_line_naming_the_file(tmp_path, content,
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(path) in proc.stderr and problem in proc.stderr, proc.stderr
     assert not (tmp_path / "vocabulary.pkl").exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda d: d["images"][0].update(file_name=17), "images[0] has file_name 17 (int), not a string"),
+    (lambda d: d["annotations"][1].update(id=[2]), "annotations[1] has id [2] (list), not an integer"),
+    (lambda d: d["annotations"][2].update(image_id=str(d["annotations"][2]["image_id"])),
+     "(str), not an integer"),
+    (lambda d: d["images"][1].update(id=True), "images[1] has id true (bool), not an integer"),
+    (lambda d: d["images"][0].update(file_name="  "), "images[0] has an empty file_name"),
+])
+def test_captions_files_with_wrong_types_are_one_line_naming_the_entry(tiny_data, tmp_path, change, problem):
+    data = json.loads((tiny_data / "annotations" / "captions_train2014.json").read_text())
+    data["annotations"].sort(key=lambda a: a["id"])
+    change(data)
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(data))
+    proc = run_cli("vocab", "--captions", path, "--out", tmp_path / "vocabulary.pkl", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(path) in proc.stderr and problem in proc.stderr, proc.stderr
+
+
+def test_blank_captions_and_captions_of_unknown_images_are_skipped_counted_and_never_trained_on(
+        tiny_data, tiny_vocab, tmp_path, capsys):
+    from captioning.data import CocoCaptionDataset
+    from captioning.vocabulary import load_coco
+
+    data = json.loads((tiny_data / "annotations" / "captions_train2014.json").read_text())
+    anns = sorted(data["annotations"], key=lambda a: a["id"])
+    for a in anns[:7]:
+        a["caption"] = ""
+    for a in anns[7:10]:
+        a["caption"] = " \t "
+    anns[10]["image_id"] = 999999                  # no such image
+    path = tmp_path / "captions_train2014.json"
+    path.write_text(json.dumps(data))
+    coco = load_coco(str(path))
+    said = capsys.readouterr().out
+    assert said.count("warning") == 1 and str(path) in said, said
+    assert f"10 empty or blank caption(s) (e.g. annotation id {anns[0]['id']})" in said, said
+    assert "1 caption(s) of image ids that captions_train2014.json does not list (e.g. image_id 999999)" in said
+    assert len(coco.anns) == len(anns) - 11 and all(a["caption"].strip() for a in coco.anns.values())
+    load_coco(str(path))                            # the same file again: said once
+    assert "warning" not in capsys.readouterr().out
+    dataset = CocoCaptionDataset(str(tiny_data / "train2014"), str(path), tiny_vocab, progress=False)
+    assert len(dataset) == len(anns) - 11
+    assert all(len(dataset.target(i)) > 2 for i in range(len(dataset)))   # no <start> <end> caption
+    counter, lengths = count_tokens(str(path), progress=False)
+    assert len(lengths) == len(anns) - 11 and min(lengths) > 0
