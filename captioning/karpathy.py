@@ -11,7 +11,12 @@ list every image with its `filename` (COCO: and `filepath`, its folder), its `sp
                                           where symlinks are not allowed)
     annotations/karpathy_source.json      which file this came from (its size and time)
 
-and every other part of the pipeline (vocabulary, resize, feature cache, training, notebooks)
+Only entries that name a file inside the folder are used: a `filename` with a path separator,
+`.` or `..`, or a `filepath` that is absolute or climbs out with `..`, is skipped and counted. Links
+are only made in train2014/ and val2014/, and only links this conversion made (listed in the marker)
+are ever replaced or removed: a user's own files and links there are left alone.
+
+Every other part of the pipeline (vocabulary, resize, feature cache, training, notebooks)
 reads the COCO layout as it always does. `evaluate` scores the `test` images
 (evaluation.heldout_split asks `karpathy_test_images`); the validation loss uses the leading val
 images, which are the `val` ones. It runs again only when the split file changes.
@@ -79,8 +84,24 @@ def karpathy_test_images(data_dir):
         return {im["filename"] for im in json.load(f)["images"] if im.get("split") == "test"}
 
 
+def unsafe_entry(filename, filepath=""):
+    """Why an entry's file would lie outside the folder (a reason), or None for a safe one.
+
+    `filename` must be a plain file name; `filepath`, when given, a relative folder that stays inside."""
+    if not filename or filename in (".", "..") or "/" in filename or "\\" in filename or "\0" in filename:
+        return f"filename {filename!r} is not a plain file name"
+    if filepath:
+        if not isinstance(filepath, str) or "\0" in filepath or os.path.isabs(filepath) or \
+                filepath.startswith(("/", "\\")) or ":" in filepath.split("/")[0]:
+            return f"filepath {filepath!r} is not a relative folder"
+        if ".." in filepath.replace("\\", "/").split("/"):
+            return f"filepath {filepath!r} leaves the folder"
+    return None
+
+
 def _read_karpathy(path):
-    """The images of a Karpathy file, checked: [{filename, filepath, split, captions, imgid, cocoid}]."""
+    """The images of a Karpathy file, checked: ([{filename, filepath, split, captions, imgid, cocoid}],
+    [(entry number, why) of the entries skipped because their file would lie outside the folder])."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -88,21 +109,25 @@ def _read_karpathy(path):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path} is not a Karpathy split file: it has no 'images' list")
-    images = []
+    images, unsafe = [], []
     for k, im in enumerate(data["images"]):
         if not isinstance(im, dict) or not isinstance(im.get("filename"), str) or "sentences" not in im:
             raise ValueError(f"{path}: image {k} has no 'filename' or 'sentences'")
         if im.get("split") not in SPLITS:
             raise ValueError(f"{path}: image {k} ({im['filename']}) has split {im.get('split')!r}; expected one of "
                              f"{sorted(SPLITS)}")
+        why = unsafe_entry(im["filename"], im.get("filepath") or "")
+        if why:
+            unsafe.append((k, why))
+            continue
         captions = [s.get("raw") or " ".join(s.get("tokens", [])) for s in im["sentences"]]
-        images.append({"filename": im["filename"], "filepath": im.get("filepath", ""), "split": im["split"],
+        images.append({"filename": im["filename"], "filepath": im.get("filepath") or "", "split": im["split"],
                        "captions": [c for c in captions if c.strip()], "imgid": im.get("imgid", k),
                        "cocoid": im.get("cocoid")})
     twice = [n for n, c in Counter(im["filename"] for im in images).items() if c > 1]
     if twice:
         raise ValueError(f"{path} lists the same file name more than once ({', '.join(sorted(twice)[:3])})")
-    return images
+    return images, unsafe
 
 
 def _images_folder(data_dir, images):
@@ -118,15 +143,28 @@ def _images_folder(data_dir, images):
     return best
 
 
-def _link(src, dst):
-    """dst -> src: a relative symlink, else a hard link, else a copy. An existing right entry is kept."""
+def _points_inside(link, folder):
+    """Whether the symlink `link` points (lexically, as this module writes them) into `folder`."""
+    target = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    return os.path.commonpath([os.path.abspath(target), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
+def _link(src, dst, ours):
+    """dst -> src: a relative symlink, else a hard link, else a copy. Returns True when dst is this
+    conversion's (made now, or an earlier link to the same file), False for the image itself.
+
+    An existing entry is replaced only if `ours(dst)` says an earlier conversion made it; anything
+    else that is in the way is an error naming it, and is left as it is."""
     if os.path.islink(dst):
         if os.path.realpath(dst) == os.path.realpath(src):
-            return
+            return True
+        if not ours(dst):
+            raise ValueError(f"{dst} is a link to {os.readlink(dst)} that this conversion did not make: move it "
+                             f"away (train2014/ and val2014/ of a Karpathy-format folder hold links to its images)")
         os.remove(dst)
     elif os.path.exists(dst):
         if os.path.samefile(dst, src):
-            return                             # COCO: the image is already in its folder
+            return False                         # COCO: the image is already in its folder
         raise ValueError(f"{dst} exists and is not {src}: move it away (train2014/ and val2014/ of a "
                          f"Karpathy-format folder hold links to its images)")
     try:
@@ -138,15 +176,30 @@ def _link(src, dst):
             import shutil
 
             shutil.copy2(src, dst)
+    return True
 
 
 def convert(data_dir, path, log=print, progress=True):
     """Write the COCO layout of `data_dir` from its Karpathy file `path`; returns the counts."""
     from .progress import tqdm
 
-    images = _read_karpathy(path)
+    images, unsafe = _read_karpathy(path)
+    if unsafe:
+        k, why = unsafe[0]
+        log(f"warning: skipping {len(unsafe)} entr{'y' if len(unsafe) == 1 else 'ies'} of {path} whose file would "
+            f"lie outside {data_dir} (e.g. image {k}: {why})")
+    previous = _read_marker(data_dir) or {}
+    made = {split: set(previous.get("links", {}).get(split, [])) for split in ("train", "val")}
+    legacy = "format" in previous and "links" not in previous   # converted before links were listed: judge
+                                                                # by where they point
+
+    def ours(dst):        # listed as made by a conversion (or one before the list), and pointing inside
+        split = os.path.basename(os.path.dirname(dst))[:-4]
+        return (legacy or os.path.basename(dst) in made[split]) and _points_inside(dst, data_dir)
+
     with atomic_write(os.path.join(data_dir, MARKER), "w") as f:   # the layout is ours from here on, even if
-        json.dump({"format": FORMAT, "converting": os.path.basename(path)}, f)    # this is interrupted
+        json.dump({"format": FORMAT, "converting": os.path.basename(path),        # this is interrupted
+                   "links": {k: sorted(v) for k, v in made.items()}}, f)
     fallback = None                                     # the images' folder, found when first needed
     located, missing = [], []
     for im in tqdm(images, desc=f"finding the images of {os.path.basename(path)}", unit="img", disable=not progress):
@@ -172,13 +225,14 @@ def convert(data_dir, path, log=print, progress=True):
     use_coco_ids = all(im["cocoid"] is not None for im, _ in located)
     coco = {split: {"info": {"description": f"converted from {os.path.basename(path)}"},
                     "images": [], "annotations": []} for split in ("train", "val")}
-    wanted = {"train": set(), "val": set()}
+    wanted, linked = {"train": set(), "val": set()}, {"train": set(), "val": set()}
     ann_id = 0
     for k, (im, src) in enumerate(tqdm(located, desc="linking the images", unit="img", disable=not progress)):
         split = SPLITS[im["split"]]
         folder = os.path.join(data_dir, f"{split}2014")
         os.makedirs(folder, exist_ok=True)
-        _link(src, os.path.join(folder, im["filename"]))
+        if _link(src, os.path.join(folder, im["filename"]), ours):
+            linked[split].add(im["filename"])
         wanted[split].add(im["filename"])
         image_id = int(im["cocoid"]) if use_coco_ids else k + 1
         coco[split]["images"].append({"id": image_id, "file_name": im["filename"], "karpathy_split": im["split"],
@@ -189,15 +243,17 @@ def convert(data_dir, path, log=print, progress=True):
     for split, names in wanted.items():                    # links a previous version of the file made
         folder = os.path.join(data_dir, f"{split}2014")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name not in names and os.path.islink(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+            link = os.path.join(folder, name)
+            if name not in names and os.path.islink(link) and ours(link):
+                os.remove(link)
     os.makedirs(os.path.join(data_dir, "annotations"), exist_ok=True)
     for split, content in coco.items():
         with atomic_write(os.path.join(data_dir, "annotations", f"captions_{split}2014.json"), "w") as f:
             json.dump(content, f)
     counts = {s: sum(1 for im, _ in located if im["split"] == s) for s in order}
     with atomic_write(os.path.join(data_dir, MARKER), "w") as f:           # last: the conversion is complete
-        json.dump({**_source_stamp(path), "images": counts, "missing": len(missing)}, f)
+        json.dump({**_source_stamp(path), "images": counts, "missing": len(missing), "unsafe": len(unsafe),
+                   "links": {k: sorted(v) for k, v in linked.items()}}, f)
     log(f"{os.path.basename(path)} -> COCO layout in {data_dir}: {counts['train']} train + {counts['restval']} "
         f"restval images in train2014/, {counts['val']} val + {counts['test']} test in val2014/ "
         f"(evaluate scores the test ones)")

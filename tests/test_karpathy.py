@@ -175,3 +175,45 @@ def test_vocabulary_notebooks_training_and_evaluation_run_on_a_karpathy_folder(f
     result = evaluate_checkpoint(summary["best"], beam_size=1, progress=False)
     assert sorted(os.path.basename(p) for p in result["paths"].values()) == sorted(splits["test"])
     assert len(result["predictions"]) == 8 and "Bleu_4" in result["metrics"]
+
+
+def test_entries_that_point_outside_the_folder_are_skipped_and_nothing_outside_is_touched(flickr, tmp_path):
+    """A split file with ../ names: outside the folder no link appears and the user's own links
+    keep their targets; inside, a link this conversion did not make is never replaced."""
+    folder, splits = flickr
+    data = json.loads((folder / "dataset_flickr8k.json").read_text())
+    victim_dir = tmp_path                                  # two levels above flickr8k/train2014/ is tmp_path
+    (victim_dir / "mine.txt").write_text("mine")
+    os.symlink("mine.txt", victim_dir / "victim.jpg")       # the user's own link, pointing elsewhere
+    first = data["images"][0]
+    data["images"] += [dict(first, filename="../../victim.jpg"),
+                       dict(first, filename="ok.jpg", filepath="../.."),
+                       dict(first, filename="abs.jpg", filepath=str(victim_dir)),
+                       dict(first, filename="..")]
+    (folder / "dataset_flickr8k.json").write_text(json.dumps(data))
+    outside_before = sorted(os.listdir(victim_dir))
+    logs = []
+    ensure_coco_layout(str(folder), log=logs.append, progress=False)
+    said = "\n".join(logs)
+    assert "skipping 4 entries of" in said and "'../../victim.jpg' is not a plain file name" in said, said
+    assert sorted(os.listdir(victim_dir)) == outside_before
+    assert os.readlink(victim_dir / "victim.jpg") == "mine.txt"
+    names = {im["file_name"] for split in ("train", "val") for im in read(folder, split)["images"]}
+    assert names == {n for s in splits.values() for n in s}              # the safe entries, all converted
+
+    # the CLI path the issue names: vocab --captions on the (changed) split file, converted again
+    (folder / "dataset_flickr8k.json").write_text(json.dumps(data | {"dataset": "flickr8k, again"}))
+    assert main(["vocab", "--captions", str(folder / "dataset_flickr8k.json"), "--out",
+                 str(tmp_path / "vocabulary.pkl"), "--threshold", "1"]) in (None, 0)
+    assert sorted(os.listdir(victim_dir)) == outside_before + ["vocabulary.pkl"]
+    assert os.readlink(victim_dir / "victim.jpg") == "mine.txt"
+
+    # a user's own link in train2014/ where an image's link belongs: an error naming it, the link kept
+    name = splits["train"][0]
+    link = folder / "train2014" / name
+    os.remove(link)
+    os.symlink(os.path.relpath(victim_dir / "mine.txt", link.parent), link)
+    (folder / "dataset_flickr8k.json").write_text(json.dumps(data | {"dataset": "flickr8k, v2"}))
+    with pytest.raises(ValueError, match=f"{name} is a link to .*mine.txt that this conversion did not make"):
+        ensure_coco_layout(str(folder), log=logs.append, progress=False)
+    assert os.path.samefile(link, victim_dir / "mine.txt")
