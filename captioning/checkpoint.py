@@ -12,6 +12,7 @@ backbone is rebuilt from its weights id instead. `load_checkpoint` uses
 torch.load(weights_only=True), so a checkpoint cannot run code, and maps everything to the
 CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
+import errno
 import math
 import os
 import random
@@ -38,17 +39,93 @@ def strip_prefixes(state_dict):
     return out
 
 
+def write_failed(error, path, folder=None):
+    """The error to raise when writing `path` failed: one line that names the file and says why.
+
+    A full disk says so ("no space left on device writing PATH"); torch's zip writer reports one as
+    "[enforce fail at inline_container.cc:...] . unexpected pos ..." or "file write failed", which
+    names nothing: its OSError is taken from the exception's chain when it is there, and otherwise
+    a folder with no space left is taken as the reason."""
+    cause, depth = error, 0
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno) and depth < 20:
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    if not (isinstance(cause, OSError) and cause.errno):
+        cause = None
+    if cause is None and isinstance(error, RuntimeError) and _is_write_failure(error):
+        try:
+            if shutil.disk_usage(folder or os.path.dirname(os.path.abspath(path))).free < 1 << 20:
+                cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    if cause is not None and cause.errno == errno.ENOSPC:
+        return os_error(errno.ENOSPC, f"no space left on device writing {path}")
+    if cause is not None:
+        return os_error(cause.errno, f"{(cause.strerror or str(cause)).rstrip('.')} writing {path}", type(cause))
+    if isinstance(error, OSError):           # no errno: its message is all there is
+        return os_error(None, f"{str(error).rstrip('.')} writing {path}", type(error))
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return RuntimeError(f"writing {path} failed ({type(error).__name__}: {reason})")
+
+
+def os_error(code, message, kind=OSError):
+    """An OSError (of `kind`, e.g. PermissionError) with this errno whose str() is `message` alone."""
+    try:
+        error = kind(message)
+    except TypeError:
+        error = OSError(message)
+    error.errno = code
+    return error
+
+
+def _is_write_failure(error):
+    text = str(error)
+    return "unexpected pos" in text or "file write failed" in text or "PytorchStreamWriter failed" in text
+
+
+class _WriteErrors:
+    """A file object that remembers the OSError its write raised: torch's zip writer replaces it with a
+    RuntimeError that does not say what went wrong."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_save(obj, path):
-    """torch.save, all or nothing: temp file, fsync, rename; a Ctrl-C waits until it is done."""
-    with interrupts_deferred(), atomic_write(path) as f:
-        torch.save(obj, f)
+    """torch.save, all or nothing: temp file, fsync, rename; a Ctrl-C waits until it is done.
+
+    A write that fails (a full disk, a quota, an I/O error) leaves the previous file as it was and
+    raises one line that names `path` and the reason (write_failed)."""
+    out = None
+    try:
+        with interrupts_deferred(), atomic_write(path) as f:
+            out = _WriteErrors(f)
+            torch.save(obj, out)
+    except (OSError, RuntimeError) as e:
+        if out is not None and out.error is not None and out.error is not e:
+            raise write_failed(out.error, path) from e
+        raise write_failed(e, path) from e
     return path
 
 
 def atomic_copy(src, dst):
     """Copy `src` to `dst` with the same all-or-nothing guarantee (used for best.ckpt)."""
-    with interrupts_deferred(), atomic_write(dst) as out, open(src, "rb") as f:
-        shutil.copyfileobj(f, out)
+    try:
+        with interrupts_deferred(), atomic_write(dst) as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+    except OSError as e:
+        if e.filename == src:                   # reading, not writing, failed: its own message names src
+            raise
+        raise write_failed(e, dst) from e
     return dst
 
 

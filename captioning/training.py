@@ -295,7 +295,18 @@ def save_checkpoint(run):
         state = checkpoint_state(run.config, run.vocab, run.encoder, run.decoder, run.optimizer, run.scaler,
                                  run.epoch, run.batch, run.step, run.best_val,
                                  world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        atomic_save(state, run.path("last.ckpt"))
+        try:
+            atomic_save(state, run.path("last.ckpt"))
+        except OSError as e:          # a full disk: atomic_save named the file; the one before is intact
+            import errno
+
+            from .checkpoint import os_error
+
+            if not os.path.exists(run.path("last.ckpt")):
+                raise
+            when = " once there is room" if e.errno == errno.ENOSPC else ""
+            raise os_error(e.errno, f"{e} (step {run.step}); the previous {run.path('last.ckpt')} is kept: "
+                                    f"resume from it{when}", type(e)) from e
 
 
 def train_one_epoch(run, bar, t0):
