@@ -127,10 +127,12 @@ def cmd_features(args):
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     features_dir = get_config(args.preset, **overrides).features_dir
     if args.prune:
-        removed = prune_feature_caches(features_dir, args.keep)
+        removed, in_use = prune_feature_caches(features_dir, args.keep)
         freed = sum(c["bytes"] for c in removed) / 1e6
         print(f"removed {len(removed)} feature cache(s), {freed:.1f} MB; "
               f"kept the {args.keep} most recently used of each split")
+        for c in in_use:
+            print(f"kept {os.path.basename(c['folder'])}: in use (being extracted, or open in a trainer)")
     caches = list_feature_caches(features_dir)
     if not caches:
         print(f"no feature caches in {features_dir}")
@@ -314,7 +316,8 @@ def build_parser():
     p = sub.add_parser("features", help="list the feature caches; --prune removes the ones no longer used")
     p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
     p.add_argument("--data-dir", help="the dataset folder whose features/ to look at")
-    p.add_argument("--prune", action="store_true", help="delete all but the most recently used cache of each split")
+    p.add_argument("--prune", action="store_true",
+                   help="delete all but the most recently used cache of each split (never one in use)")
     p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
     p.set_defaults(func=cmd_features)
 

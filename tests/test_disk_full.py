@@ -4,19 +4,121 @@ Each failure must be one line that names the file and says the disk is full, and
 written before it (the rows of a feature cache extracted so far, the previous checkpoint).
 """
 import errno
+import json
 import os
 import shutil
 from collections import namedtuple
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMALL
 
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
+from captioning.data import CocoCaptionDataset, TrainTransform
+from captioning.features import build_feature_cache, list_feature_caches
+from captioning.model import CNNModel
 from captioning.training import train
+from captioning.vocabulary import Vocab
 
 Usage = namedtuple("Usage", "total used free")
+
+
+@pytest.fixture
+def setup(tiny_copy):
+    vocab = Vocab.from_words(["<pad>", "<start>", "<end>", "<unk>"])
+    ds = CocoCaptionDataset(str(tiny_copy / "train2014"), str(tiny_copy / "annotations" / "captions_train2014.json"),
+                            vocab)
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    args = dict(transform=TrainTransform(32, hflip=True), views=2, split="train", device=torch.device("cpu"),
+                batch_size=16, progress=False)
+    return encoder, ds, args
+
+
+def _only_folder(features_dir):
+    (name,) = os.listdir(features_dir)
+    return features_dir / name
+
+
+def test_a_write_that_finds_the_disk_full_is_one_line_and_the_rows_before_it_are_kept(setup, tmp_path, monkeypatch):
+    encoder, ds, args = setup
+    reference = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "ref"), **args))
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):                # the second batch's rows find the disk full
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as failed:
+        build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
+    folder = _only_folder(tmp_path / "f")
+    assert str(failed.value) == f"no space left on device writing {folder / 'features.npy'}"
+    assert failed.value.errno == errno.ENOSPC
+    meta = json.load(open(folder / "meta.json"))
+    assert meta["done"] == 16 and meta["complete"] is False           # the first batch, and not complete
+    assert [c["complete"] for c in list_feature_caches(str(tmp_path / "f"))] == [False]
+    monkeypatch.undo()
+    resumed = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args))
+    assert np.array_equal(resumed, reference)                            # the rows before the failure were kept
+    assert json.load(open(folder / "meta.json"))["complete"] is True
+
+
+def test_a_full_disk_is_found_before_extraction_with_the_real_figures(setup, tmp_path, monkeypatch):
+    encoder, ds, args = setup
+    need = 2 * len(ds.image_ids) * 2 * 512                              # fp16, (images, K=2, 512)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 20_000, 20_000))
+    with pytest.raises(OSError) as failed:
+        build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
+    message = str(failed.value)
+    assert f"needs {need / 1e6:.3f} MB but" in message and "has 0.020 MB free" in message, message
+    assert "0.0 GB" not in message and not (_only_folder(tmp_path / "f") / "features.npy").exists()
+
+
+def test_the_reservation_fails_cleanly_and_gives_the_space_back(setup, tmp_path, monkeypatch):
+    """posix_fallocate finds the disk full (another process took the space after the check)."""
+    encoder, ds, args = setup
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="^no space left on device writing .*features.npy$"):
+        build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
+    folder = _only_folder(tmp_path / "f")
+    assert not (folder / "features.npy").exists()                      # a new cache's reservation is given back
+    assert json.load(open(folder / "meta.json"))["complete"] is False
+
+
+def test_resuming_a_sparse_cache_checks_what_is_left_to_write(setup, tmp_path, monkeypatch):
+    """A cache begun by an earlier version is a sparse memmap: resuming it still needs the unallocated rest."""
+    encoder, ds, args = setup
+    reference = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "ref"), **args))
+    src = _only_folder(tmp_path / "ref")
+    folder = tmp_path / "f" / src.name
+    folder.mkdir(parents=True)
+    sparse = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float16, shape=reference.shape)
+    sparse[:16] = reference[:16]
+    sparse.flush()
+    del sparse
+    meta = json.load(open(src / "meta.json"))
+    meta.pop("complete")
+    json.dump({**meta, "done": 16}, open(folder / "meta.json", "w"))   # as earlier versions wrote it
+    st = os.stat(folder / "features.npy")
+    left = st.st_size - st.st_blocks * 512
+    if left < 50_000:
+        pytest.skip("this filesystem does not make sparse files")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 30_000, 30_000))
+    with pytest.raises(OSError) as failed:
+        build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args)
+    assert f"needs {left / 1e6:.3f} MB more but" in str(failed.value) and "0.030 MB free" in str(failed.value)
+    monkeypatch.undo()
+    resumed = np.array(build_feature_cache(encoder, ds, features_dir=str(tmp_path / "f"), **args))
+    assert np.array_equal(resumed, reference)
 
 
 class _FillsUp:

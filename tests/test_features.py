@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, run_cli
 
 from captioning.config import get_config
 from captioning.data import CocoCaptionDataset, eval_transform
@@ -150,3 +150,132 @@ def test_jitter_off_or_one_view_gives_the_stored_views(dataset):
     for bad in (-0.5, "2", True, 11):
         with pytest.raises(ValueError, match="cache_jitter"):
             get_config("coco", cache_jitter=bad)
+
+
+def test_the_cache_is_keyed_by_the_weights_not_by_the_weights_file_path(dataset, tmp_path):
+    """The same stand-in weights reached through two models folders are one cache; other weights another."""
+    import torchvision
+
+    torch.manual_seed(0)
+    first, second, other = tmp_path / "a" / "standin.pth", tmp_path / "b" / "standin.pth", tmp_path / "other.pth"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), first)
+    torch.save(resnet.state_dict(), second)
+    with torch.no_grad():
+        resnet.layer4[1].conv2.weight.mul_(1.5)
+    torch.save(resnet.state_dict(), other)
+    tf = eval_transform(32, 32)
+    calls = []
+
+    def cache(weights):
+        encoder = CNNModel(8, "resnet18", weights=str(weights)).eval()
+        real = encoder.frozen_extractor
+        encoder.frozen_extractor = lambda maps=False: calls.append(weights) or real(maps)
+        out = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                  batch_size=32, progress=False)
+        return os.path.dirname(out.filename)
+
+    a = cache(first)
+    assert cache(second) == a and calls == [first]        # found, not extracted again
+    c = cache(other)
+    assert c != a and calls == [first, other]
+    assert sorted(os.listdir(tmp_path / "f")) == sorted({os.path.basename(a), os.path.basename(c)})
+
+
+def _on_batch(encoder, batch, action):
+    """Make the cache's extractor call `action()` when it reaches its `batch`-th batch (1-based)."""
+    real, calls = encoder.frozen_extractor, []
+
+    def extractor(maps=False):
+        inner = real(maps)
+
+        class Hooked(torch.nn.Module):
+            def forward(self, images):
+                calls.append(1)
+                if len(calls) == batch:
+                    action()
+                return inner(images)
+        return Hooked()
+
+    encoder.frozen_extractor = extractor
+    return calls
+
+
+def test_prune_keeps_a_cache_that_is_being_extracted_or_read(dataset, tiny_copy, tmp_path):
+    import gc
+
+    from captioning.features import list_feature_caches, prune_feature_caches
+
+    features_dir = str(tiny_copy / "features")
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = eval_transform(32, 32)
+
+    def build(seed):
+        return build_feature_cache(encoder, dataset, tf, 1, features_dir, "train", torch.device("cpu"),
+                                   batch_size=16, progress=False, seed=seed)
+
+    old = os.path.dirname(build(1).filename)           # read, then let go: prunable
+    gc.collect()
+    seen = {}
+
+    def prune_now():                                    # `features --prune --keep 0` during the extraction
+        seen["removed"], seen["in_use"] = prune_feature_caches(features_dir, keep=0)
+        seen["cli"] = run_cli("features", "--data-dir", tiny_copy, "--prune", "--keep", "0").stdout
+
+    _on_batch(encoder, 2, prune_now)
+    cache = build(2)
+    folder = os.path.dirname(cache.filename)
+    assert [c["folder"] for c in seen["removed"]] == [old] and not os.path.exists(old)
+    assert [c["folder"] for c in seen["in_use"]] == [folder]
+    assert f"kept {os.path.basename(folder)}: in use" in seen["cli"], seen["cli"]
+    assert np.isfinite(cache).all() and json.load(open(os.path.join(folder, "meta.json")))["complete"] is True
+    # open in a "trainer" (the memmap is alive): still kept; let go of it: pruned
+    (listed,) = list_feature_caches(features_dir)
+    assert listed["in_use"] and listed["complete"] and "(in use)" in run_cli("features", "--data-dir", tiny_copy).stdout
+    assert prune_feature_caches(features_dir, keep=0) == ([], [listed])
+    del cache
+    gc.collect()
+    removed, in_use = prune_feature_caches(features_dir, keep=0)
+    assert [c["folder"] for c in removed] == [folder] and not in_use and not os.path.exists(folder)
+
+
+def test_an_interrupted_extraction_is_never_reported_complete(dataset, tmp_path):
+    import shutil
+
+    from captioning.features import format_caches, list_feature_caches
+
+    features_dir = tmp_path / "f"
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = eval_transform(32, 32)
+
+    def build():
+        return build_feature_cache(encoder, dataset, tf, 1, str(features_dir), "train", torch.device("cpu"),
+                                   batch_size=16, progress=False)
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    _on_batch(encoder, 3, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build()
+    (cache,) = list_feature_caches(str(features_dir))
+    meta = json.load(open(os.path.join(cache["folder"], "meta.json")))
+    assert meta["done"] == 32 and meta["complete"] is False
+    assert not cache["complete"] and not cache["in_use"] and "(incomplete)" in format_caches([cache])
+    # the folder deleted under a running extraction (by hand, or a prune that ignores the lock): it stops,
+    # and writes no meta.json claiming rows that are nowhere
+    shutil.rmtree(cache["folder"])
+    unhooked = CNNModel.frozen_extractor.__get__(encoder)
+    encoder.frozen_extractor = unhooked
+    _on_batch(encoder, 2, lambda: shutil.rmtree(cache["folder"]))
+    with pytest.raises(RuntimeError, match="was deleted while its features were being extracted"):
+        build()
+    assert not os.path.exists(os.path.join(cache["folder"], "meta.json"))
+    encoder.frozen_extractor = unhooked
+    build()
+    (cache,) = list_feature_caches(str(features_dir))
+    assert cache["complete"] and cache["done"] == cache["images"] == len(dataset.image_ids)
