@@ -321,6 +321,12 @@ def build_parser():
     p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
     p.set_defaults(func=cmd_features)
 
+    def count(text):        # a count flag: a whole number >= 1, else argparse's one line naming the flag
+        # imported here, not at the top: evaluation's imports take a third of a second
+        from .evaluation import count_flag
+
+        return count_flag(text)
+
     for name, func, help_ in (("caption", cmd_caption, "caption image files or folders"),
                               ("evaluate", cmd_evaluate, "BLEU/METEOR/ROUGE-L/CIDEr on the held-out split")):
         p = sub.add_parser(name, help=help_)
@@ -333,14 +339,14 @@ def build_parser():
             p.add_argument("--split", default="val", choices=["val", "train"])
             p.add_argument("--out", help="write the metrics (and semantic accuracy, where known) here (JSON)")
             p.add_argument("--results", help="write the captions here in COCO results format")
-            p.add_argument("--max-images", type=int)
+            p.add_argument("--max-images", type=count, metavar="N", help="score only the first N images of the split")
             p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")
             p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                            help="compare two --out files of the same split: B - A with paired bootstrap intervals")
-            p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for --compare")
+            p.add_argument("--resamples", type=count, default=1000, help="bootstrap resamples for --compare")
         p.add_argument("--checkpoint", required=name == "caption")
-        p.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy, the chapter's sample())")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--beam", type=count, default=3, help="beam size (1 = greedy, the chapter's sample())")
+        p.add_argument("--batch-size", type=count, default=32)
         p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
         p.add_argument("--device", default="")
         p.set_defaults(func=func)

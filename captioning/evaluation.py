@@ -14,6 +14,7 @@ also reports semantic accuracy (captioning.semantics): whether the captions name
 objects, which n-gram metrics cannot tell.
 """
 import collections
+import numbers
 import os
 import queue
 import shutil
@@ -28,6 +29,28 @@ from .karpathy import karpathy_test_images
 from .vocabulary import caption_tokens, load_coco, tokenize
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+def check_count(name, value):
+    """`value` if it is a whole number >= 1 (a beam size, a number of images), else a ValueError naming
+    `name`. The notebooks check their parameters with it, evaluate_checkpoint its arguments."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def count_flag(text):
+    """An argparse `type` for the CLI's count flags (--beam, --max-images...): the whole number in `text`, or
+    argparse's one-line error naming the flag ("argument --max-images: must be >= 1, got 0")."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def java_available():
@@ -289,18 +312,24 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
     "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config",
     "diagnostics" (diagnostics.caption_diagnostics), "intervals" (bootstrap 95% intervals of BLEU-4
-    and CIDEr), "signature" (how the scores were computed)}."""
+    and CIDEr), "signature" (how the scores were computed)}.
+
+    `max_images`: score only the first N images of the split (None: all; below 1 is a ValueError)."""
     from . import diagnostics
     from .checkpoint import load_captioner
     from .inference import caption_images
     from .model import LENGTH_PENALTY
     from .semantics import ground_truth_from_coco, semantic_accuracy
 
+    check_count("beam_size", beam_size)
+    check_count("batch_size", batch_size)
+    if max_images is not None:                # None: all of them; 0 or less is a mistake, not "all"
+        check_count("max_images", max_images)
     encoder, decoder, vocab, config = load_captioner(checkpoint, device, weights)
     if data_dir:
         config.data_dir = data_dir
     folder, coco, ids = heldout_split(config, split)
-    if max_images:
+    if max_images is not None:
         ids = ids[:max_images]
     paths = {i: os.path.join(folder, coco.imgs[i]["file_name"]) for i in ids}
     results = caption_images([paths[i] for i in ids], encoder, decoder, vocab, config, device, beam_size,
