@@ -281,12 +281,13 @@ def heldout_split(config, split="val"):
     - without it: the `config.heldout_images` val images with the smallest ids, all of them when 0
       (COCO: 5000 of val2014; train2014 is all we train on, so any part of val2014 is held out,
       and the smallest ids make it reproducible everywhere; the tiny preset: its whole val split).
+
+    The images are read from resized_images/<split>2014 when it holds any of them, else from
+    <split>2014. None of them in either is an error naming the count, the captions file and the folder;
+    some of them missing is a warning naming how many.
     """
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-    folder = config.resized_images(split)
-    if not os.path.isdir(folder):
-        folder = config.split_images(split)
     json_path = config.captions_json(split)
     coco = load_coco(json_path)
     ids = sorted(coco.getImgIds())
@@ -295,9 +296,25 @@ def heldout_split(config, split="val"):
         ids = [i for i in ids if coco.imgs[i]["file_name"] in test_names]
     elif split == "val" and config.heldout_images:
         ids = ids[:config.heldout_images]
-    present = set(os.listdir(folder))
-    ids = [i for i in ids if coco.imgs[i]["file_name"] in present]
-    return folder, coco, ids
+    if not ids:
+        raise ValueError(f"nothing to score: {json_path} lists no images"
+                         + (" of the Karpathy split's test images" if test_names is not None else ""))
+    folder, found = None, []
+    for candidate in (config.resized_images(split), config.split_images(split)):
+        present = set(os.listdir(candidate)) if os.path.isdir(candidate) else set()
+        found = [i for i in ids if coco.imgs[i]["file_name"] in present]
+        if found:
+            folder = candidate
+            break
+    if folder is None:
+        folder = config.split_images(split)
+        where = folder if os.path.isdir(folder) else f"{folder} (no such folder)"
+        raise FileNotFoundError(f"none of the {len(ids)} images in {json_path} are in {where}: put the images "
+                                f"there (notebook 01 gets the data) or give the data folder that has them (--data-dir)")
+    if len(found) < len(ids):
+        print(f"warning: {len(ids) - len(found)} of the {len(ids)} images in {json_path} are not in {folder}: "
+              f"scoring the other {len(found)}")
+    return folder, coco, found
 
 
 def blind_baseline(train_json, image_ids):

@@ -326,3 +326,28 @@ def test_a_first_weights_download_does_not_mix_into_json_output(trained, tmp_pat
     out, err = capsys.readouterr()
     assert [item["image"] for item in json.loads(out)] == [str(image_dir / "gray.png")]
     assert "Downloading: " in err and (tmp_path / "torch_home" / "hub" / "checkpoints").is_dir()
+
+
+def _data_without(data, tmp_path, *parts):
+    """A copy of the tiny data folder with `parts` (folders) left out."""
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder, ignore=shutil.ignore_patterns("features", "resized_images", *parts))
+    return folder
+
+
+def test_evaluate_names_the_images_folder_that_lacks_the_split(trained, tmp_path, capsys):
+    """No val2014/ gave a raw [Errno 2]; an empty one "nothing to score"."""
+    data, ckpt = trained
+    folder = _data_without(data, tmp_path, "val2014")
+    captions = folder / "annotations" / "captions_val2014.json"
+    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
+    assert f"none of the 16 images in {captions} are in {folder / 'val2014'} (no such folder)" in message, message
+    (folder / "val2014").mkdir()
+    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
+    assert f"none of the 16 images in {captions} are in {folder / 'val2014'}:" in message, message
+    # some of them: scored, and the missing ones counted
+    for src in sorted((data / "val2014").iterdir())[:6]:
+        shutil.copy(src, folder / "val2014" / src.name)
+    r = evaluate_checkpoint(ckpt, beam_size=1, progress=False, data_dir=str(folder))
+    assert len(r["predictions"]) == 6
+    assert f"warning: 10 of the 16 images in {captions} are not in {folder / 'val2014'}" in capsys.readouterr().out
