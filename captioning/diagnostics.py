@@ -11,6 +11,15 @@ how sure is each score, and how exactly was it computed.
 - compare_results: a paired bootstrap of two result files on the same images.
 - signature: one line naming how the scores were computed, so that two numbers can be compared
   honestly (sacreBLEU's idea).
+
+Too few images give numbers that look sure and mean nothing, so below a minimum they are n/a (None):
+- CIDEr needs CIDER_MIN_IMAGES = 2. Its idf is log(N / df), N the number of images scored and df the
+  number of images whose references hold the n-gram: with N = 1 every df is 1, every idf 0, and CIDEr
+  is 0.000 whatever the captions say.
+- The bootstrap intervals (and the paired comparison) need INTERVAL_MIN_IMAGES = 5. A resample of
+  n images is one of C(2n-1, n) multisets (1 for n = 1, 35 for n = 4): the 2.5th and 97.5th
+  percentiles are then a few extreme resamples, and never reach past the best and worst image. With
+  one image the interval is [x, x], a certainty it does not have. (collapse_warning waits for 5 too.)
 """
 from collections import Counter
 from statistics import mean
@@ -21,6 +30,8 @@ from .vocabulary import tokenize
 
 DISTINCT_BELOW = 0.2     # warn when fewer than this share of images get a caption of their own
 ONE_CAPTION_ABOVE = 0.5  # or when one caption is given to more than this share of images
+CIDER_MIN_IMAGES = 2     # fewer: CIDEr's idf is 0 for every n-gram (see above)
+INTERVAL_MIN_IMAGES = 5  # fewer: no bootstrap intervals, no paired comparison (see above)
 
 
 def _words(caption):
@@ -108,11 +119,23 @@ def _resample_weights(n, resamples, seed):
     return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(np.float64)
 
 
+def too_few_images(n):
+    """A warning (str) when n images are too few for the bootstrap intervals, else None. (score_captions
+    warns about CIDEr itself.)"""
+    if n >= INTERVAL_MIN_IMAGES:
+        return None
+    return (f"warning: only {n} image{'s' if n != 1 else ''} scored: the 95% bootstrap intervals need "
+            f"{INTERVAL_MIN_IMAGES} and are n/a")
+
+
 def bootstrap_intervals(bleu_stats, cider, resamples=1000, seed=0, level=0.95):
-    """95% intervals over images: {"Bleu_4": (low, high), "CIDEr": (low, high)}."""
-    cider = np.asarray(cider, dtype=np.float64)
+    """95% intervals over images: {"Bleu_4": (low, high), "CIDEr": (low, high)}; both None on fewer
+    than INTERVAL_MIN_IMAGES images (see the module's docstring)."""
     if len(bleu_stats) != len(cider) or not len(cider):
         raise ValueError("bootstrap needs the same, non-zero number of BLEU rows and CIDEr scores")
+    if len(cider) < INTERVAL_MIN_IMAGES:
+        return {"Bleu_4": None, "CIDEr": None}
+    cider = np.asarray(cider, dtype=np.float64)
     w = _resample_weights(len(cider), resamples, seed)
     tail = (1 - level) / 2 * 100
     bleu = corpus_bleu4(w @ bleu_stats)
@@ -133,6 +156,9 @@ def compare_results(a, b, resamples=1000, seed=0, level=0.95):
     if len(ids) != len(a["per_image"]) or len(ids) != len(b["per_image"]):
         raise ValueError(f"the two files score different images ({len(a['per_image'])} and {len(b['per_image'])}, "
                          f"{len(ids)} in common): compare evaluations of the same split")
+    if len(ids) < INTERVAL_MIN_IMAGES:
+        raise ValueError(f"the two files score {len(ids)} image{'s' if len(ids) != 1 else ''}: a paired bootstrap "
+                         f"needs at least {INTERVAL_MIN_IMAGES}")
     if a.get("signature", {}).get("tokenizer") != b.get("signature", {}).get("tokenizer"):
         raise ValueError("the two files were tokenized differently (PTB/Java against Python): their scores differ "
                          "for that reason alone")
@@ -180,6 +206,13 @@ def format_signature(sig):
 
 
 def format_intervals(metrics, intervals, resamples=1000):
-    return "   ".join(f"{m} {metrics[m]:.3f} [{lo:.3f}, {hi:.3f}]" for m, (lo, hi) in intervals.items()) + \
-        f"   (95% bootstrap intervals over images, {resamples} resamples)"
+    """One line: each metric with its interval; n/a for a score or interval that is None (too few images)."""
+    def number(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    parts = [f"{m} {number(metrics.get(m))} " + ("[n/a]" if span is None else f"[{span[0]:.3f}, {span[1]:.3f}]")
+             for m, span in intervals.items()]
+    if any(span is None for span in intervals.values()):
+        return "   ".join(parts) + f"   (95% bootstrap intervals need at least {INTERVAL_MIN_IMAGES} images)"
+    return "   ".join(parts) + f"   (95% bootstrap intervals over images, {resamples} resamples)"
 

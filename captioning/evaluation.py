@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections import Counter
 
-from .diagnostics import bleu_statistics
+from .diagnostics import CIDER_MIN_IMAGES, bleu_statistics, too_few_images
 from .karpathy import karpathy_test_images
 from .vocabulary import caption_tokens, load_coco, tokenize
 
@@ -216,6 +216,8 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
     Per-image scores are {image_id: {metric: value}}, for finding the best and worst examples, plus
     "bleu": the image's BLEU counts (diagnostics.bleu_statistics), from which any subset's corpus
     BLEU can be recomputed. A `details` dict receives "tokenizer": "ptb-java" or "python".
+    On fewer than diagnostics.CIDER_MIN_IMAGES images CIDEr is None (n/a), with a warning: its idf
+    is 0 for every n-gram there.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -245,7 +247,12 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
     if use_java:
         scorers.append((None, ["METEOR"]))
-    scorers += [(Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
+    scorers.append((Rouge(), ["ROUGE_L"]))
+    if len(ids) >= CIDER_MIN_IMAGES:
+        scorers.append((Cider(), ["CIDEr"]))
+    else:
+        log(f"warning: CIDEr is n/a on {len(ids)} image: its idf, log(N/df), is 0 for every n-gram when N = 1 "
+            f"(it needs {CIDER_MIN_IMAGES} images)")
     if use_java and spice_available():
         from pycocoevalcap.spice.spice import Spice
 
@@ -266,6 +273,10 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
             metrics[name] = float(value)
             for i, v in zip(ids, values):
                 per_image[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
+    if "CIDEr" not in metrics and len(ids) < CIDER_MIN_IMAGES:
+        metrics["CIDEr"] = None
+        for i in ids:
+            per_image[i]["CIDEr"] = None
     for i, row in zip(ids, bleu_statistics(gts, res, ids)):
         per_image[i]["bleu"] = row.tolist()
     if details is not None:
@@ -331,7 +342,9 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     "diagnostics" (diagnostics.caption_diagnostics), "intervals" (bootstrap 95% intervals of BLEU-4
     and CIDEr), "signature" (how the scores were computed)}.
 
-    `max_images`: score only the first N images of the split (None: all; below 1 is a ValueError)."""
+    `max_images`: score only the first N images of the split (None: all; below 1 is a ValueError).
+    On a split too small for them (diagnostics.CIDER_MIN_IMAGES, INTERVAL_MIN_IMAGES), CIDEr and the
+    intervals are None, with a warning, not a confident 0."""
     from . import diagnostics
     from .checkpoint import load_captioner
     from .inference import caption_images
@@ -361,6 +374,9 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
     semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
     ids = sorted(per_image)
+    warning = too_few_images(len(ids))
+    if warning:
+        print(warning)
     training = caption_tokens(config.captions_json("train"), progress=False).values() \
         if os.path.exists(config.captions_json("train")) else ()
     return {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
@@ -392,5 +408,6 @@ def format_table(rows):
     width = max(len(n) for n in rows) + 2
     lines = [" " * width + "".join(f"{m:>9}" for m in names)]
     for row_name, metrics in rows.items():
-        lines.append(f"{row_name:<{width}}" + "".join(f"{metrics.get(m, float('nan')):>9.3f}" for m in names))
+        values = [metrics.get(m, float("nan")) for m in names]        # None: n/a (too few images for it)
+        lines.append(f"{row_name:<{width}}" + "".join(f"{'n/a':>9}" if v is None else f"{v:>9.3f}" for v in values))
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Out-of-range inputs of evaluation and inference are refused, named (issue 37: --max-images 0/-1/-30,
-notebook parameters).
+"""Out-of-range inputs of evaluation and inference are refused, named; too few images give n/a, not a
+confident number (issue 37: --max-images 0/-1/-30, notebook parameters, one-image splits).
 
 Nothing here needs a trained checkpoint: the checks run before any loading."""
 import os
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from captioning.evaluation import check_count, evaluate_checkpoint
+from captioning import diagnostics as dg
+from captioning.evaluation import check_count, evaluate_checkpoint, format_table, score_captions
 
 
 def test_check_count_refuses_zero_negatives_and_non_integers_naming_the_parameter():
@@ -67,3 +68,33 @@ def test_notebooks_refuse_a_zero_parameter_right_after_the_parameters(notebook, 
     with pytest.raises(ValueError, match=f"^{name} must be a whole number >= 1, got 0$"):
         exec(checked, scope)
     assert "config" not in scope                      # refused before any work
+
+
+def test_one_image_has_no_cider_and_no_intervals(capsys):
+    """On one image CIDEr's idf is 0 for every n-gram: CIDEr was 0.000 [0.000, 0.000] beside BLEU 1.0."""
+    refs = {7: ["a red circle on white", "one red circle"]}
+    said = []
+    metrics, per_image = score_captions(refs, {7: "a red circle on white"}, use_java=False, log=said.append)
+    assert metrics["CIDEr"] is None and per_image[7]["CIDEr"] is None and metrics["Bleu_1"] > 0.99
+    assert any("CIDEr is n/a on 1 image" in line for line in said)
+    table = format_table({"greedy": metrics})
+    assert table.splitlines()[1].split()[-1] == "n/a" and "0.000" not in table
+    intervals = dg.bootstrap_intervals([per_image[7]["bleu"]], [None])
+    assert intervals == {"Bleu_4": None, "CIDEr": None}
+    line = dg.format_intervals(metrics, intervals)
+    assert "CIDEr n/a [n/a]" in line and "Bleu_4" in line and "[n/a]" in line and "0.000, 0.000" not in line
+    assert "need at least 5 images" in line and "warning" in dg.too_few_images(1)
+
+
+def test_cider_from_two_images_and_intervals_from_five():
+    refs = {i: [f"a {c} circle", f"one {c} circle"] for i, c in enumerate(["red", "blue", "green", "pink", "navy"])}
+    preds = {i: r[0] for i, r in refs.items()}
+    two, _ = score_captions({i: refs[i] for i in (0, 1)}, {i: preds[i] for i in (0, 1)}, use_java=False,
+                            log=lambda *a: None)
+    assert two["CIDEr"] is not None and two["CIDEr"] > 0
+    metrics, per_image = score_captions(refs, preds, use_java=False, log=lambda *a: None)
+    ids = sorted(per_image)
+    stats, cider = [per_image[i]["bleu"] for i in ids], [per_image[i]["CIDEr"] for i in ids]
+    assert all(v is not None for v in dg.bootstrap_intervals(stats, cider).values())
+    assert dg.bootstrap_intervals(stats[:4], cider[:4]) == {"Bleu_4": None, "CIDEr": None}
+    assert dg.too_few_images(5) is None and "only 4 images" in dg.too_few_images(4)

@@ -96,3 +96,21 @@ def test_signature_line():
     assert "pycocoevalcap 1.2" in line and "tok:ptb-java" in line and "refs:2-3" in line
     assert "split:val (6 images)" in line and "beam:3" in line and "lp:0.7" in line and "scale:0-1" in line
     assert "lp:none" in dg.format_signature(dg.signature("python", {1: ["a", "b"]}, "val", 1, 1, 0.7))
+
+
+def test_too_few_images_give_no_interval_and_no_paired_comparison():
+    """One image gave CIDEr [x, x] and "B better in 100% of resamples": a certainty it does not have."""
+    ids = (1, 2, 3, 4)
+    good, bad = {i: REFS[i][0] for i in ids}, {i: "a red circle" for i in ids}
+    a, b = result(bad, [0.1] * 4), result(good, [1.0] * 4)
+    with pytest.raises(ValueError, match="score 4 images: a paired bootstrap needs at least 5"):
+        dg.compare_results(a, b)
+    one = result({1: "a red circle"}, [0.5])
+    with pytest.raises(ValueError, match="score 1 image: a paired bootstrap"):
+        dg.compare_results(one, one)
+    stats = [one["per_image"][1]["bleu"]]
+    assert dg.bootstrap_intervals(stats, [0.5]) == {"Bleu_4": None, "CIDEr": None}
+    line = dg.format_intervals({"Bleu_4": 1.0, "CIDEr": None}, {"Bleu_4": None, "CIDEr": None})
+    assert line.startswith("Bleu_4 1.000 [n/a]   CIDEr n/a [n/a]") and "at least 5 images" in line
+    with pytest.raises(ValueError, match="non-zero"):
+        dg.bootstrap_intervals([], [])

@@ -351,3 +351,27 @@ def test_evaluate_names_the_images_folder_that_lacks_the_split(trained, tmp_path
     r = evaluate_checkpoint(ckpt, beam_size=1, progress=False, data_dir=str(folder))
     assert len(r["predictions"]) == 6
     assert f"warning: 10 of the 16 images in {captions} are not in {folder / 'val2014'}" in capsys.readouterr().out
+
+
+def test_a_one_image_split_reports_cider_and_intervals_as_na(trained, tmp_path, capsys):
+    """CIDEr on one image was 0.000 [0.000, 0.000] beside BLEU 1.0, with no warning."""
+    from captioning.__main__ import main
+
+    data, ckpt = trained
+    folder = _data_without(data, tmp_path)
+    path = folder / "annotations" / "captions_val2014.json"
+    coco = json.loads(path.read_text())
+    first = min(img["id"] for img in coco["images"])
+    coco["images"] = [img for img in coco["images"] if img["id"] == first]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == first]
+    path.write_text(json.dumps(coco))
+    out = tmp_path / "one.json"
+    main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(folder), "--beam", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["images"] == 1 and written["metrics"]["CIDEr"] is None and written["metrics"]["Bleu_1"] >= 0
+    assert written["intervals"] == {"Bleu_4": None, "CIDEr": None}
+    assert "warning: CIDEr is n/a on 1 image" in printed and "intervals need 5 and are n/a" in printed
+    header, row = printed.split("greedy")[0].splitlines()[-1], printed.split("greedy")[1].splitlines()[0]
+    assert header.split()[-1] == "CIDEr" and row.split()[-1] == "n/a", printed
+    assert "CIDEr n/a [n/a]" in printed and "[0.000, 0.000]" not in printed
