@@ -328,6 +328,42 @@ def test_a_first_weights_download_does_not_mix_into_json_output(trained, tmp_pat
     assert "Downloading: " in err and (tmp_path / "torch_home" / "hub" / "checkpoints").is_dir()
 
 
+def test_16_and_32_bit_greyscale_get_the_8_bit_versions_caption(trained, tmp_path):
+    """A 16-bit PNG or an I/F TIFF of a picture was clipped to white before captioning; now it is
+    captioned as its 8-bit version is. The tiny checkpoint trained here is too short to caption each
+    image differently, so the test compares what the encoder sees and makes of each file as well."""
+    import numpy as np
+
+    from captioning.data import eval_transform
+    from captioning.images import load_image
+    from captioning.inference import caption_images
+
+    data, ckpt = trained
+    encoder, decoder, vocab, config = load_captioner(ckpt)
+    sources = sorted((data / "val2014").iterdir())[:3]
+    paths = []
+    for k, src in enumerate(sources):
+        grey = np.asarray(Image.open(src).convert("L"))
+        Image.fromarray(grey).save(tmp_path / f"{k}_8.png")
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / f"{k}_16.png")
+        Image.fromarray(grey.astype(np.int32) * 257, "I").save(tmp_path / f"{k}_i.tif")
+        Image.fromarray(grey.astype(np.float32) / 255, "F").save(tmp_path / f"{k}_f.tif")
+        paths += [str(tmp_path / f"{k}_{kind}") for kind in ("8.png", "16.png", "i.tif", "f.tif")]
+    captions = [c for _, c, err in caption_images(paths, encoder, decoder, vocab, config, "cpu", 1, 8, progress=False)
+                if err is None]
+    assert len(captions) == len(paths)
+    for k in range(len(sources)):
+        assert captions[4 * k + 1:4 * k + 4] == [captions[4 * k]] * 3, (k, captions[4 * k:4 * k + 4])
+    transform = eval_transform(config.resize_size, config.crop_size)
+    with torch.no_grad():
+        seen = torch.stack([transform(load_image(p)) for p in paths])
+        features = encoder(seen)
+    for k in range(len(sources)):
+        eight = slice(4 * k, 4 * k + 1)
+        assert (seen[4 * k + 1:4 * k + 4] - seen[eight]).abs().max() < 1e-5, paths[4 * k + 1:4 * k + 4]
+        assert torch.allclose(features[4 * k + 1:4 * k + 4], features[eight].expand(3, -1), atol=1e-4)
+
+
 def _data_without(data, tmp_path, *parts):
     """A copy of the tiny data folder with `parts` (folders) left out."""
     folder = tmp_path / "data"
