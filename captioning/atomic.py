@@ -15,11 +15,11 @@ replacing never deletes.
 """
 import contextlib
 import os
-import time
 import signal
 import sys
 import tempfile
 import threading
+import time
 
 
 def fsync_dir(path):

@@ -120,6 +120,20 @@ class Config:
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
 RUNTIME_FIELDS = ("device", "progress", "num_workers", "tensorboard")
 
+# What a resume may change. Every field is in exactly one group (a test checks it), so a field
+# added later must be placed: a resume continues the same run (rundir.resume_config).
+# - shaping: the model, the data, the cache. A resume keeps the checkpoint's; another value given
+#   is refused, before any work. (batch_size shapes the epoch's order too: mid-epoch it must stay.)
+SHAPING_FIELDS = ("vocab_threshold", "max_seq_len", "resize_size", "crop_size", "hflip", "backbone", "weights",
+                  "standin_steps", "standin_seed", "train_backbone", "embedding_size", "hidden_layer_size",
+                  "num_layers", "group_by_image", "seed", "cache", "cache_kind", "cache_views", "cache_jitter",
+                  "val_max_captions", "heldout_images")
+# - optimisation: how the rest of the run goes. A new value is applied (the learning rates after the
+#   optimizer's state is restored), printed and logged; the checkpoint then holds the latest.
+OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every", "log_every", "batch_size")
+# - execution and place: how and where this machine runs it. Taken from this start as they are.
+EXECUTION_FIELDS = RUNTIME_FIELDS + ("amp", "channels_last", "preset", "data_dir", "models_dir")
+
 
 PRESETS = {
     # Chapter 2 on MS-COCO 2014: frozen ImageNet ResNet-152, batch 128, 5 epochs.
@@ -156,7 +170,38 @@ def get_config(preset, root=None, **overrides):
     if root:
         config.data_dir = os.path.join(root, config.data_dir)
         config.models_dir = os.path.join(root, config.models_dir)
+    config.given = frozenset(overrides)   # what was asked for, not the preset's: a resume keeps the rest
     return config
+
+
+def resumed_config(saved, config):
+    """The config of a resumed run: the checkpoint's `saved` fields, with this start's execution
+    fields and the optimisation fields it was given. Returns (config, {field: (was, now)} of the
+    optimisation fields that change).
+
+    Fields given explicitly (get_config's overrides, `config.given`) that shape the run and differ
+    from the checkpoint are a ValueError listing each with both values; fields not given keep the
+    checkpoint's value whatever the preset says. A config made without get_config counts every
+    field as given."""
+    given = getattr(config, "given", None)
+    given = {f.name for f in dataclasses.fields(Config)} if given is None else set(given)
+    differ = [f"{name} {saved[name]!r} -> {getattr(config, name)!r}" for name in SHAPING_FIELDS
+              if name in given and name in saved and saved[name] != getattr(config, name)]
+    if differ:
+        raise ValueError(f"a resume continues the same run, and these settings shape it: {'; '.join(differ)} "
+                         f"(checkpoint -> now). Leave them out to keep the checkpoint's, or start a new run "
+                         f"(another --models-dir, or --overwrite)")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in saved.items() if k in fields and k not in EXECUTION_FIELDS}
+    values.update({k: getattr(config, k) for k in EXECUTION_FIELDS})
+    changes = {}
+    for name in OPTIMISATION_FIELDS:
+        if name in given and saved.get(name, getattr(config, name)) != getattr(config, name):
+            changes[name] = (saved.get(name), getattr(config, name))
+            values[name] = getattr(config, name)
+    out = Config(**values)
+    out.given = frozenset(given)
+    return out, changes
 
 
 def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):

@@ -186,33 +186,35 @@ def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
 RESUME_KEYS = ("optimizer", "epoch", "batch", "step", "rng")
 
 
-def check_resumable(path, config, world_size=1):
-    """Before a resume's expensive setup: `path` holds a training state, and this run would skip the
-    same items of the interrupted epoch. Mid-epoch, another batch size or number of processes would
-    skip the wrong number of captions: refused (from an epoch's end any batch size is fine)."""
+def resume_config(path, config, world_size=1):
+    """Before a resume's expensive setup: the config that continues the run in `path`, and the
+    optimisation fields that change ({field: (was, now)}); see config.resumed_config.
+
+    The checkpoint must hold a training state. Mid-epoch, another batch size or number of
+    processes would skip the wrong captions: refused (from an epoch's end any batch size is fine)."""
     from .checkpoint import load_checkpoint
+    from .config import resumed_config
 
     ckpt = load_checkpoint(path)
     missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
     if missing:
         raise ValueError(f"{path} cannot be resumed: it has no {missing[0]!r} (a checkpoint for inference only?)")
-    for name in ("vocab_threshold", "backbone", "embedding_size", "hidden_layer_size", "num_layers"):
-        was = ckpt["config"].get(name)
-        if was is not None and was != getattr(config, name):
-            raise ValueError(f"{path} was trained with {name} {was}; resuming with {getattr(config, name)} "
-                             f"cannot continue it: resume with --{name.replace('_', '-')} {was}")
-    if not ckpt["batch"]:
-        return
-    where = f"{path} stopped in the middle of epoch {ckpt['epoch']}"
-    batch_size = ckpt["config"].get("batch_size")
-    if batch_size is not None and batch_size != config.batch_size:
-        raise ValueError(f"{where} with batch_size {batch_size}: resuming with {config.batch_size} would skip "
-                         f"the wrong captions; resume with --batch-size {batch_size} (another batch size can "
-                         f"start from an epoch's end)")
-    world = ckpt.get("world_size")
-    if world is not None and world != world_size:
-        raise ValueError(f"{where} with {world} process(es): resuming with {world_size} would skip the wrong "
-                         f"captions; resume with {world} (torchrun --nproc_per_node={world})")
+    try:
+        config, changes = resumed_config(ckpt["config"], config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if ckpt["batch"]:
+        where = f"{path} stopped in the middle of epoch {ckpt['epoch']}"
+        if "batch_size" in changes:
+            was = changes["batch_size"][0]
+            raise ValueError(f"{where} with batch_size {was}: resuming with {config.batch_size} would skip "
+                             f"the wrong captions; resume with --batch-size {was} (another batch size can "
+                             f"start from an epoch's end)")
+        world = ckpt.get("world_size")
+        if world is not None and world != world_size:
+            raise ValueError(f"{where} with {world} process(es): resuming with {world_size} would skip the wrong "
+                             f"captions; resume with {world} (torchrun --nproc_per_node={world})")
+    return config, changes
 
 
 def read_log(path, warn=None):

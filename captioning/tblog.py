@@ -15,8 +15,8 @@ event to a background thread instead; there the GIL passing to and from that thr
 call 2.5 ms and the step after it 13% slower (benchmarks/tensorboard_overhead.py). The file
 is flushed every FLUSH_SECONDS and at each epoch end.
 A fresh run finds no events: the previous run's tb/ was moved aside with its checkpoints
-(rundir.prepare_run_dir); a resumed run hides the events logged after its checkpoint (a purge, as SummaryWriter's purge_step),
-as it drops those log rows.
+(rundir.prepare_run_dir); a resumed run hides the events logged after its checkpoint (a purge,
+as SummaryWriter's purge_step), as it drops those log rows.
 """
 import itertools
 import math
@@ -97,6 +97,13 @@ class TrainingBoard:
         for name, group in zip(("head", "backbone"), optimizer.param_groups):
             values[f"lr/{name}"] = group["lr"]
         self.events.scalars(step, values)
+
+    def note(self, step, tag, message):
+        """A line of text (e.g. "changed on resume: lr 0.001 -> 0.0005") under `tag`, at `step`."""
+        from torch.utils.tensorboard.summary import text
+
+        self.events.summary(step, text(tag, message))
+        self.events.flush()
 
     def validation(self, step, val_loss, encoder, decoder):
         """The validation loss, and greedy captions of the sample images (the models are left in eval mode)."""

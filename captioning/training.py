@@ -31,7 +31,7 @@ from .config import Config
 from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .lstm import use_packed_cpu_lstm
-from .rundir import RunLock, check_resumable, prepare_run_dir, trim_log
+from .rundir import RunLock, prepare_run_dir, resume_config, trim_log
 from .vocabulary import load_vocabulary
 
 
@@ -164,6 +164,7 @@ class Run:
     loss: torch.Tensor | None = None   # the latest step's loss, read (a GPU sync) only when logged
     log_file: object = None
     board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
+    changes: str = ""                 # what a resume changed ("lr 0.001 -> 0.0005"), for TensorBoard
 
     def path(self, name):
         return os.path.join(self.config.models_dir, name)
@@ -243,8 +244,19 @@ def make_optimizer(config, encoder, decoder):
     return torch.optim.Adam(groups)
 
 
-def setup_run(config, resume, rank, world, device, master, log):
-    """Build the models, data and optimizer of a run, and restore last.ckpt when resuming."""
+def set_learning_rates(optimizer, config):
+    """The config's learning rates into the optimizer's groups (make_optimizer's order): a resume that
+    changes --lr must not have it undone by the restored optimizer state."""
+    rates = [config.lr, config.backbone_lr]
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+
+
+def setup_run(config, resume, rank, world, device, master, log, changes=None):
+    """Build the models, data and optimizer of a run, and restore last.ckpt when resuming.
+
+    `changes`: the optimisation fields a resume changes ({field: (was, now)}): the learning rates are
+    set after the optimizer's state is restored, and each change is printed and logged."""
     torch.manual_seed(config.seed)
     vocab = load_vocabulary(config.vocabulary_path)
     encoder, decoder = build_models(config, len(vocab))
@@ -278,9 +290,16 @@ def setup_run(config, resume, rank, world, device, master, log):
         log(f"resumed from {run.path('last.ckpt')} at epoch {run.epoch}, step {run.step}")
         if master:  # drop rows logged after that checkpoint was written, and a torn last line
             trim_log(log_path, run.step, log)
+        set_learning_rates(optimizer, config)
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     run.log_file = open(log_path, "a") if master else None
+    if changes:
+        said = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in changes.items())
+        log(f"changed on resume: {said}")
+        run.write_log({"step": run.step, "epoch": run.epoch, "changed_on_resume": {k: list(v) for k, v in
+                                                                                   changes.items()}})
+        run.changes = said
     processes = f"{world} process{'es' if world > 1 else ''}{', DDP' if dist.is_initialized() else ''}"
     log(f"training on {device} ({processes}), {len(train_ds)} items, "
         f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, "
@@ -379,16 +398,19 @@ def train(config: Config, resume=False, overwrite=False):
     device = ddp_device or pick_device(config.device)
     log = print if master else (lambda *a, **k: None)
     lock = RunLock(config.models_dir) if master else None
+    changes = {}
     try:
         if master:  # the cheap checks first: one trainer per folder, no run replaced unasked, resumable
             lock.acquire(log)
             prepare_run_dir(config.models_dir, resume, overwrite, log)
-            if resume:
-                check_resumable(os.path.join(config.models_dir, "last.ckpt"), config, world)
+            if resume:     # the run's own config, from its checkpoint: refused here if it would change
+                config, changes = resume_config(os.path.join(config.models_dir, "last.ckpt"), config, world)
             ensure_prerequisites(config, log)
         if dist.is_initialized():
             dist.barrier()
-        return _fit(setup_run(config, resume, rank, world, device, master, log))
+            if resume and not master:
+                config, changes = resume_config(os.path.join(config.models_dir, "last.ckpt"), config, world)
+        return _fit(setup_run(config, resume, rank, world, device, master, log, changes))
     finally:
         if lock:
             lock.release()
@@ -428,6 +450,8 @@ def _fit(run):
         from .tblog import open_board
 
         run.board = open_board(config, run.vocab, run.device, resume_step=run.step, log=run.log)
+        if run.board and run.changes:
+            run.board.note(run.step, "changed_on_resume", run.changes)
     bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
                disable=not (run.master and config.progress))
     with _interrupt_once():

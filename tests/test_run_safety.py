@@ -164,7 +164,9 @@ def test_a_second_trainer_is_kept_out_and_a_killed_ones_files_are_cleaned(tiny_c
     assert 99999 not in [r["step"] for r in read_log(str(models / "train_log.jsonl"))]   # readers skip it
     plot_training_log(str(models / "train_log.jsonl"))
     capsys.readouterr()
-    train(config(tiny_copy, models, epochs=50, max_steps=saved + 2, log_every=1), resume=True)
+    resume = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(models), max_steps=saved + 2,
+                        progress=False)                    # the rest from the checkpoint (the CLI's settings)
+    train(resume, resume=True)
     said = capsys.readouterr().out
     assert "stale lock" in said and str(first.pid) in said
     removed = re.search(r"removed (\d+) temporary file\(s\)", said)    # ours, and the kill's own if any
@@ -196,7 +198,49 @@ def test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_ow
     rebuilt = load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words()
     ckpt = load_checkpoint(second["last"])
     assert len(rebuilt) < len(words) and ckpt["vocab"] == rebuilt and ckpt["config"]["vocab_threshold"] == 100
-    with pytest.raises(ValueError, match="trained with vocab_threshold 1; resuming with 100"):
+    with pytest.raises(ValueError, match="vocab_threshold 1 -> 100"):
         train(config(tiny_copy, tmp_path / "a", max_steps=2, vocab_threshold=100), resume=True)
     assert load_vocabulary(str(tiny_copy / "vocabulary.pkl")).words() == rebuilt      # refused before a rebuild
     assert load_checkpoint(first["last"])["vocab"] == words
+
+
+def test_a_resume_that_would_change_the_run_is_refused_first_naming_every_field(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    train(config(tiny_copy, models, max_steps=3))                          # mid-epoch, crop 32, 8 views
+    features = sorted(os.listdir(tiny_copy / "features"))
+    before = (models / "last.ckpt").read_bytes()
+    started = time.time()
+    message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--set", "crop_size=28", "--cache-views", "3")[3:])
+    assert time.time() - started < 20
+    assert "crop_size 32 -> 28" in message and "cache_views 8 -> 3" in message, message
+    assert "last.ckpt" in message and "--overwrite" in message
+    assert sorted(os.listdir(tiny_copy / "features")) == features          # no cache extracted
+    assert (models / "last.ckpt").read_bytes() == before
+
+
+def test_a_resume_keeps_the_checkpoints_settings_and_applies_a_new_learning_rate(tiny_copy, tmp_path, capsys):
+    models = tmp_path / "m"
+    train(config(tiny_copy, models, max_steps=3, lr=1e-3))
+    # only max_steps and lr given: every other field is the checkpoint's, not the tiny preset's
+    given = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(models), max_steps=5, lr=5e-4,
+                       progress=False)
+    assert given.embedding_size != SMALL["embedding_size"]
+    capsys.readouterr()
+    summary = train(given, resume=True)
+    assert "changed on resume: lr 0.001 -> 0.0005, max_steps 3 -> 5" in capsys.readouterr().out
+    ckpt = load_checkpoint(summary["last"])
+    assert summary["step"] == 5 and ckpt["config"]["embedding_size"] == SMALL["embedding_size"]
+    assert ckpt["config"]["lr"] == 5e-4 and ckpt["config"]["batch_size"] == SMALL["batch_size"]
+    assert all(g["lr"] == 5e-4 for g in ckpt["optimizer"]["param_groups"])     # applied, not undone
+    rows = read_log(str(models / "train_log.jsonl"))
+    assert {"step": 3, "epoch": 0, "changed_on_resume": {"lr": [1e-3, 5e-4], "max_steps": [3, 5]}} in rows
+    assert [r["step"] for r in rows if "loss" in r] == [3, 5]          # log_every 10: the last steps
+
+
+def test_every_config_field_has_one_place_in_the_resume_rules():
+    import dataclasses
+
+    from captioning.config import EXECUTION_FIELDS, OPTIMISATION_FIELDS, SHAPING_FIELDS, Config
+
+    groups = SHAPING_FIELDS + OPTIMISATION_FIELDS + EXECUTION_FIELDS
+    assert sorted(groups) == sorted(f.name for f in dataclasses.fields(Config))     # each field, once

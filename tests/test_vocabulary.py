@@ -7,8 +7,15 @@ import sys
 import pytest
 from conftest import ROOT, run_cli
 
-from captioning.vocabulary import (SPECIAL_TOKENS, Vocab, build_vocabulary, count_tokens, load_vocabulary,
-                                   save_vocabulary, tokenize)
+from captioning.vocabulary import (
+    SPECIAL_TOKENS,
+    Vocab,
+    build_vocabulary,
+    count_tokens,
+    load_vocabulary,
+    save_vocabulary,
+    tokenize,
+)
 
 
 def test_tokenize_is_offline_lowercase_and_drops_punctuation():
