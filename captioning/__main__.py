@@ -116,8 +116,8 @@ def cmd_train(args):
         overrides[name] = _parse_value(fields[name], value)
     config = get_config(args.preset, **overrides)
     summary = train(config, resume=args.resume, overwrite=args.overwrite or False)
-    if summary["interrupted"]:
-        sys.exit(130)
+    if summary["interrupted"]:                 # saved; the shell's codes for SIGTERM and Ctrl-C
+        sys.exit(143 if summary["interrupted"] == "SIGTERM" else 130)
 
 
 def cmd_features(args):
@@ -356,8 +356,7 @@ def build_parser():
 
 
 # exceptions whose message says what is wrong by itself; any other is shown with its type
-MESSAGE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, ValueError, RuntimeError,
-                  pickle.UnpicklingError)
+MESSAGE_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError)
 
 
 def one_line(error):

@@ -91,29 +91,43 @@ def move_aside(folder, names, log=print, what="the previous files"):
     return aside
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; docker stop, Kubernetes, Slurm, spot reclaim
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block has finished, then deliver the first one.
 
     A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
-    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state.
-    Outside the main thread signals cannot be handled, and the block runs as it is.
+    save fails with a cryptic "unexpected pos" error: the interrupted run would lose its state;
+    a SIGTERM's default action would end the process in the middle of the write. A held signal
+    goes to the handler that was there before (a SIGTERM with none is re-sent once the write is
+    done, so the process still ends). Outside the main thread signals cannot be handled, and the
+    block runs as it is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
+    received, previous = [], {}
 
     def hold(signum, frame):
-        if not received and not getattr(previous, "holds_interrupts", False):   # said once, not per nesting
-            print("Ctrl-C: finishing the checkpoint write first", file=sys.stderr, flush=True)
-        received.append(frame)
+        if not received and not getattr(previous.get(signum), "holds_interrupts", False):   # said once
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"{name}: finishing the checkpoint write first", file=sys.stderr, flush=True)
+        received.append((signum, frame))
 
     hold.holds_interrupts = True
-    previous = signal.signal(signal.SIGINT, hold)
+    for signum in STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):
-        previous(signal.SIGINT, received[-1])          # default_int_handler raises KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    if received:
+        signum, frame = received[0]
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)                     # default_int_handler raises KeyboardInterrupt
+        elif handler in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signum)               # the default action, now that the file is whole

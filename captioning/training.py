@@ -134,6 +134,23 @@ def evaluate_loss(model, loader, device, amp_dtype=None, channels_last=False):
     return float(total) / max(tokens, 1)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (docker stop, Kubernetes, Slurm preemption, a spot reclaim): saved as Ctrl-C is; the CLI exits 143."""
+
+
+@dataclass
+class StopRequest:
+    """A stop signal received during training, acted on between steps (stop_if_requested), so that
+    the step it arrived in finishes and is logged; under torchrun every rank then stops at the same
+    step (a rank that stopped alone would hang the others)."""
+    signum: int = 0
+    acted: bool = False
+
+    def raise_for(self, signum):
+        self.acted = True
+        raise Stopped if signum == signal.SIGTERM else KeyboardInterrupt
+
+
 @dataclass
 class Run:
     """Everything one training run holds: built once by setup_run, used by the parts below."""
@@ -165,6 +182,10 @@ class Run:
     log_file: object = None
     board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
     changes: str = ""                 # what a resume changed ("lr 0.001 -> 0.0005"), for TensorBoard
+    stop: StopRequest = None          # a stop signal received (Ctrl-C, SIGTERM)
+
+    def __post_init__(self):
+        self.stop = self.stop or StopRequest()
 
     def path(self, name):
         return os.path.join(self.config.models_dir, name)
@@ -367,6 +388,7 @@ def train_one_epoch(run, bar, t0):
             return
         if config.save_every and run.step % config.save_every == 0:
             save_checkpoint(run)
+        stop_if_requested(run)                # torchrun: every rank stops after the same, logged step
 
 
 def validate(run):
@@ -418,27 +440,45 @@ def train(config: Config, resume=False, overwrite=False):
             dist.destroy_process_group()
 
 
-@contextmanager
-def _interrupt_once():
-    """The first Ctrl-C raises KeyboardInterrupt (the loop stops, the final checkpoint follows); later
-    ones are let go, so that an impatient second Ctrl-C cannot lose that checkpoint.
-    (A Ctrl-C during any checkpoint write waits for the write: atomic.interrupts_deferred.)"""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield                                    # SIGINT ignored, or handled by someone else: leave it
+def stop_if_requested(run):
+    """Between steps: stop if a signal came (under torchrun: if any rank received one, and which)."""
+    if not dist.is_initialized():
+        if run.stop.signum:
+            run.stop.raise_for(run.stop.signum)
         return
+    flag = torch.tensor([run.stop.signum], device=run.device if run.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)          # SIGTERM (15) outranks SIGINT (2)
+    if flag.item():
+        run.stop.raise_for(int(flag.item()))
+
+
+@contextmanager
+def _interrupt_once(stop):
+    """The first Ctrl-C or SIGTERM stops the loop after the current step (KeyboardInterrupt, or Stopped
+    for SIGTERM); the final checkpoint follows. A second one before the loop has stopped (a step that
+    hangs) stops it at once; later ones are let go, so that an impatient signal cannot lose the
+    checkpoint. (A signal during any checkpoint write waits for the write: atomic.interrupts_deferred.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # leave a signal alone that is ignored or handled by someone else
+    ours = [s for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+            if signal.getsignal(s) is default]
     count = []
 
     def handler(signum, frame):
         count.append(signum)
         if len(count) == 1:
-            raise KeyboardInterrupt
+            stop.signum = signum
+        elif not stop.acted and not dist.is_initialized():
+            stop.raise_for(stop.signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in ours}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _fit(run):
@@ -454,7 +494,7 @@ def _fit(run):
             run.board.note(run.step, "changed_on_resume", run.changes)
     bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
                disable=not (run.master and config.progress))
-    with _interrupt_once():
+    with _interrupt_once(run.stop):
         try:
             while run.epoch < config.epochs and run.step < run.total_steps:
                 train_one_epoch(run, bar, t0)
@@ -463,10 +503,10 @@ def _fit(run):
                     validate(run)
                     if dist.is_initialized():
                         dist.barrier()
-        except KeyboardInterrupt:
-            interrupted = True
-            run.log(f"\ninterrupted at step {run.step}; saving {run.path('last.ckpt')} "
-                    f"(continue with resume=True / --resume)")
+        except KeyboardInterrupt as e:
+            interrupted = "SIGTERM" if isinstance(e, Stopped) else "SIGINT"
+            run.log(f"\n{'SIGTERM: stopped' if interrupted == 'SIGTERM' else 'interrupted'} at step {run.step}; "
+                    f"saving {run.path('last.ckpt')} (continue with resume=True / --resume)")
         finally:
             bar.close()
             if run.board:
@@ -481,5 +521,5 @@ def _fit(run):
                 run.log_file.close()
     run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
     return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
-            "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,
+            "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,   # False, or the signal
             "log": run.path("train_log.jsonl")}

@@ -3,6 +3,7 @@ the temporary files of a killed write, a torn log line, and the checks a resume 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -244,3 +245,73 @@ def test_every_config_field_has_one_place_in_the_resume_rules():
 
     groups = SHAPING_FIELDS + OPTIMISATION_FIELDS + EXECUTION_FIELDS
     assert sorted(groups) == sorted(f.name for f in dataclasses.fields(Config))     # each field, once
+
+
+def _sigterm_run(tiny_copy, models, *extra, launcher=()):
+    """Train (every step saves) until step 2 is logged, then SIGTERM, as docker stop does; returns (proc, out)."""
+    proc = subprocess.Popen([*launcher, *(_train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "1",
+                                                     *extra)[(3 if launcher else 0):])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(models / "train_log.jsonl", 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, out
+
+
+def test_sigterm_saves_like_ctrl_c_exits_143_and_the_run_resumes_from_its_step(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    proc, out = _sigterm_run(tiny_copy, models)
+    assert proc.returncode == 143, out
+    assert "SIGTERM: stopped at step" in out and "Traceback" not in out, out
+    saved = load_checkpoint(str(models / "last.ckpt"))["step"]
+    assert saved == max(losses(models / "train_log.jsonl")) >= 2
+    assert not (models / "train.lock").exists() and not [n for n in os.listdir(models) if n.endswith(".tmp")]
+    resumed = train(get_config("tiny", data_dir=str(tiny_copy), models_dir=str(models), max_steps=saved + 2,
+                               progress=False), resume=True)
+    assert resumed["step"] == saved + 2 and sorted(losses(models / "train_log.jsonl")) == list(range(1, saved + 3))
+
+
+def test_a_stop_signal_during_a_write_waits_for_it(tmp_path):
+    """SIGTERM or SIGINT inside atomic_save: the file is written whole first, then the signal acts
+    (a handler is called; with none, the process ends by it once the file is complete)."""
+    script = f"""
+import os, signal, sys
+from captioning.atomic import interrupts_deferred
+from captioning.checkpoint import atomic_save, load_checkpoint
+seen = []
+if sys.argv[1] == "handler":
+    signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+with interrupts_deferred():
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)             # a second, impatient signal
+    atomic_save({{"config": {{}}, "vocab": [], "encoder": {{}}, "decoder": {{}}, "n": 7}},
+                {str(tmp_path)!r} + "/x.ckpt")
+    print("written", seen, flush=True)
+print("after", seen, load_checkpoint({str(tmp_path)!r} + "/x.ckpt")["n"], flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, "handler"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == ["written []", "after [15] 7"], proc
+    assert "SIGTERM: finishing the checkpoint write first" in proc.stderr
+    os.remove(tmp_path / "x.ckpt")
+    proc = subprocess.run([sys.executable, "-c", script, "default"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "written []\n", proc
+    assert load_checkpoint(str(tmp_path / "x.ckpt"))["n"] == 7
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "captioning"]
+    proc, out = _sigterm_run(tiny_copy, models, launcher=launcher)
+    assert "SIGTERM: stopped at step" in out and proc.returncode != 0, out
+    saved = load_checkpoint(str(models / "last.ckpt"))
+    assert saved["step"] == max(losses(models / "train_log.jsonl")) >= 2 and saved["world_size"] == 2
+    assert not (models / "train.lock").exists()
