@@ -5,7 +5,8 @@ A checkpoint is a plain dict of tensors and builtins, written atomically:
     {"config": {...}, "vocab": [words...], "encoder": state_dict, "decoder": state_dict,
      "backbone": {"name", "weights", "trained", "included"}, "optimizer": ..., "scaler": ...,
      "epoch": int, "batch": int (within the epoch), "step": int, "best_val_loss": float,
-     "rng": {"torch", "cuda", "numpy", "python"}}
+     "rng": {"torch", "cuda", "numpy", "python"}, "world_size": int,
+     "data": {"train_captions_sha1"}, "schema": SCHEMA}
 
 `included` says whether the encoder state holds the ResNet: a frozen torchvision-pretrained
 backbone is rebuilt from its weights id instead. `load_checkpoint` uses
@@ -23,6 +24,9 @@ import torch
 
 from .atomic import atomic_write, interrupts_deferred
 
+# The checkpoint's layout version: 2 added "schema" and "data". A newer one is refused by name rather
+# than misread; an older one (no "schema") still loads.
+SCHEMA = 2
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
 
@@ -140,6 +144,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise RuntimeError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a captioning checkpoint (it holds {type(ckpt).__name__}, not a dict)")
+    schema = ckpt.get("schema", 1)
+    if not isinstance(schema, int) or schema > SCHEMA:
+        raise ValueError(f"{path} was written by a newer version of this project (checkpoint schema {schema!r}; "
+                         f"this one reads up to {SCHEMA}): update it (git pull, then make) to load this file")
     for key, kind in (("config", dict), ("vocab", list), ("encoder", dict), ("decoder", dict)):
         if key not in ckpt:
             raise ValueError(f"{path} is not a captioning checkpoint: it has no {key!r} entry")
@@ -178,12 +186,24 @@ def build_models(config, vocab_size, weights=_FROM_CONFIG):
     return encoder, decoder
 
 
+def data_identity(config):
+    """What the run's data is, by content, not by path: the SHA-1 of its training captions file
+    (a resume on other data is refused, rundir.resume_config)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(config.captions_json("train"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"train_captions_sha1": digest.hexdigest()}
+
+
 def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
-                     best_val_loss=math.inf, world_size=1):
+                     best_val_loss=math.inf, world_size=1, data=None):
     """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True).
 
     `world_size`: the number of processes that trained it; with the batch size, it says which items
-    of the epoch `batch` batches were, which a resume skips."""
+    of the epoch `batch` batches were, which a resume skips. `data`: data_identity of its data."""
     # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
     # or stand-in one (a file of this machine's) travels in the checkpoint.
     from .backbone import STANDIN
@@ -199,7 +219,7 @@ def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=Non
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
-        "world_size": world_size,
+        "world_size": world_size, "data": data, "schema": SCHEMA,
     }
 
 

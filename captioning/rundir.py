@@ -203,6 +203,14 @@ def resume_config(path, config, world_size=1):
         config, changes = resumed_config(ckpt["config"], config)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    was = (ckpt.get("data") or {}).get("train_captions_sha1")
+    if was and os.path.isfile(config.captions_json("train")):
+        from .checkpoint import data_identity
+
+        if data_identity(config)["train_captions_sha1"] != was:
+            raise ValueError(f"{path} was trained on other data: {config.captions_json('train')} is not the "
+                             f"captions file it was trained with (another data set, or the file changed); "
+                             f"resume with its --data-dir, or start a new run")
     if ckpt["batch"]:
         where = f"{path} stopped in the middle of epoch {ckpt['epoch']}"
         if "batch_size" in changes:

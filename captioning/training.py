@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from .atomic import interrupts_deferred
 from .backbone import STANDIN
-from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, restore_training_state
+from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, data_identity, restore_training_state
 from .config import Config
 from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
 from .device import amp_dtype_for, pick_device, setup_distributed
@@ -183,6 +183,7 @@ class Run:
     board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
     changes: str = ""                 # what a resume changed ("lr 0.001 -> 0.0005"), for TensorBoard
     stop: StopRequest = None          # a stop signal received (Ctrl-C, SIGTERM)
+    data: dict = None                 # checkpoint.data_identity: what a resume must find again
 
     def __post_init__(self):
         self.stop = self.stop or StopRequest()
@@ -302,6 +303,7 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None):
         total_steps = min(total_steps, config.max_steps)
     run = Run(config, vocab, encoder, decoder, model, ddp_model, optimizer, scaler, train_ds, val_loader, sampler,
               device, amp_dtype, channels_last, master, log, steps_per_epoch, total_steps)
+    run.data = data_identity(config) if master else None
 
     os.makedirs(config.models_dir, exist_ok=True)
     log_path = run.path("train_log.jsonl")
@@ -334,7 +336,7 @@ def save_checkpoint(run):
     if run.master:
         state = checkpoint_state(run.config, run.vocab, run.encoder, run.decoder, run.optimizer, run.scaler,
                                  run.epoch, run.batch, run.step, run.best_val,
-                                 world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                                 world_size=dist.get_world_size() if dist.is_initialized() else 1, data=run.data)
         try:
             atomic_save(state, run.path("last.ckpt"))
         except OSError as e:          # a full disk: atomic_save named the file; the one before is intact

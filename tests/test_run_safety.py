@@ -315,3 +315,20 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_copy, tmp
     saved = load_checkpoint(str(models / "last.ckpt"))
     assert saved["step"] == max(losses(models / "train_log.jsonl")) >= 2 and saved["world_size"] == 2
     assert not (models / "train.lock").exists()
+
+
+def test_a_resume_on_other_data_or_from_a_newer_checkpoint_is_refused(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    summary = train(config(tiny_copy, models, max_steps=2))
+    ckpt = torch.load(summary["last"], weights_only=True)
+    assert ckpt["schema"] == 2 and len(ckpt["data"]["train_captions_sha1"]) == 40
+    captions = tiny_copy / "annotations" / "captions_train2014.json"
+    data = json.loads(captions.read_text())
+    data["annotations"][0]["caption"] = "a different caption altogether"
+    captions.write_text(json.dumps(data))
+    message = cli_error(*_train_cmd(tiny_copy, models, "--resume")[3:])
+    assert "was trained on other data" in message and str(captions) in message, message
+    ckpt["schema"] = 3                                          # written by a future version
+    torch.save(ckpt, summary["last"])
+    message = cli_error("caption", str(tiny_copy / "val2014"), "--checkpoint", summary["last"])
+    assert "written by a newer version of this project (checkpoint schema 3; this one reads up to 2)" in message
