@@ -378,21 +378,29 @@ def standin_path(config):
 
 
 def ensure_standin(config, log=print):
-    """The stand-in's weights file for `config`, pretrained and saved first if it is not on disk yet."""
+    """The stand-in's weights file for `config`, pretrained and saved first if it is not on disk yet.
+
+    Pretraining holds a lock (`<weights>.lock`): a second run wanting the same stand-in waits for the
+    first, then uses the file it saved instead of pretraining it again."""
     from .atomic import atomic_write
+    from .derived import build_lock
 
     path = standin_path(config)
     if os.path.isfile(path):
         return path
-    log(f"pretraining the stand-in backbone ({config.backbone}, {config.standin_steps} steps on synthetic "
-        f"scenes); it is saved to {path} and reused")
-    state, report = pretrain_standin(config.backbone, config.resize_size, config.crop_size, config.standin_steps,
-                                     seed=config.standin_seed, progress=config.progress)
-    log(f"stand-in backbone: held-out shape accuracy {report['heldout_shape_accuracy']:.1%}, "
-        f"colour error {report['heldout_colour_error']:.3f} (RGB, 0..1), on {report['heldout_scenes']} "
-        f"scenes it never saw")
-    with atomic_write(path + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    with build_lock(path, "the stand-in backbone", log):
+        if os.path.isfile(path):                    # built by the process we waited for
+            log(f"using the stand-in backbone another process just pretrained: {path}")
+            return path
+        log(f"pretraining the stand-in backbone ({config.backbone}, {config.standin_steps} steps on synthetic "
+            f"scenes); it is saved to {path} and reused")
+        state, report = pretrain_standin(config.backbone, config.resize_size, config.crop_size,
+                                         config.standin_steps, seed=config.standin_seed, progress=config.progress)
+        log(f"stand-in backbone: held-out shape accuracy {report['heldout_shape_accuracy']:.1%}, "
+            f"colour error {report['heldout_colour_error']:.3f} (RGB, 0..1), on {report['heldout_scenes']} "
+            f"scenes it never saw")
+        with atomic_write(path + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with atomic_write(path) as f:
+            torch.save(state, f)
     return path

@@ -18,7 +18,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image, ImageOps
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import fsync_dir
+from .derived import build_lock, write_derived
+
+atomic_write = write_derived   # the name _resize_one writes through (tests/test_images.py patches it)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -119,8 +122,9 @@ def _resize_one(args):
         return "read", f"{os.path.basename(src)}: {e.reason if isinstance(e, ImageReadError) else e}"
     try:
         fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower(), "JPEG")
-        # temp file, fsync, rename: a crash leaves the old file or the new one, never a torn or empty one
-        with atomic_write(dst, sync_dir=False) as f:     # the folder is fsynced once, at the end
+        # temp file, rename (no per-file fsync: a resized image can be made again, and one that a power cut
+        # leaves empty or cut short fails _up_to_date's end-marker check and is redone); one folder fsync at the end
+        with atomic_write(dst) as f:
             image.save(f, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         return None
     except Exception as e:  # disk full, read-only: every other file would fail the same way
@@ -194,14 +198,13 @@ def _up_to_date(src, dst, check_size=None):
         return False
 
 
-def resize_images(src, dst, size=256, workers=None, progress=True):
+def resize_images(src, dst, size=256, workers=None, progress=True, log=print):
     """Resize every image in `src` to size x size into `dst`, keeping file names.
 
     Up-to-date outputs of the same size are skipped. Returns a dict with the counts and the list of
-    files that could not be read (reported by name, never fatal).
+    files that could not be read (reported by name, never fatal). A second process resizing into the
+    same `dst` waits for the first (a flock on `dst`), then finds its images up to date.
     """
-    from .progress import tqdm
-
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source image folder not found: {src} (get the data with notebook 01 first)")
     if size < 1:
@@ -210,12 +213,19 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         raise ValueError(f"--dst {dst} is the source folder: resizing there would overwrite every original; "
                          f"give another folder (the pipeline uses <data>/resized_images/<split>)")
     _check_writable(dst)
+    with build_lock(dst, "the resized images", log):       # a flock on the folder itself
+        return _resize_all(src, dst, size, workers, progress, log)
+
+
+def _resize_all(src, dst, size, workers, progress, log=print):
+    from .progress import tqdm
+
     names = list_images(src)
     # The stamp says which size the folder holds. A different size redoes everything; no stamp
     # (an interrupted or older run) means each existing file's header is checked.
     done_size = _read_size_stamp(dst)
     if done_size is not None and done_size != size:
-        print(f"{dst} holds {done_size}x{done_size} images: resizing them again to {size}x{size}")
+        log(f"{dst} holds {done_size}x{done_size} images: resizing them again to {size}x{size}")
         os.remove(os.path.join(dst, SIZE_STAMP))
     check_size = None if done_size == size else size
     jobs = [(os.path.join(src, n), os.path.join(dst, n), size) for n in names
@@ -246,8 +256,8 @@ def resize_images(src, dst, size=256, workers=None, progress=True):
         with open(os.path.join(dst, SIZE_STAMP), "w") as f:
             f.write(str(size))
     if failed:
-        print(f"skipped {len(failed)} unreadable image(s):")
+        log(f"skipped {len(failed)} unreadable image(s):")
         for line in failed:
-            print("  " + line)
+            log("  " + line)
     return {"total": len(names), "resized": len(jobs) - len(failed),
             "skipped_up_to_date": len(names) - len(jobs), "failed": failed}

@@ -75,6 +75,7 @@ def ensure_prerequisites(config, log=print):
     """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
     the resized images, the stand-in backbone."""
     from .backbone import ensure_standin
+    from .derived import build_lock
     from .images import resize_images
     from .karpathy import ensure_coco_layout
     from .vocabulary import build_vocabulary, save_vocabulary
@@ -88,15 +89,17 @@ def ensure_prerequisites(config, log=print):
                                         f"hold a Karpathy dataset_*.json and its images; "
                                         f"run notebook 01 or download_coco.sh first")
     # the vocabulary of these captions at this threshold (cheap once the tokens are cached): an
-    # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold
-    vocab = build_vocabulary(config.captions_json("train"), config.vocab_threshold, progress=config.progress)
-    if not os.path.exists(config.vocabulary_path):
-        log(f"building the vocabulary: {config.vocabulary_path}")
-        save_vocabulary(vocab, config.vocabulary_path)
-    elif load_vocabulary(config.vocabulary_path).words() != vocab.words():
-        log(f"{config.vocabulary_path} is not the vocabulary of these captions at vocab_threshold="
-            f"{config.vocab_threshold}: rebuilding it ({len(vocab)} words)")
-        save_vocabulary(vocab, config.vocabulary_path)
+    # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold.
+    # Under a lock (vocabulary.pkl.lock): a second run on this data waits, then finds it built and uses it.
+    with build_lock(config.vocabulary_path, "the vocabulary", log):
+        vocab = build_vocabulary(config.captions_json("train"), config.vocab_threshold, progress=config.progress)
+        if not os.path.exists(config.vocabulary_path):
+            log(f"building the vocabulary: {config.vocabulary_path}")
+            save_vocabulary(vocab, config.vocabulary_path)
+        elif load_vocabulary(config.vocabulary_path).words() != vocab.words():
+            log(f"{config.vocabulary_path} is not the vocabulary of these captions at vocab_threshold="
+                f"{config.vocab_threshold}: rebuilding it ({len(vocab)} words)")
+            save_vocabulary(vocab, config.vocabulary_path)
     for split in ("train", "val"):
         dst = config.resized_images(split)  # resize_images skips what is already done, at this size
         report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
