@@ -13,6 +13,7 @@ from collections import Counter
 from nltk.tokenize import NLTKWordTokenizer
 
 from .atomic import atomic_write
+from .derived import write_derived
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3, in the chapter's order
@@ -224,7 +225,9 @@ def caption_tokens(json_path, coco=None, progress=True):
                 joined += _tokenize_all(chunk)
                 bar.update(len(chunk))
     try:
-        with atomic_write(cache_path, "w") as f:  # also safe with two processes writing at once
+        # temp file and rename (also safe with two processes writing at once), no fsync: a cache made again
+        # from the captions when it is lost, and a torn one fails json.load in _read_token_cache and is redone
+        with write_derived(cache_path, "w") as f:
             json.dump({"format": TOKENS_FORMAT, "source": source, "tokens": dict(zip(map(str, ids), joined))}, f)
     except OSError as e:
         print(f"warning: could not cache the tokenized captions at {cache_path} ({e}); continuing without")
