@@ -10,7 +10,7 @@ import torch.utils.data as data
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from .images import load_image
+from .images import ImageReadError, load_image
 from .vocabulary import END, START, caption_tokens, load_coco, tokenize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -91,6 +91,7 @@ class CocoCaptionDataset(data.Dataset):
         self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
         self._encoded = {}  # annotation id -> caption ids
+        self.skipped = {}   # file name -> why it could not be read (met in this process, or reported to it)
         self.coco = load_coco(coco_json_path)
         self._tokens = caption_tokens(coco_json_path, self.coco, progress)  # tokenized once, cached on disk
         present = set(os.listdir(data_path))
@@ -155,10 +156,75 @@ class CocoCaptionDataset(data.Dataset):
         return self.transform(image) if self.transform is not None else image
 
     def __getitem__(self, idx):
-        return self.load(idx), self.target(idx)
+        """(image, caption(s)); an Unreadable marker for an image that cannot be decoded (collate_function
+        leaves it out, and the loaders of training.py count and name it)."""
+        try:
+            return self.load(idx), self.target(idx)
+        except ImageReadError as e:
+            name = os.path.basename(self.image_path(self.image_index(idx)))
+            self.skipped[name] = e.reason
+            return Unreadable(name, e.reason, self, idx)
 
     def __len__(self):
         return len(self.items)
+
+    def substitute(self, idx, tries=100):
+        """The first readable item after `idx` that shows another image: what a batch gets when every image
+        it drew is unreadable (a training step needs one item at least)."""
+        bad = {self.image_index(idx)}
+        for k in range(1, len(self.items)):
+            j = (idx + k) % len(self.items)
+            if self.image_index(j) in bad:
+                continue
+            item = self[j]
+            if not isinstance(item, Unreadable):
+                return item
+            bad.add(self.image_index(j))
+            if len(bad) > tries:
+                break
+        raise ImageReadError(self.image_path(self.image_index(idx)),
+                             f"{self.skipped.get(os.path.basename(self.image_path(self.image_index(idx))))} "
+                             f"(and no readable image among the {len(bad) - 1} after it)")
+
+
+class Unreadable:
+    """What CocoCaptionDataset gives for an item whose image cannot be decoded: its file name and why."""
+
+    def __init__(self, name, reason, dataset=None, idx=None):
+        self.name, self.reason, self._dataset, self._idx = name, reason, dataset, idx
+
+    def substitute(self):
+        return self._dataset.substitute(self._idx)
+
+    def __reduce__(self):       # pickled without its dataset (the substitute is found where it was made)
+        return type(self), (self.name, self.reason)
+
+    def __repr__(self):
+        return f"Unreadable({self.name!r}, {self.reason!r})"
+
+
+def unreadable_items(data_batch):
+    """{file name: reason} of the Unreadable items in a list of dataset items."""
+    return {item.name: item.reason for item in data_batch if isinstance(item, Unreadable)}
+
+
+def too_many_unreadable(skipped, total, where, limit=0.01):
+    """A ValueError to raise when more than `limit` (1%) of `total` images are unreadable, else None.
+    It names the count, the split's folder and a few files."""
+    if len(skipped) <= limit * total:
+        return None
+    names = sorted(skipped)
+    shown = "; ".join(f"{n} ({skipped[n]})" if skipped[n] else n for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ValueError(f"{len(names)} of {total} images of {os.path.basename(str(where).rstrip('/'))} ({where}) are "
+                      f"unreadable, more than {limit:.0%}: {shown}{more}; repair or remove them "
+                      f"(a resized copy is redone from its original once it is deleted)")
+
+
+def skipped_line(skipped):
+    """'2 unreadable images skipped: a.jpg, b.jpg' (what a run prints once and its summary lists)."""
+    names = sorted(skipped)
+    return f"{len(names)} unreadable image{'s' if len(names) != 1 else ''} skipped: {', '.join(names)}"
 
 
 def collate_function(data_batch):
@@ -166,7 +232,11 @@ def collate_function(data_batch):
 
     Returns images (B, ...), captions (N, max_len) LongTensor and lengths (a list of ints).
     For items grouped by image, a 4th value maps each caption to its image: (N,) LongTensor.
+    Items whose image could not be read (Unreadable) are left out; a batch of nothing else gets the
+    first one's substitute, the next readable item of the dataset.
     """
+    readable = [item for item in data_batch if not isinstance(item, Unreadable)]
+    data_batch = readable or [data_batch[0].substitute()]
     grouped = isinstance(data_batch[0][1], list)
     pairs = [(k, c) for k, item in enumerate(data_batch) for c in (item[1] if grouped else [item[1]])]
     pairs.sort(key=lambda kc: len(kc[1]), reverse=True)
@@ -189,3 +259,67 @@ def get_loader(data_path, coco_json_path, vocabulary, transform, batch_size, shu
     return data.DataLoader(coco_dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                            sampler=sampler, num_workers=num_workers, collate_fn=collate_function,
                            pin_memory=pin_memory, persistent_workers=False)
+
+
+def images_of(dataset):
+    """The CocoCaptionDataset under a Subset (or a Subset of a Subset), or None (cached features)."""
+    while isinstance(dataset, data.Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, CocoCaptionDataset) else None
+
+
+def skipped_images(*datasets):
+    """The sorted file names of the unreadable images that these datasets (or loaders, Subsets) skipped."""
+    names = set()
+    for d in datasets:
+        d = getattr(d, "dataset", d) if isinstance(d, (data.DataLoader, CountingLoader)) else d
+        while isinstance(d, data.Subset):
+            d = d.dataset
+        names |= set(getattr(d, "skipped", None) or ())
+    return sorted(names)
+
+
+class _Counting:
+    """A collate_fn that also returns the batch's unreadable images: (collate(batch), {name: reason})."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, data_batch):
+        return self.collate(data_batch), unreadable_items(data_batch)
+
+
+class CountingLoader:
+    """A DataLoader (same arguments, collate_function) that counts and names the unreadable images it meets.
+
+    Workers are other processes: each batch carries the names of the images they could not read back to
+    this one, where they are added to the dataset's `skipped`. The names are printed once (when a pass
+    over the data ends, or stops early) and a split with more than 1% unreadable stops the run.
+    """
+
+    def __init__(self, dataset, log=print, collate_fn=None, **kwargs):
+        self.dataset, self.log = dataset, log
+        self.images = images_of(dataset)
+        self.loader = data.DataLoader(dataset, collate_fn=_Counting(collate_fn or collate_function), **kwargs)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            for batch, unreadable in self.loader:
+                if unreadable and self.images is not None:
+                    self.images.skipped.update(unreadable)
+                    error = too_many_unreadable(self.images.skipped, len(self.images.image_ids),
+                                                self.images.data_path)
+                    if error:
+                        raise error
+                yield batch
+        finally:
+            self._report()
+
+    def _report(self):
+        images = self.images
+        if images is not None and len(images.skipped) > getattr(images, "skipped_said", 0):
+            images.skipped_said = len(images.skipped)
+            self.log(f"{skipped_line(images.skipped)} ({images.data_path}: their captions are left out)")

@@ -44,7 +44,7 @@ import torch.utils.data as data
 
 from .atomic import atomic_write
 from .checkpoint import os_error, write_failed
-from .data import TrainTransform, seeded_generator
+from .data import TrainTransform, Unreadable, seeded_generator, too_many_unreadable
 
 
 def backbone_fingerprint(encoder):
@@ -73,9 +73,12 @@ class _ImageViews(data.Dataset):
         return len(self.ds.image_ids)
 
     def __getitem__(self, i):
-        from .images import load_image
+        from .images import ImageReadError, load_image
 
-        image = load_image(self.ds.image_path(i))
+        try:
+            image = load_image(self.ds.image_path(i))
+        except ImageReadError as e:                      # no row for it: _collate_views leaves it out
+            return Unreadable(os.path.basename(self.ds.image_path(i)), e.reason)
         if self.kind == "maps":
             whole = self.transform(image)
             return torch.stack([whole, whole.flip(-1)][:self.views])
@@ -83,6 +86,14 @@ class _ImageViews(data.Dataset):
             return torch.stack([self.transform(image, generator=seeded_generator(self.seed, i, k))
                                 for k in range(self.views)])
         return self.transform(image).unsqueeze(0).expand(self.views, -1, -1, -1)
+
+
+def _collate_views(batch):
+    """(the readable items stacked (B', K, 3, H, W) or None, their positions in the batch, the batch's size,
+    {position: (file name, reason)} of the unreadable ones)."""
+    good = [k for k, item in enumerate(batch) if not isinstance(item, Unreadable)]
+    bad = {k: (item.name, item.reason) for k, item in enumerate(batch) if isinstance(item, Unreadable)}
+    return (torch.stack([batch[k] for k in good]) if good else None), good, len(batch), bad
 
 
 def window_weights(start, size, cells):
@@ -106,6 +117,16 @@ def pool_window(maps, top, left, size):
     wy = window_weights(top, size, maps.size(2))
     wx = window_weights(left, size, maps.size(3))
     return torch.einsum("bchw,bh,bw->bc", maps, wy, wx)
+
+
+def meta_checksum(meta):
+    """The sha1 of a cache's meta.json without its own "checksum" field."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_meta(path, meta):
+    _write_json(path, {**meta, "checksum": meta_checksum(meta)})
 
 
 def _write_json(path, obj):
@@ -133,6 +154,15 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
 
     The returned memmap holds a shared lock on its folder for as long as it lives, so that
     `prune_feature_caches` leaves the cache of a running trainer alone; extraction holds it exclusively.
+
+    An image that cannot be read gets no features (its row stays zeros): meta.json lists it under
+    "unreadable", and the memmap's `unreadable` ({row: (file name, reason)}) lets CachedCaptionDataset
+    leave out its captions. More than 1% of the images unreadable stops with an error naming them.
+
+    The cache verifies itself before it is read: meta.json holds its own checksum and the array's
+    shape, dtype, size in bytes and header checksum; a cache that fails (a truncated or resized
+    features.npy, a corrupted header, a meta.json that does not match) is reported by path and
+    extracted again, never read.
     """
     from .progress import tqdm
 
@@ -155,11 +185,21 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
         meta["map"] = _map_size(encoder, views_of[0][0], device)
         shape += meta["map"]
 
-    lock, done = _lock_for_extraction(folder, meta_path, array_path, shape, log)
+    lock, state = _lock_for_extraction(folder, meta_path, array_path, shape, meta, log)
     try:
-        if done < len(names):
-            _extract(encoder, views_of, meta, folder, shape, done, lock, batch_size, num_workers, amp_dtype,
-                     channels_last, progress, kind, device, tqdm, log)
+        if state.damaged:
+            log(f"feature cache {folder} is damaged ({state.damaged}): extracting it again")
+            try:
+                os.remove(array_path)
+            except FileNotFoundError:
+                pass
+        if not state.complete:
+            state = _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, num_workers,
+                             amp_dtype, channels_last, progress, kind, device, tqdm, log)
+        unreadable = {int(i): (name, reason) for i, name, reason in state.meta.get("unreadable", [])}
+        error = too_many_unreadable(dict(unreadable.values()), len(names), caption_dataset.data_path)
+        if error:
+            raise error
         cache = np.load(array_path, mmap_mode="r")
         os.utime(meta_path)                                          # last used: now
         fcntl.flock(lock, fcntl.LOCK_SH)        # extracted: others may read it too, and prune must not delete it
@@ -167,6 +207,7 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
         lock.close()
         raise
     cache.lock = lock                           # released when the memmap is garbage collected
+    cache.unreadable = unreadable               # {row: (file name, reason)}: images without features
     return cache
 
 
@@ -212,8 +253,8 @@ def _lock(folder, how, make_folder=True):
             return None
 
 
-def _lock_for_extraction(folder, meta_path, array_path, shape, log):
-    """(lock, rows done): a shared lock when the cache is complete, else an exclusive one (to extract).
+def _lock_for_extraction(folder, meta_path, array_path, shape, expected, log):
+    """(lock, _State): a shared lock when the cache is complete, else an exclusive one (to extract).
 
     Waits while another process extracts this same cache, then uses what it wrote."""
     said = False
@@ -224,36 +265,88 @@ def _lock_for_extraction(folder, meta_path, array_path, shape, log):
                 log(f"waiting: {folder} is being extracted (or pruned) by another process")
                 said = True
             lock = _lock(folder, fcntl.LOCK_SH)
-        done, complete = _progress(meta_path, array_path, shape)
-        if complete:
-            return lock, done
+        state = _progress(meta_path, array_path, shape, expected)
+        if state.complete:
+            return lock, state
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:       # another process is about to extract it: let it, then look again
             lock.close()
             time.sleep(0.5)
             continue
-        return lock, _progress(meta_path, array_path, shape)[0]    # re-read: the lock was let go meanwhile
+        return lock, _progress(meta_path, array_path, shape, expected)    # re-read: the lock was let go meanwhile
 
 
-def _progress(meta_path, array_path, shape):
-    """(rows done, complete) of the cache at these paths; (0, False) when it is missing or of another shape."""
+class _State:
+    """Where a cache stands: rows done, complete, why it is damaged (None: it is not), its meta.json."""
+
+    def __init__(self, done=0, complete=False, damaged=None, meta=None):
+        self.done, self.complete, self.damaged, self.meta = done, complete, damaged, meta or {}
+
+
+def _header_sha1(path, offset):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read(offset)).hexdigest()
+
+
+def _progress(meta_path, array_path, shape, expected):
+    """The _State of the cache at these paths, verified: a fresh one when there is none (or nothing was
+    written yet), a damaged one, saying why, when meta.json or features.npy fails a check."""
+    if not os.path.exists(meta_path) and not os.path.exists(array_path):
+        return _State()
+    state = _verify(meta_path, array_path, shape, expected)
+    if isinstance(state, str):                  # damaged; but a cache that claims no row loses nothing
+        return _State(damaged=state)
+    return state
+
+
+def _verify(meta_path, array_path, shape, expected):
+    """A _State, or the reason the cache is damaged (a str)."""
     try:
         with open(meta_path) as f:
             meta = json.load(f)
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json cannot be read: {e}"
+    if not isinstance(meta, dict):
+        return "meta.json is not a JSON object"
+    if "checksum" in meta and meta["checksum"] != meta_checksum(meta):
+        return "meta.json does not match its checksum"
+    other = [k for k, v in expected.items() if k != "weights" and meta.get(k, v if k == "map" else None) != v]
+    if other:
+        return f"meta.json describes another cache: {', '.join(other)} differ"
+    done = meta.get("done", 0)
+    if not isinstance(done, int) or not 0 <= done <= shape[0]:
+        return f"meta.json says {done!r} rows are done, of {shape[0]}"
+    if not os.path.exists(array_path):
+        return _State(meta=meta) if done == 0 else "features.npy is missing"
+    info, size = meta.get("array"), os.path.getsize(array_path)
+    if info:
+        if size != info.get("bytes"):
+            return f"features.npy is {size:,} bytes, expected {info.get('bytes'):,}"
+        if _header_sha1(array_path, info.get("offset", 0)) != info.get("header_sha1"):
+            return "the header of features.npy does not match its checksum"
+        if list(info.get("shape", ())) != list(shape) or info.get("dtype") != "float16":
+            return f"meta.json records an array of shape {info.get('shape')} {info.get('dtype')}, " \
+                   f"expected {list(shape)} float16"
+    try:
         array = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return 0, False
-    if array.shape != shape or array.dtype != np.float16 or not isinstance(meta, dict):
-        return 0, False
-    done = int(meta.get("done", 0))
+    except (OSError, ValueError) as e:
+        return f"features.npy cannot be read: {e}"
+    if array.shape != shape or array.dtype != np.float16:
+        return f"features.npy holds {array.dtype} {array.shape}, expected float16 {shape}"
+    if not info and size != array.offset + array.nbytes:          # written before the checks existed
+        return f"features.npy is {size:,} bytes, expected {array.offset + array.nbytes:,}"
     # written before "complete" existed: rows were flushed before "done" was, so done == images was the mark
-    return done, bool(meta.get("complete", done >= shape[0])) and done >= shape[0]
+    complete = bool(meta.get("complete", done >= shape[0])) and done >= shape[0]
+    return _State(done, complete, None, meta)
 
 
-def _extract(encoder, views_of, meta, folder, shape, done, lock, batch_size, num_workers, amp_dtype,
+def _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, num_workers, amp_dtype,
              channels_last, progress, kind, device, tqdm, log):
-    """Write rows `done`.. of the cache, holding its exclusive lock; meta.json says "complete" last.
+    """Write rows `state.done`.. of the cache, holding its exclusive lock; meta.json says "complete" last.
+    Returns the complete cache's _State.
 
     Rows are written with plain pwrite() calls into space reserved beforehand (posix_fallocate), never
     through a memmap: a store into a memmapped page that the disk has no room for kills the process
@@ -268,13 +361,20 @@ def _extract(encoder, views_of, meta, folder, shape, done, lock, batch_size, num
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     n = shape[0]
     row_bytes = 2 * int(np.prod(shape[1:]))
+    done = 0 if state.damaged else state.done
+    unreadable = [] if done == 0 else [u for u in state.meta.get("unreadable", []) if u[0] < done]
+    array = state.meta.get("array") if done else None
     if done == 0:
         _check_space(folder, 2 * int(np.prod(shape)), kind, log)
-        _write_json(meta_path, {**meta, "done": 0, "complete": False})
         offset = _create_array(array_path, shape)
     else:
         offset = np.load(array_path, mmap_mode="r").offset
-        _write_json(meta_path, {**meta, "done": done, "complete": False})
+    if not array:           # what the cache is checked against whenever it is opened
+        array = {"shape": list(shape), "dtype": "float16", "offset": offset,
+                 "bytes": offset + 2 * int(np.prod(shape)), "header_sha1": _header_sha1(array_path, offset)}
+    meta = {**meta, "array": array}
+    _write_meta(meta_path, {**meta, "done": done, "complete": False, "unreadable": unreadable})
+    if done:
         st = os.stat(array_path)
         # a cache started by earlier versions is a sparse file: only what it has allocated is on disk
         _check_space(folder, max(0, st.st_size - st.st_blocks * 512), kind, log, resumed=True)
@@ -288,7 +388,7 @@ def _extract(encoder, views_of, meta, folder, shape, done, lock, batch_size, num
                 os.remove(array_path)
             raise
         loader = data.DataLoader(data.Subset(views_of, range(done, n)), batch_size=batch_size,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, collate_fn=_collate_views)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         encoder.eval()
         extractor = encoder.frozen_extractor(maps=kind == "maps")    # extract() / extract_map(), BatchNorm folded
@@ -298,24 +398,32 @@ def _extract(encoder, views_of, meta, folder, shape, done, lock, batch_size, num
             if kind == "maps" else f"K={shape[1]}"
         with tqdm(total=n, initial=done, desc=f"extracting {meta['split']} features ({what})",
                   unit="img", disable=not progress) as bar:
-            for batch in loader:                                                   # (B, K, 3, H, W)
-                b = batch.size(0)
-                images = batch.flatten(0, 1).to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad(), autocast:
-                    feats = extractor(images)
-                rows = feats.reshape(b, *shape[1:]).float().cpu().numpy().astype(np.float16)
+            for batch, good, b, bad in loader:                            # (B', K, 3, H, W) readable ones
+                rows = np.zeros((b, *shape[1:]), np.float16)                # an unreadable image's row: zeros
+                if batch is not None:
+                    images = batch.flatten(0, 1).to(device, non_blocking=True)
+                    if channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with torch.no_grad(), autocast:
+                        feats = extractor(images)
+                    rows[good] = feats.reshape(len(good), *shape[1:]).float().cpu().numpy().astype(np.float16)
+                unreadable += [[done + k, name, reason] for k, (name, reason) in sorted(bad.items())]
                 if not np.isfinite(rows).all():
                     raise FloatingPointError(f"backbone features overflow float16 (images {done}..{done + b}); "
                                              f"is the backbone's weights file right?")
                 _pwrite(fd, rows.tobytes(), offset + done * row_bytes, array_path)
                 _check_still_there(array_path, mine, folder)
                 done += b
-                _write_json(meta_path, {**meta, "done": done, "complete": done >= n})   # the last one says so
+                # the last one says "complete"
+                _write_meta(meta_path, {**meta, "done": done, "complete": done >= n, "unreadable": unreadable})
                 bar.update(b)
+                if bad:
+                    error = too_many_unreadable({u[1]: u[2] for u in unreadable}, n, views_of.ds.data_path)
+                    if error:
+                        raise error
     finally:
         os.close(fd)
+    return _State(done, True, None, {**meta, "done": done, "complete": True, "unreadable": unreadable})
 
 
 def _create_array(path, shape):
@@ -492,6 +600,12 @@ class CachedCaptionDataset(data.Dataset):
 
     def __init__(self, caption_dataset, cache, seed=0, crop_fraction=None, jitter=0.0):
         self.ds, self.cache, self.seed, self.epoch = caption_dataset, cache, seed, 0
+        # images that could not be read have no features: their captions are left out
+        bad = getattr(cache, "unreadable", None) or {}
+        self.skipped = {name: reason for name, reason in bad.values()}
+        self.items = [i for i in range(len(caption_dataset)) if caption_dataset.image_index(i) not in bad] \
+            if bad else None                                      # None: every item, as they are
+        self.rows = [r for r in range(len(cache)) if r not in bad] if bad else None   # rows to borrow from
         self.maps = cache.ndim == 5
         if not (isinstance(jitter, (int, float)) and jitter >= 0):
             raise ValueError(f"jitter must be a number >= 0, got {jitter!r}")
@@ -504,7 +618,7 @@ class CachedCaptionDataset(data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.ds) if self.items is None else len(self.items)
 
     def _view(self, idx):
         return hash((self.seed, self.epoch, idx)) % self.cache.shape[1]
@@ -519,6 +633,8 @@ class CachedCaptionDataset(data.Dataset):
 
     def __getitems__(self, indices):
         """A whole batch in one gather from the memmap (the DataLoader calls this when it exists)."""
+        if self.items is not None:
+            indices = [self.items[i] for i in indices]
         rows = [self.ds.image_index(i) for i in indices]
         if self.maps:
             flips, tops, lefts = zip(*(self._window(i) for i in indices))
@@ -537,9 +653,11 @@ class CachedCaptionDataset(data.Dataset):
     def _jittered(self, rows, indices):
         """Each item: the mean of its image's K views + jitter x (a random image's view - that image's mean)."""
         k = self.cache.shape[1]
-        picks = [int(torch.randint(len(self.cache) * k, (1,), generator=seeded_generator(self.seed, self.epoch, i, 1)))
+        n = len(self.cache) if self.rows is None else len(self.rows)
+        picks = [int(torch.randint(n * k, (1,), generator=seeded_generator(self.seed, self.epoch, i, 1)))
                  for i in indices]                      # (other image, its view), flattened
+        others = [p // k if self.rows is None else self.rows[p // k] for p in picks]
         views = torch.from_numpy(np.asarray(self.cache[rows], dtype=np.float32))                          # (B, K, D)
-        others = torch.from_numpy(np.asarray(self.cache[[p // k for p in picks]], dtype=np.float32))      # (B, K, D)
+        others = torch.from_numpy(np.asarray(self.cache[others], dtype=np.float32))                       # (B, K, D)
         deviation = others[torch.arange(len(picks)), torch.tensor([p % k for p in picks])] - others.mean(1)
         return views.mean(1) + self.jitter * deviation

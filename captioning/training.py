@@ -113,10 +113,15 @@ def _loader(dataset, sampler, config, device, persistent=False):
     """Images: `num_workers` processes decode and augment; so do maps (a batch of maps is 32 MB at
     COCO's size, and pooling it takes a while). Cached views: the main process, since a batch is
     one small gather from a memmap and starting workers would cost more than the work."""
+    from .data import CountingLoader
+
     workers = 0 if config.use_cache and config.cache_kind == "views" else config.num_workers
-    return data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_function,
-                           num_workers=workers, pin_memory=device.type == "cuda",
-                           persistent_workers=persistent and workers > 0)
+    # a DataLoader that leaves an unreadable image out of its batch, counts and names it (once), and stops
+    # the run when more than 1% of a split is unreadable
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    return CountingLoader(dataset, log=(lambda *a, **k: None) if quiet else print, batch_size=config.batch_size,
+                          sampler=sampler, collate_fn=collate_function, num_workers=workers,
+                          pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0)
 
 
 @torch.no_grad()
@@ -214,12 +219,25 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
                                 config.max_seq_len, config.seed, group_by_image=group, progress=config.progress,
                                 max_captions=val_captions)
     if not config.train_backbone and encoder.weights_id is None:
+        from .data import Unreadable, too_many_unreadable
+
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab,
                                          val_tf, group_by_image=True)
         picks = list(range(0, len(calibration), max(1, len(calibration) // 1024)))[:1024]
-        encoder.calibrate_batchnorm(torch.stack([calibration.load(i) for i in picks[j:j + 64]]).to(device)
-                                    for j in range(0, len(picks), 64))
+
+        def batches():             # unreadable images are left out, and counted and named with training's
+            for j in range(0, len(picks), 64):
+                images = [item[0] for item in map(calibration.__getitem__, picks[j:j + 64])
+                          if not isinstance(item, Unreadable)]
+                train_ds.skipped.update(calibration.skipped)
+                error = too_many_unreadable(train_ds.skipped, len(train_ds.image_ids), train_ds.data_path)
+                if error:
+                    raise error
+                if images:
+                    yield torch.stack(images).to(device)
+
+        encoder.calibrate_batchnorm(batches())
     if config.use_cache:
         from .features import CachedCaptionDataset
 
@@ -251,6 +269,11 @@ def _open_cache(config, encoder, ds, transform, views, kind, split, device, mast
                                     amp_dtype=amp_dtype, channels_last=channels_last, progress=config.progress,
                                     kind=kind, log=log)
         log(f"{split} features: {os.path.dirname(cache.filename)}")
+        if cache.unreadable:        # extraction skipped them (more than 1% would have stopped it)
+            from .data import skipped_line
+
+            log(f"{skipped_line(dict(cache.unreadable.values()))} ({ds.data_path}: no features, "
+                f"their captions are left out)")
     if dist.is_initialized():
         dist.barrier()
     if not master:

@@ -279,3 +279,68 @@ def test_an_interrupted_extraction_is_never_reported_complete(dataset, tmp_path)
     build()
     (cache,) = list_feature_caches(str(features_dir))
     assert cache["complete"] and cache["done"] == cache["images"] == len(dataset.image_ids)
+
+
+def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_path):
+    """A truncated or grown features.npy, a corrupted header, a meta.json that does not match: each is
+    found before anything is read, named, and extracted again to the same features."""
+    import gc
+
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = eval_transform(32, 32)
+    said = []
+
+    def build():
+        cache = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                    batch_size=16, progress=False, log=said.append)
+        values, folder = np.array(cache), os.path.dirname(cache.filename)
+        del cache
+        gc.collect()                          # the memmap's shared lock goes with it
+        return values, folder
+
+    good, folder = build()
+    array, meta_path = os.path.join(folder, "features.npy"), os.path.join(folder, "meta.json")
+    meta = json.load(open(meta_path))
+    size = os.path.getsize(array)
+    assert meta["array"] == {"shape": [len(dataset.image_ids), 1, 512], "dtype": "float16", "offset": 128,
+                             "bytes": size, "header_sha1": meta["array"]["header_sha1"]} and meta["checksum"]
+    assert not any("damaged" in s for s in said)
+
+    def damage(how, why):
+        said.clear()
+        how()
+        values, again = build()
+        assert again == folder and np.array_equal(values, good)
+        damaged = [s for s in said if "damaged" in s]
+        assert damaged == [f"feature cache {folder} is damaged ({why}): extracting it again"]
+        # and what training reads from it are the right features
+        items = CachedCaptionDataset(dataset, build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"),
+                                                                  "train", torch.device("cpu"), progress=False))
+        assert torch.equal(items[7][0], torch.from_numpy(good[dataset.image_index(7), 0].astype(np.float32)))
+
+    def truncate():
+        with open(array, "r+b") as f:
+            f.truncate(size - 1000)
+
+    def grow():
+        with open(array, "ab") as f:
+            f.write(b"\0" * 64)
+
+    def corrupt_header():              # '<f2' -> '<i2': still a valid header, of another dtype
+        raw = bytearray(open(array, "rb").read())
+        at = raw.index(b"<f2")
+        raw[at + 1] = ord("i")
+        open(array, "wb").write(raw)
+
+    def edit_meta():
+        edited = json.load(open(meta_path))
+        edited["done"] = 5                 # without its checksum
+        json.dump(edited, open(meta_path, "w"))
+
+    damage(truncate, f"features.npy is {size - 1000:,} bytes, expected {size:,}")
+    damage(grow, f"features.npy is {size + 64:,} bytes, expected {size:,}")
+    damage(corrupt_header, "the header of features.npy does not match its checksum")
+    damage(edit_meta, "meta.json does not match its checksum")
+    damage(lambda: open(meta_path, "w").write("{not json"),
+           "meta.json cannot be read: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")

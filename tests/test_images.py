@@ -144,9 +144,10 @@ def test_empty_or_truncated_outputs_are_redone_and_writes_leave_no_temp_files(od
                                               SIZE_STAMP])
 
 
-def test_a_corrupt_resized_image_met_in_training_is_one_line(tiny_copy, tmp_path):
-    """A resized file that passes the checks but does not decode: one line naming it, from a
-    DataLoader worker too, no traceback."""
+def test_a_corrupt_resized_image_above_one_percent_stops_training_in_one_line(tiny_copy, tmp_path):
+    """A resized file that passes the checks but does not decode is skipped, counted and named; here it is
+    1 of 60 train images, more than 1%: the run stops with one line naming the count, the split and the
+    file, from a DataLoader worker too, no traceback. (tests/test_bad_images.py: below 1% trains on.)"""
     from test_training import _train_cmd
 
     for split in ("train", "val"):
@@ -156,11 +157,13 @@ def test_a_corrupt_resized_image_met_in_training_is_one_line(tiny_copy, tmp_path
     empty, bad = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[:2]
     (folder / empty).write_bytes(b"")                        # redone by the resize check before training
     (folder / bad).write_bytes(b"\xff\xd8 garbage that ends as a JPEG does \xff\xd9")
-    proc = run_cli(*_train_cmd(tiny_copy, tmp_path / "m", "--max-steps", "1", "--num-workers", "1")[3:],
-                   check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: cannot read image {folder / bad}: "), proc.stderr
+    for cache in ([], ["--no-cache"]):                       # the feature extraction, the chapter's loop
+        proc = run_cli(*_train_cmd(tiny_copy, tmp_path / f"m{len(cache)}", "--epochs", "1",
+                                   "--num-workers", "1", *cache)[3:], check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: 1 of 60 images of train2014 ({folder}) are unreadable, more than 1%: "
+                                      f"{bad} (UnidentifiedImageError: cannot identify image file"), proc.stderr
     assert (folder / empty).stat().st_size > 0
 
 
