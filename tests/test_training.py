@@ -214,56 +214,79 @@ def _temp_files(models):
         return set()
 
 
-def _wait_for_temp_file(models, proc, timeout=60, not_these=()):
-    """Poll until a checkpoint write is under way (its temporary file exists); returns its name."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        found = _temp_files(models) - set(not_these)
-        if found:
-            return found.pop()
-    return None
+# Runs the CLI with a hook that sends this process a SIGINT from inside chosen checkpoint writes (while
+# atomic_save's temporary file is open, before torch.save writes into it), so that the signal lands
+# inside a write every time rather than when a poll happens to see the temporary file.
+# SIGINT_IN_WRITES: numbers of atomic_save calls in this process (1 = the first), and "final": the
+# write after the loop has stopped (the one not made by train_one_epoch).
+SIGINT_IN_WRITES = """
+import os, runpy, signal, sys
+import torch
+import captioning.training as training
+
+wanted = os.environ["SIGINT_IN_WRITES"].split(",")
+real_atomic_save, real_save = training.atomic_save, torch.save
+calls, armed = [0], [False]
+
+def atomic_save(obj, path):
+    calls[0] += 1
+    in_loop = any(f.f_code.co_name == "train_one_epoch" for f in _frames(sys._getframe()))
+    armed[0] = str(calls[0]) in wanted or ("final" in wanted and not in_loop)
+    try:
+        return real_atomic_save(obj, path)
+    finally:
+        armed[0] = False
+
+def _frames(f):
+    while f:
+        yield f
+        f = f.f_back
+
+def save(obj, f, *args, **kwargs):
+    if armed[0]:
+        armed[0] = False
+        print(f"test hook: SIGINT inside checkpoint write {calls[0]}", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_save(obj, f, *args, **kwargs)
+
+training.atomic_save, torch.save = atomic_save, save
+runpy.run_module("captioning", run_name="__main__", alter_sys=True)
+"""
 
 
 def test_ctrl_c_during_checkpoint_writes_always_saves_and_exits_130(tiny_copy, tmp_path):
-    """Every step writes a checkpoint. SIGINT is sent the moment a checkpoint's temporary file
-    exists, so that it lands inside a write; a second SIGINT lands inside the final write. Each time:
+    """Every step writes a checkpoint. A hook sends SIGINT from inside the second write, and a second
+    SIGINT from inside the final write (an impatient second Ctrl-C). Each time: both are held until
+    their write is done ("finishing the checkpoint write first", once before the stop and once after),
     exit 130, a loadable last.ckpt that matches the log, no temporary file, no lock left. Each run
     resumes the one before; CTRL_C_RUNS=20 makes it 20 runs."""
     models = tmp_path / "m"
-    first_in_write = second_in_write = 0
+    env = {**os.environ, "SIGINT_IN_WRITES": "2,final", "PYTHONUNBUFFERED": "1"}   # unbuffered: the order below
     for run in range(CTRL_C_RUNS):
         start = max(losses(models / "train_log.jsonl")) if run else 0
         # A shell that starts jobs in the background makes them ignore SIGINT, and Python then never
         # raises KeyboardInterrupt: give the child the default disposition whatever runs the tests.
-        proc = subprocess.Popen(_train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "1",
-                                           *(["--resume"] if run else [])),
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd = _train_cmd(tiny_copy, models, "--epochs", "50", "--save-every", "1", *(["--resume"] if run else []))
+        proc = subprocess.Popen([sys.executable, "-c", SIGINT_IN_WRITES, *cmd[3:]],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            _wait_for_step(models / "train_log.jsonl", start + 2, proc)
-            during = _wait_for_temp_file(models, proc)
-            assert during, "no checkpoint write seen"
-            proc.send_signal(signal.SIGINT)
-            # the final checkpoint: the next write after this one
-            final = _wait_for_temp_file(models, proc, not_these={during})
-            if final:
-                proc.send_signal(signal.SIGINT)    # an impatient second Ctrl-C, inside the final write
-            out, _ = proc.communicate(timeout=120)
+            out, _ = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 130, (run, out)
-        assert "interrupted at step" in out and "Traceback" not in out, out
-        if final:
-            assert "finishing the checkpoint write first" in out.split("interrupted at step")[1], out
+        assert "Traceback" not in out and out.count("interrupted at step") == 1, out
+        before, after = out.split("interrupted at step")
+        # the first SIGINT landed inside write 2 and was held until it was done; so was the second, in the final write
+        assert "SIGINT inside checkpoint write 2" in before, out
+        assert before.split("SIGINT inside checkpoint write 2")[1].count("finishing the checkpoint write first") == 1
+        assert after.count("test hook: SIGINT inside checkpoint write") == 1, out
+        assert "finishing the checkpoint write first" in after.split("test hook: SIGINT inside checkpoint write")[1]
         ckpt = load_checkpoint(str(models / "last.ckpt"))
         assert ckpt["step"] == max(losses(models / "train_log.jsonl")) >= start + 2, run
         assert not _temp_files(models) and not (models / "train.lock").exists(), os.listdir(models)
-        first_in_write += "finishing the checkpoint write first" in out.split("interrupted at step")[0]
-        second_in_write += bool(final)
-    print(f"{CTRL_C_RUNS} runs: exit 130 and a loadable last.ckpt each time; the first SIGINT landed inside a "
-          f"write {first_in_write} times, the second inside the final write {second_in_write} times")
 
 
 @pytest.mark.parametrize("procs", [2, 1])
