@@ -36,10 +36,13 @@ def fake_java(folder, body):
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
+JAVA_TIMEOUT, DEFAULT_JAVA_TIMEOUT = 3, 120     # CAPTIONING_JAVA_TIMEOUT here, and when it is not set
+
+
 def score(env, limit=60):
     t = time.time()
     proc = subprocess.run([sys.executable, "-c", SCORE], cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                          env={**os.environ, "CAPTIONING_JAVA_TIMEOUT": "3", **env})
+                          env={**os.environ, "CAPTIONING_JAVA_TIMEOUT": str(JAVA_TIMEOUT), **env})
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.split("METRICS ", 1)[1])
     return metrics, proc.stdout, time.time() - t
@@ -54,19 +57,21 @@ def test_a_java_that_cannot_start_is_skipped(tmp_path):
 
 def test_a_java_that_never_answers_is_given_up_on(tmp_path):
     env = fake_java(tmp_path / "bin", "exec sleep 300")
-    metrics, out, seconds = score(env)
+    metrics, out, seconds = score(env, limit=2 * DEFAULT_JAVA_TIMEOUT)
     assert "no answer within 3 s" in out and "METEOR" not in metrics and metrics["Bleu_4"] > 0.9
-    assert seconds < 40
+    # bounds from the timeouts, not this machine's speed: it waited the configured 3 s, and gave up long
+    # before the default 120 s would have ended it
+    assert JAVA_TIMEOUT <= seconds < DEFAULT_JAVA_TIMEOUT, seconds
 
 
 @pytest.mark.skipif(REAL_JAVA is None, reason="needs a real Java for the PTB tokenizer")
 def test_a_meteor_that_never_answers_is_skipped_alone(tmp_path):
     # the PTB tokenizer runs on the real Java; METEOR's JVM (-jar) hangs
     env = fake_java(tmp_path / "bin", f'case " $* " in *" -jar "*) exec sleep 300;; esac; exec {REAL_JAVA} "$@"')
-    metrics, out, seconds = score(env)
+    metrics, out, seconds = score(env, limit=2 * DEFAULT_JAVA_TIMEOUT)
     assert "METEOR skipped" in out and "no answer within 3 s" in out
     assert "METEOR" not in metrics and metrics["Bleu_4"] > 0.9 and "tokenizing in Python" not in out
-    assert seconds < 40
+    assert JAVA_TIMEOUT <= seconds < DEFAULT_JAVA_TIMEOUT, seconds     # as above
 
 
 @pytest.mark.skipif(REAL_JAVA is None, reason="needs Java")
