@@ -205,13 +205,50 @@ def resumed_config(saved, config):
 
 
 def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):
-    """get_config for the notebooks' parameters: None means the preset's folder, and relative paths
-    are taken from the project root, so a notebook finds the same files whether Jupyter runs it
-    from notebooks/ or papermill from the root. A Karpathy-format folder is put in the COCO layout
-    (karpathy.py)."""
+    """get_config for the notebooks' parameters: None means the preset's value (and the preset's
+    folder), and relative paths are taken from the project root, so a notebook finds the same files
+    whether Jupyter runs it from notebooks/ or papermill from the root. A Karpathy-format folder is
+    put in the COCO layout (karpathy.py)."""
     from .karpathy import ensure_coco_layout
 
     paths = {k: v for k, v in (("data_dir", data_dir), ("models_dir", models_dir)) if v}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     config = get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
     ensure_coco_layout(config.data_dir)    # a Karpathy-format DATA_DIR: converted once, then read as COCO
     return config
+
+
+INJECTED = "# Parameters\n"          # how papermill's injected cell begins
+
+
+def assigned_names(source):
+    """The UPPER_CASE names a cell's source assigns at top level (a parameters cell's knobs)."""
+    import ast
+
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+    return names
+
+
+def check_parameters(namespace, history=None):
+    """Refuse parameters a notebook does not declare, before any work: the cell after a notebook's
+    parameters cell calls check_parameters(globals()).
+
+    papermill does not check the names it is given (`-p HIDDEN_LAYR_SIZE 64` only logs a warning, and
+    the notebook would train the default size): it injects a cell of assignments right after the
+    parameters cell. Each name assigned there must be one the parameters cell (the cell run just
+    before it) assigns; anything else is a ValueError naming it and listing the known ones. Run by
+    hand, without papermill, there is nothing to check."""
+    history = list(namespace.get("In", [])) if history is None else list(history)
+    injected = [k for k, source in enumerate(history) if source.startswith(INJECTED)]
+    if not injected or injected[-1] == 0:
+        return
+    k = injected[-1]
+    declared = assigned_names(history[k - 1])
+    unknown = [name for name in assigned_names(history[k]) if name not in declared]
+    if unknown:
+        raise ValueError(f"unknown notebook parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                         f"this notebook's parameters are {', '.join(declared)}")

@@ -89,16 +89,67 @@ def tidy_streams(nb):
     return nb
 
 
+def declared_parameters(path):
+    """The names a notebook's parameters cell (its first code cell, tagged `parameters`) assigns."""
+    import nbformat
+
+    from .config import assigned_names
+
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    return assigned_names(cell.source)
+
+
+def parameters_for(parameters):
+    """{notebook path: the parameters it declares}; a name that no notebook declares is a ValueError
+    naming it, raised before any notebook runs."""
+    declared = {path: declared_parameters(path) for path in notebooks()}
+    known = {name for names in declared.values() for name in names}
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ValueError(f"unknown notebook parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                         f"the notebooks' parameters are {', '.join(sorted(known))}")
+    return {path: {k: v for k, v in parameters.items() if k in names} for path, names in declared.items()}
+
+
+def merge_injected_parameters(nb):
+    """Show one parameters cell in an executed copy: papermill's injected values written into the
+    notebook's own parameters cell (each line keeps its comment), and the injected cell dropped."""
+    from .config import assigned_names
+
+    injected = next((c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])), None)
+    params = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if injected is None or params is None:
+        return nb
+    values = {}
+    for line in injected.source.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and name in assigned_names(line):
+            values[name] = value
+    lines = []
+    for line in params.source.splitlines():
+        match = re.match(r"^([A-Z_][A-Z0-9_]*) *= *(.*?)(\s+#.*)?$", line)
+        if match and match.group(1) in values:
+            code, comment = f"{match.group(1)} = {values[match.group(1)]}", (match.group(3) or "").strip()
+            column = len(line) - len(comment)                 # the comment stays where it was
+            line = code + (" " * max(2, column - len(code)) + comment if comment else "")
+        lines.append(line)
+    params.source = "\n".join(lines)
+    nb.cells = [c for c in nb.cells if c is not injected]
+    return nb
+
+
 def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
     """Execute every notebook in order; stops at the first failure (papermill raises, naming the cell).
 
-    The kernels get text progress bars (captioning.progress), tidied to their final frame.
+    Each notebook gets the parameters it declares (a name none declares is refused first). The
+    kernels get text progress bars (captioning.progress), tidied to their final frame.
     """
     import nbformat
     import papermill as pm
 
     from .progress import TEXT_PROGRESS
 
+    given = parameters_for(parameters or {})
     os.makedirs(out_dir, exist_ok=True)
     cwd = cwd or os.path.dirname(NOTEBOOK_DIR)
     before = os.environ.get(TEXT_PROGRESS)
@@ -109,11 +160,12 @@ def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
             t = time.time()
             log(f"running {os.path.basename(path)} ...")
             try:
-                pm.execute_notebook(path, out, parameters=parameters or {}, cwd=cwd, kernel_name="python3",
+                pm.execute_notebook(path, out, parameters=given[path], cwd=cwd, kernel_name="python3",
                                     progress_bar=False, log_output=False, **kernel_options())
             finally:                                     # a failed notebook is saved too: tidy it as well
                 if os.path.exists(out):
-                    nbformat.write(tidy_streams(nbformat.read(out, as_version=4)), out)
+                    executed = tidy_streams(nbformat.read(out, as_version=4))
+                    nbformat.write(merge_injected_parameters(executed), out)
             log(f"  done in {time.time() - t:.0f}s -> {out}")
     finally:
         if before is None:
@@ -190,6 +242,10 @@ def main(argv=None):
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
+    try:
+        parameters_for(params)                           # a misspelt -p NAME: refused before any notebook runs
+    except ValueError as e:
+        return f"error: {e}"
     t = time.time()
     run_notebooks(args.out, params)
     report_path = os.path.join(os.path.dirname(NOTEBOOK_DIR), "models_dir", "tiny", "evaluation.json")

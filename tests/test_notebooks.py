@@ -46,6 +46,11 @@ def executed(tmp_path_factory):
 def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     root, out = executed
     assert sorted(p.name for p in out.iterdir()) == [p.split("/")[-1] for p in notebooks()]
+    for path in out.iterdir():                  # one parameters cell, showing the values it ran with
+        cells = nbformat.read(path, as_version=4).cells
+        assert not any("injected-parameters" in c.metadata.get("tags", []) for c in cells), path.name
+    params_06 = next(c for c in nbformat.read(out / "06_training.ipynb", as_version=4).cells if c.cell_type == "code")
+    assert "MAX_STEPS = 12" in params_06.source and "CHAPTER_STEPS = 20" in params_06.source
     report = json.load(open(root / "models" / "evaluation.json"))
     assert {"Bleu_4", "CIDEr", "ROUGE_L"} <= set(report["table"]["beam 3"])
     assert {"objects", "colours", "shapes", "relation"} <= set(report["semantic"]["beam 3"])
@@ -66,6 +71,37 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
         assert "\r" not in text and " 0%|" not in text, path.name
         if path.name.startswith(("06", "08")):    # the library's COCO loads print nothing (01's own call does)
             assert "loading annotations into memory" not in text, path.name
+
+
+def test_unknown_parameters_are_refused_before_any_work(tmp_path):
+    """A misspelt parameter: make demo refuses it before the first notebook; papermill on one notebook
+    stops at the cell after the parameters, naming it and the known ones."""
+    import papermill as pm
+
+    from captioning.demo import main, parameters_for
+
+    with pytest.raises(ValueError, match="unknown notebook parameter HIDDEN_LAYR_SIZE: .*HIDDEN_LAYER_SIZE"):
+        parameters_for({"HIDDEN_LAYR_SIZE": 64, "EPOCHS": 1})
+    assert main(["--out", str(tmp_path / "out"), "-p", "EPOHCS", "1"]).startswith("error: unknown notebook")
+    assert not (tmp_path / "out").exists()
+    notebook = next(p for p in notebooks() if p.endswith("06_training.ipynb"))
+    with pytest.raises(pm.PapermillExecutionError) as error:
+        pm.execute_notebook(notebook, str(tmp_path / "06.ipynb"), kernel_name="python3", progress_bar=False,
+                            parameters={"HIDDEN_LAYR_SIZE": 64, "MODELS_DIR": str(tmp_path / "m")},
+                            **kernel_options())
+    assert "unknown notebook parameter HIDDEN_LAYR_SIZE" in str(error.value.evalue)
+    assert not (tmp_path / "m").exists()                                  # stopped before any work
+
+
+def test_check_parameters_reads_what_papermill_injected():
+    from captioning.config import check_parameters
+
+    params = 'PRESET = "tiny"   # a comment\nEPOCHS = None\n'
+    check_parameters({}, history=["", params, "x = 1"])                   # run by hand: nothing injected
+    check_parameters({}, history=["", params, "# Parameters\nEPOCHS = 2\n"])
+    with pytest.raises(ValueError, match="unknown notebook parameters EPOHCS, BEEM: this notebook's "
+                                         "parameters are PRESET, EPOCHS"):
+        check_parameters({}, history=["", params, '# Parameters\nEPOHCS = 2\nBEEM = 1\nPRESET = "coco"\n'])
 
 
 def _text(path):
@@ -146,7 +182,7 @@ def test_training_notebook_runs_again_into_the_same_folder(executed):
 
     root, out = executed
     params = {"PRESET": "tiny", "DATA_DIR": str(root / "data" / "tiny"), "MODELS_DIR": str(root / "models"),
-              "MAX_STEPS": 3, "STANDIN_STEPS": 3, "CHAPTER_STEPS": 1}
+              "MAX_STEPS": 3, "STANDIN_STEPS": 3, "CHAPTER_STEPS": 1, "HIDDEN_LAYER_SIZE": 64}
     notebook = next(p for p in notebooks() if p.endswith("06_training.ipynb"))
     log = root / "models" / "train_log.jsonl"
     assert max(json.loads(line)["step"] for line in open(log)) == 12
@@ -159,3 +195,6 @@ def test_training_notebook_runs_again_into_the_same_folder(executed):
     [aside] = [p for p in (root / "models").iterdir() if p.name.startswith("previous-")]
     assert {n: (aside / n).read_bytes() for n in first} == first              # nothing of the first run lost
     assert aside.name in _text(root / "again.ipynb")                          # and the reader is told where
+    from captioning.checkpoint import load_checkpoint
+
+    assert load_checkpoint(str(root / "models" / "last.ckpt"))["config"]["hidden_layer_size"] == 64  # as asked
