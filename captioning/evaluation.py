@@ -7,7 +7,10 @@ tokenized in Python (the same rules as the vocabulary) and METEOR is skipped, lo
 The two Java programs are run here, not through pycocoevalcap's wrappers, with a timeout
 (CAPTIONING_JAVA_TIMEOUT seconds per answer, default 120): a JVM that cannot start (say
 JAVA_TOOL_OPTIONS=-Xms3g against METEOR's -Xmx2G) or never answers is skipped with a
-warning, where pycocoevalcap's METEOR would wait forever.
+warning, where pycocoevalcap's METEOR would wait forever. SPICE (a long batch job: CoreNLP
+parses every caption) has its own limit, CAPTIONING_SPICE_TIMEOUT seconds for the whole run
+(default 1800) or score_captions(spice_timeout=...): past it SPICE is reported as skipped, with the
+reason, and every other metric is kept.
 
 On a synthetic set whose captions file carries the generator's truth, `evaluate_checkpoint`
 also reports semantic accuracy (captioning.semantics): whether the captions name the right
@@ -73,6 +76,18 @@ class JavaFailed(RuntimeError):
 
 def java_timeout():
     return float(os.environ.get("CAPTIONING_JAVA_TIMEOUT", "120"))
+
+
+def spice_timeout():
+    """Seconds SPICE may run in all (CAPTIONING_SPICE_TIMEOUT, default 1800); a bad value is a ValueError naming it."""
+    text = os.environ.get("CAPTIONING_SPICE_TIMEOUT", "1800")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"CAPTIONING_SPICE_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 class _JavaProcess:
@@ -210,12 +225,65 @@ def meteor_score(gts, res, timeout=None):
     return values[-1], values[:-1]
 
 
-def score_captions(references, predictions, use_java=None, log=print, details=None):
+def spice_score(gts, res, timeout=None):
+    """pycocoevalcap's SPICE (same jar, same arguments) -> (score, per-image scores), within `timeout`
+    seconds for the whole run (spice_timeout() when None); JavaFailed when it fails or runs out of time."""
+    import json
+
+    import numpy as np
+    import pycocoevalcap.spice.spice as spice
+
+    timeout = spice_timeout() if timeout is None else timeout
+    home = os.path.dirname(os.path.abspath(spice.__file__))
+    ids = sorted(gts)
+    with tempfile.TemporaryDirectory() as folder:        # not in site-packages, as pycocoevalcap does
+        in_path, out_path = os.path.join(folder, "in.json"), os.path.join(folder, "out.json")
+        with open(in_path, "w") as f:
+            json.dump([{"image_id": i, "test": res[i][0], "refs": gts[i]} for i in ids], f)
+        cache = os.path.join(home, spice.CACHE_DIR)       # its parse cache, where pycocoevalcap keeps it
+        try:
+            os.makedirs(cache, exist_ok=True)
+            cached = ["-cache", cache] if os.access(cache, os.W_OK) else []
+        except OSError:
+            cached = []
+        java = _JavaProcess(["java", "-jar", "-Xmx8G", spice.SPICE_JAR, in_path, *cached, "-out", out_path,
+                             "-subset", "-silent"], home)
+        try:
+            java.p.stdin.close()
+            java.finish(timeout)
+        except JavaFailed:
+            if java.p.poll() is None:
+                raise JavaFailed(f"it did not end within {timeout:g} s (its limit: spice_timeout, "
+                                 f"CAPTIONING_SPICE_TIMEOUT)") from None
+            raise
+        finally:
+            java.close()
+        try:
+            with open(out_path) as f:
+                results = {item["image_id"]: item["scores"] for item in json.load(f)}
+            scores = [results[i] for i in ids]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JavaFailed(f"SPICE wrote no usable results ({type(e).__name__}: {e})") from None
+
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    per_image = [{category: {k: number(v) for k, v in values.items()} for category, values in s.items()}
+                 for s in scores]
+    return float(np.mean([p["All"]["f"] for p in per_image])), per_image
+
+
+def score_captions(references, predictions, use_java=None, log=print, details=None, spice_timeout=None):
     """references {image_id: [captions]}, predictions {image_id: caption} -> (metrics, per-image scores).
 
     Per-image scores are {image_id: {metric: value}}, for finding the best and worst examples, plus
     "bleu": the image's BLEU counts (diagnostics.bleu_statistics), from which any subset's corpus
-    BLEU can be recomputed. A `details` dict receives "tokenizer": "ptb-java" or "python".
+    BLEU can be recomputed. A `details` dict receives "tokenizer": "ptb-java" or "python", and "skipped":
+    {metric: why} for a metric that could not be computed (METEOR, SPICE: Java failed or ran out of time).
+    `spice_timeout`: seconds SPICE may run (None: CAPTIONING_SPICE_TIMEOUT, default 1800).
     On fewer than diagnostics.CIDER_MIN_IMAGES images CIDEr is None (n/a), with a warning: its idf
     is 0 for every n-gram there.
     """
@@ -254,16 +322,17 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
         log(f"warning: CIDEr is n/a on {len(ids)} image: its idf, log(N/df), is 0 for every n-gram when N = 1 "
             f"(it needs {CIDER_MIN_IMAGES} images)")
     if use_java and spice_available():
-        from pycocoevalcap.spice.spice import Spice
-
-        scorers.append((Spice(), ["SPICE"]))
-    metrics, per_image = {}, {i: {} for i in ids}
+        scorers.append(("spice", ["SPICE"]))
+    metrics, per_image, skipped = {}, {i: {} for i in ids}, {}
     for scorer, names in scorers:
-        if scorer is None:
+        if scorer is None or scorer == "spice":
             try:
-                score, scores = meteor_score(gts, res)
+                score, scores = meteor_score(gts, res) if scorer is None else \
+                    spice_score(gts, res, spice_timeout)
             except JavaFailed as e:
-                log(f"warning: METEOR skipped: Java cannot run it ({e})")
+                log(f"warning: METEOR skipped: Java cannot run it ({e})" if scorer is None else
+                    f"warning: SPICE skipped: {e}; the other metrics are kept")
+                skipped[names[0]] = str(e)
                 continue
         else:
             score, scores = scorer.compute_score(gts, res, **({"verbose": 0} if isinstance(scorer, Bleu) else {}))
@@ -281,6 +350,7 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
         per_image[i]["bleu"] = row.tolist()
     if details is not None:
         details["tokenizer"] = "ptb-java" if use_java else "python"
+        details["skipped"] = skipped
     return metrics, per_image
 
 
@@ -335,9 +405,11 @@ def blind_baseline(train_json, image_ids):
 
 
 def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batch_size=64, weights=None,
-                        progress=True, max_images=None, data_dir=None):
+                        progress=True, max_images=None, data_dir=None, spice_timeout=None):
     """Caption the held-out split with a checkpoint and score it. Returns a dict:
     {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
+    "skipped_images" (file names that could not be read: skipped below 1% of the split, refused above),
+    "skipped_metrics" ({metric: why}: METEOR or SPICE that Java could not run, or SPICE past its timeout),
     "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config",
     "diagnostics" (diagnostics.caption_diagnostics), "intervals" (bootstrap 95% intervals of BLEU-4
     and CIDEr), "signature" (how the scores were computed)}.
@@ -347,6 +419,7 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     intervals are None, with a warning, not a confident 0."""
     from . import diagnostics
     from .checkpoint import load_captioner
+    from .data import skipped_line, too_many_unreadable
     from .inference import caption_images
     from .model import LENGTH_PENALTY
     from .semantics import ground_truth_from_coco, semantic_accuracy
@@ -364,13 +437,16 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     paths = {i: os.path.join(folder, coco.imgs[i]["file_name"]) for i in ids}
     results = caption_images([paths[i] for i in ids], encoder, decoder, vocab, config, device, beam_size,
                              batch_size, progress=progress)
-    failed = [(p, err) for p, cap, err in results if err]
-    if failed:
-        print(f"skipped {len(failed)} unreadable image(s): " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
+    failed = {os.path.basename(p): err for p, cap, err in results if err}
+    error = too_many_unreadable(failed, len(ids), folder)     # more than 1%: refused, naming a few
+    if error:
+        raise error
+    if failed:                                                  # fewer: skipped, counted and named
+        print(f"{skipped_line(failed)} ({folder}: not scored)")
     predictions = {i: cap for i, (_, cap, err) in zip(ids, results) if err is None}
     references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in predictions}
     details = {}
-    metrics, per_image = score_captions(references, predictions, details=details)
+    metrics, per_image = score_captions(references, predictions, details=details, spice_timeout=spice_timeout)
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
     semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
     ids = sorted(per_image)
@@ -380,7 +456,8 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     training = caption_tokens(config.captions_json("train"), progress=False).values() \
         if os.path.exists(config.captions_json("train")) else ()
     return {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
-            "paths": paths, "semantic": semantic, "config": config,
+            "paths": paths, "semantic": semantic, "config": config, "skipped_images": sorted(failed),
+            "skipped_metrics": details.get("skipped", {}),
             "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
             "intervals": diagnostics.bootstrap_intervals([per_image[i]["bleu"] for i in ids],
                                                          [per_image[i]["CIDEr"] for i in ids]),
@@ -392,6 +469,7 @@ def result_record(result, checkpoint, split, beam_size):
     """What `evaluate --out` writes: the scores, with what is needed to compare it with another run
     (`evaluate --compare`): the signature and every image's scores and caption."""
     return {"checkpoint": checkpoint, "split": split, "beam": beam_size, "images": len(result["predictions"]),
+            "skipped_images": result.get("skipped_images", []), "skipped_metrics": result.get("skipped_metrics", {}),
             "metrics": result["metrics"], "intervals": result["intervals"], "signature": result["signature"],
             "diagnostics": result["diagnostics"], "semantic": result["semantic"],
             "per_image": {str(i): {**s, "caption": result["predictions"][i]} for i, s in result["per_image"].items()}}

@@ -113,3 +113,57 @@ def test_an_empty_last_caption_keeps_the_java_tokenizer_and_meteor():
     assert said == [] and details["tokenizer"] == "ptb-java"
     assert "METEOR" in metrics and per_image[2]["METEOR"] == 0 and per_image[1]["METEOR"] > 0.9
     assert per_image[2]["Bleu_1"] < 1e-6 and per_image[1]["Bleu_4"] > 0.9
+
+
+SPICE_SCORE = f"""
+import json, sys
+import captioning.evaluation as ev
+ev.spice_available = lambda: True            # SPICE's CoreNLP jars are a download: the fake java stands in
+refs = {{int(k): v for k, v in json.loads({json.dumps(json.dumps(REFS))}).items()}}
+right = {{int(k): v for k, v in json.loads({json.dumps(json.dumps(RIGHT))}).items()}}
+details = {{}}
+metrics, per_image = ev.score_captions(refs, right, details=details, **json.loads(sys.argv[1]))
+print("METRICS " + json.dumps([metrics, details["skipped"], per_image[2]]))
+"""
+# a `java` without Java: the PTB tokenizer lower-cases each line, METEOR cannot start, SPICE runs $SPICE
+FAKE_JAVA = """case " $* " in
+  *PTBTokenizer*) tr '[:upper:]' '[:lower:]' < "${@: -1}";;
+  *spice-1.0.jar*) eval "$SPICE";;
+  *) echo "Error: no METEOR here" >&2; exit 1;;
+esac"""
+# writes what SPICE writes: [{image_id, scores: {All: {f, pr, re}, ...}}], All.f = image id / 4
+SPICE_WRITES = (f"'{sys.executable}' -c '"
+                "import json, sys; a = sys.argv[1:]; rows = json.load(open(a[a.index(\"spice-1.0.jar\") + 1])); "
+                "json.dump([{\"image_id\": r[\"image_id\"], \"scores\": {\"All\": {\"f\": r[\"image_id\"] / 4, "
+                "\"pr\": 1, \"re\": None}}} for r in rows], open(a[a.index(\"-out\") + 1], \"w\"))' \"$@\"")
+
+
+def spice_score(tmp_path, spice, args, env=()):
+    env = {**fake_java(tmp_path / "bin", FAKE_JAVA), "SPICE": spice, **dict(env)}
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", SPICE_SCORE, json.dumps(args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "CAPTIONING_JAVA_TIMEOUT": "10", **env})
+    assert proc.returncode == 0, proc.stderr
+    metrics, skipped, second = json.loads(proc.stdout.split("METRICS ", 1)[1])
+    return metrics, skipped, second, proc.stdout, time.time() - t
+
+
+def test_a_spice_past_its_timeout_is_skipped_and_the_other_metrics_kept(tmp_path):
+    metrics, skipped, _, out, seconds = spice_score(tmp_path, "exec sleep 300", {"spice_timeout": 2})
+    assert "SPICE" not in metrics and skipped["SPICE"].startswith("it did not end within 2 s")
+    assert "warning: SPICE skipped: it did not end within 2 s" in out and "the other metrics are kept" in out
+    assert metrics["Bleu_4"] > 0.9 and metrics["ROUGE_L"] > 0.9 and "CIDEr" in metrics
+    assert seconds < 30
+    # the same limit from the environment (what `evaluate` reads when no --spice-timeout is given)
+    metrics, skipped, _, out, _ = spice_score(tmp_path, "exec sleep 300", {}, {"CAPTIONING_SPICE_TIMEOUT": "1.5"})
+    assert "SPICE" not in metrics and skipped["SPICE"].startswith("it did not end within 1.5 s")
+    assert metrics["Bleu_4"] > 0.9
+
+
+def test_spice_run_here_reads_what_spice_writes(tmp_path):
+    metrics, skipped, second, out, _ = spice_score(tmp_path, SPICE_WRITES, {"spice_timeout": 30})
+    assert skipped == {"METEOR": "Error: no METEOR here"} and metrics["SPICE"] == pytest.approx(0.375)
+    assert second["SPICE"] == 0.5 and metrics["Bleu_4"] > 0.9
+    # a SPICE that fails is skipped the same way, naming what it said
+    metrics, skipped, _, out, _ = spice_score(tmp_path, 'echo "java.lang.OutOfMemoryError" >&2; exit 1', {})
+    assert "SPICE" not in metrics and "OutOfMemoryError" in skipped["SPICE"] and metrics["Bleu_4"] > 0.9
