@@ -118,8 +118,9 @@ def test_the_chapter_is_on_screen_and_runs(executed):
              "04": ["def __getitem__", "def collate_function"],
              "05": ["def forward(self, input_images)", "def forward(self, input_features, captions, lengths)",
                     "def sample"], "07": ["def occlusion_saliency"]}
-    for prefix, names in shown.items():
-        text = _text(next(out.glob(f"{prefix}_*.ipynb")))
+    for prefix, names in shown.items():                   # as editable code, or as the library's source shown
+        path = next(out.glob(f"{prefix}_*.ipynb"))
+        text = _text(path) + "".join(c.source for c in nbformat.read(path, as_version=4).cells)
         assert all(name in text for name in names), (prefix, [n for n in names if n not in text])
     losses = [float(x) for x in re.findall(r"step \d+: loss ([\d.]+)", _text(out / "06_training.ipynb"))]
     assert len(losses) >= 3 and losses[-1] < losses[0]          # the chapter's loop learns
@@ -198,3 +199,18 @@ def test_training_notebook_runs_again_into_the_same_folder(executed):
     from captioning.checkpoint import load_checkpoint
 
     assert load_checkpoint(str(root / "models" / "last.ckpt"))["config"]["hidden_layer_size"] == 64  # as asked
+
+
+def test_the_training_notebook_runs_on_its_own_into_any_models_dir(tiny_copy, tmp_path):
+    """Without notebooks 02, 03 and 05 run first, and with a MODELS_DIR outside models_dir/: 06 builds
+    the vocabulary, the resized images and the stand-in before its first use of them."""
+    import papermill as pm
+
+    notebook = next(p for p in notebooks() if p.endswith("06_training.ipynb"))
+    models = tmp_path / "elsewhere" / "run"
+    params = {"DATA_DIR": str(tiny_copy), "MODELS_DIR": str(models), "MAX_STEPS": 2, "STANDIN_STEPS": 2,
+              "CHAPTER_STEPS": 1, "RESIZE_SIZE": 40, "CROP_SIZE": 32, "BATCH_SIZE": 16}
+    pm.execute_notebook(notebook, str(tmp_path / "06.ipynb"), parameters=params, kernel_name="python3",
+                        progress_bar=False, **kernel_options())
+    assert (models / "last.ckpt").exists() and (tiny_copy / "vocabulary.pkl").exists()
+    assert list((tmp_path / "elsewhere" / "pretrained").glob("standin-*-40to32px-2steps-*.pth"))
