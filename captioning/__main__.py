@@ -207,7 +207,7 @@ def cmd_evaluate(args):
 
         ensure_coco_layout(args.data_dir)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
-                            max_images=args.max_images, data_dir=args.data_dir)
+                            max_images=args.max_images, data_dir=args.data_dir, spice_timeout=args.spice_timeout)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
     print(dg.format_intervals(r["metrics"], r["intervals"]))
     print(dg.format_signature(r["signature"]))
@@ -344,6 +344,9 @@ def build_parser():
             p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                            help="compare two --out files of the same split: B - A with paired bootstrap intervals")
             p.add_argument("--resamples", type=count, default=1000, help="bootstrap resamples for --compare")
+            p.add_argument("--spice-timeout", type=float, metavar="SECONDS",
+                           help="give up on SPICE after this long (default: $CAPTIONING_SPICE_TIMEOUT or 1800); "
+                                "the other metrics are kept")
         p.add_argument("--checkpoint", required=name == "caption")
         p.add_argument("--beam", type=count, default=3, help="beam size (1 = greedy, the chapter's sample())")
         p.add_argument("--batch-size", type=count, default=32)

@@ -28,7 +28,7 @@ from .atomic import interrupts_deferred
 from .backbone import STANDIN
 from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, data_identity, restore_training_state
 from .config import Config
-from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform
+from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform, skipped_images
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .lstm import use_packed_cpu_lstm
 from .rundir import RunLock, prepare_run_dir, resume_config, trim_log
@@ -550,4 +550,4 @@ def _fit(run):
     run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
     return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
             "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,   # False, or the signal
-            "log": run.path("train_log.jsonl")}
+            "log": run.path("train_log.jsonl"), "skipped_images": skipped_images(run.train_ds, run.val_loader)}

@@ -61,7 +61,7 @@ def test_two_truncated_resized_images_are_skipped_counted_and_named(big_set, tmp
     out = capsys.readouterr().out
     line = f"2 unreadable images skipped: {bad[0]}, {bad[1]}"
     assert out.count(line) == 1, out                                   # printed once, over two epochs
-    assert skipped_images(run.train_ds, run.val_loader) == bad         # what the summary lists
+    assert skipped_images(run.train_ds, run.val_loader) == bad == summary["skipped_images"]   # and the summary
     captions = 5 * 210
     if cache:
         # extraction gave them no row: meta.json says which, and their captions are left out
