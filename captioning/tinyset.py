@@ -26,6 +26,7 @@ import math
 import numbers
 import os
 import random
+import re
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -82,6 +83,25 @@ TWO_OBJECTS = (
     "The {b} is {inv} the {a}.",
     "a {a} and a {b}, the {a} is {rel} the {b}",
 )
+
+
+_ARTICLE = re.compile(r"\b([Aa]) (\w+)")
+# words that start with a vowel letter but a consonant sound ("a unicorn", "a one-eyed ...")
+_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "eu", "one", "once")
+
+
+def with_articles(caption):
+    """'a' becomes 'an' before a vowel sound: 'a orange circle' -> 'an orange circle'.
+
+    The templates say 'a {a}'; the colour (or shape) filled in decides the article, as a person
+    writing the caption would.
+    """
+    def article(match):
+        word = match.group(2).lower()
+        vowel = word[0] in "aeiou" and not word.startswith(_CONSONANT_SOUND)
+        return f"{match.group(1)}{'n' if vowel else ''} {match.group(2)}"
+
+    return _ARTICLE.sub(article, caption)
 
 
 def _vary_case(caption, rng):
@@ -216,10 +236,11 @@ def _make_example(rng, colours, shapes, background):
     names = [f"{c} {s}" for c, s in objects]
     if relation is None:
         templates = rng.sample(ONE_OBJECT, 5)
-        captions = [t.format(a=names[0]) for t in templates]
+        captions = [with_articles(t.format(a=names[0])) for t in templates]
     else:
         templates = rng.sample(TWO_OBJECTS, 5)
-        captions = [t.format(a=names[0], b=names[1], rel=relation, inv=RELATIONS[relation]) for t in templates]
+        captions = [with_articles(t.format(a=names[0], b=names[1], rel=relation, inv=RELATIONS[relation]))
+                    for t in templates]
     truth = {"objects": [{"colour": c, "shape": s, "box": list(box)} for (c, s), box in zip(objects, boxes)],
              "relation": None if relation is None else [0, relation, 1]}
     return image, [_vary_case(c, rng) for c in captions], truth
