@@ -45,6 +45,8 @@ class Config:
     # bookkeeping
     save_every: int = 1000
     log_every: int = 10
+    keep_epoch: int = 2                    # early.ckpt: last.ckpt as it was after this epoch (0: none), whose
+                                           # mistakes notebooks 07 and 08 show beside the final model's
     val_max_captions: int = 5000           # validation loss on at most this many captions
     heldout_images: int = 5000             # evaluation: the first N val images (0 = all), unless Karpathy's split
     num_workers: int = 2
@@ -63,7 +65,7 @@ class Config:
     MINIMUMS = {"epochs": 1, "batch_size": 1, "log_every": 1, "max_seq_len": 3, "embedding_size": 1,
                 "hidden_layer_size": 1, "num_layers": 1, "resize_size": 1, "crop_size": 1, "cache_views": 1,
                 "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
-                "save_every": 0, "heldout_images": 0, "num_workers": 0}
+                "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0}
 
     def check(self):
         """Range-check the fields, naming the one that is wrong: before any expensive work starts."""
@@ -130,7 +132,8 @@ SHAPING_FIELDS = ("vocab_threshold", "max_seq_len", "resize_size", "crop_size", 
                   "val_max_captions", "heldout_images")
 # - optimisation: how the rest of the run goes. A new value is applied (the learning rates after the
 #   optimizer's state is restored), printed and logged; the checkpoint then holds the latest.
-OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every", "log_every", "batch_size")
+OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every", "log_every", "batch_size",
+                       "keep_epoch")
 # - execution and place: how and where this machine runs it. Taken from this start as they are.
 EXECUTION_FIELDS = RUNTIME_FIELDS + ("amp", "channels_last", "preset", "data_dir", "models_dir")
 
@@ -149,6 +152,54 @@ PRESETS = {
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }
+
+
+# The chapter's own values beside the presets', and why a preset differs: preset_table() prints it
+# (notebook 06), and the README carries the same table (a test compares them).
+BOOK = {"backbone": "resnet152", "weights": "ImageNet (pretrained=True)", "resize_size": 256, "crop_size": 224,
+        "hflip": True, "vocab_threshold": 4, "embedding_size": 256, "hidden_layer_size": 512, "num_layers": 1,
+        "max_seq_len": 20, "batch_size": 128, "lr": 1e-3, "epochs": 5, "cache": "none"}
+WHY = {
+    "backbone": "tiny: a ResNet-18 trains its stand-in and runs on 2 CPU cores in minutes",
+    "weights": "tiny: ImageNet weights cannot be downloaded offline, and do not know drawn shapes",
+    "resize_size": "tiny: its images are 64 px; the crop keeps the same 8/7 ratio as 256/224",
+    "crop_size": "",
+    "hflip": "tiny: its captions say left of / right of, which a mirror image would contradict",
+    "vocab_threshold": "tiny: 3,000 images make fewer repeats than COCO's 83k",
+    "embedding_size": "tiny: a few dozen words need a smaller model",
+    "hidden_layer_size": "",
+    "num_layers": "",
+    "max_seq_len": "",
+    "batch_size": "",
+    "lr": "tiny: a smaller model on cached features takes a larger step",
+    "epochs": "tiny: 3,000 images give few steps per epoch",
+    "cache": "both: the frozen ResNet runs once per image view, not at every step (benchmarks/train_speed.py)",
+}
+
+
+def preset_table(fields=tuple(BOOK)):
+    """Rows (field, the book's value, tiny's, coco's, why they differ) of the chapter's hyperparameters."""
+    tiny, coco = get_config("tiny"), get_config("coco")
+
+    def shown(name, config):
+        if name == "weights":
+            return "stand-in" if config.weights == "standin" else f"ImageNet ({config.weights})"
+        if name == "cache":
+            return f"{config.cache_kind}, K={config.cache_views}" if config.use_cache else "none"
+        return getattr(config, name)
+
+    return [(name, BOOK[name], shown(name, tiny), shown(name, coco), WHY[name]) for name in fields]
+
+
+def format_preset_table(markdown=False):
+    """preset_table() as text (or as a markdown table, as in the README)."""
+    rows = [("field", "book", "tiny", "coco", "why they differ")] + \
+        [tuple(str(v) for v in row) for row in preset_table()]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines[:1] + ["|" + "---|" * 5] + lines[1:])
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    return "\n".join("  ".join(r[k].ljust(widths[k]) for k in range(4)) + "  " + r[4] for r in rows)
 
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

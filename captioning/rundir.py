@@ -21,11 +21,11 @@ import uuid
 from .atomic import move_aside
 
 RUN_FILES = ("last.ckpt", "best.ckpt", "train_log.jsonl")   # a folder holding any of these holds a run
-OLD_RUN_FILES = RUN_FILES + ("evaluation.json", "tb")       # what --overwrite moves aside
+OLD_RUN_FILES = RUN_FILES + ("early.ckpt", "evaluation.json", "val_results.json", "tb")   # what --overwrite moves
 OVERWRITE_CHOICES = (False, True, "move", "delete")          # True is "move"
 LOCK_NAME = "train.lock"
 # atomic_write's temporary names for the checkpoints: last.ckpt.<8 mkstemp characters>.tmp
-TEMP_FILE = re.compile(r"^(last|best)\.ckpt\.[a-z0-9_]{8}\.tmp$")
+TEMP_FILE = re.compile(r"^(last|best|early)\.ckpt\.[a-z0-9_]{8}\.tmp$")
 
 
 class RunInUse(RuntimeError):

@@ -529,6 +529,8 @@ def _fit(run):
                 if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
                     run.epoch, run.batch = run.epoch + 1, 0
                     validate(run)
+                    if run.master and run.epoch == config.keep_epoch and run.step < run.total_steps:
+                        atomic_copy(run.path("last.ckpt"), run.path("early.ckpt"))   # its mistakes teach
                     if dist.is_initialized():
                         dist.barrier()
         except KeyboardInterrupt as e:

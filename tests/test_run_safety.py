@@ -332,3 +332,14 @@ def test_a_resume_on_other_data_or_from_a_newer_checkpoint_is_refused(tiny_copy,
     torch.save(ckpt, summary["last"])
     message = cli_error("caption", str(tiny_copy / "val2014"), "--checkpoint", summary["last"])
     assert "written by a newer version of this project (checkpoint schema 3; this one reads up to 2)" in message
+
+
+def test_an_early_checkpoint_is_kept_for_the_notebooks_and_moved_aside_with_the_run(tiny_copy, tmp_path):
+    models = tmp_path / "m"
+    summary = train(config(tiny_copy, models, epochs=3, batch_size=64, keep_epoch=1))
+    early = load_checkpoint(str(models / "early.ckpt"))
+    steps_per_epoch = -(-300 // 64)
+    assert early["epoch"] == 1 and early["step"] == steps_per_epoch < summary["step"] == 3 * steps_per_epoch
+    train(config(tiny_copy, models, epochs=1, batch_size=64, keep_epoch=1), overwrite=True)   # ends at epoch 1
+    [aside] = [p for p in models.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "early.ckpt").exists() and not (models / "early.ckpt").exists()   # no copy of last.ckpt
