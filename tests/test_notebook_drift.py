@@ -107,3 +107,10 @@ def test_a_readers_change_in_the_cell_takes_effect_and_is_caught(chapter_classes
     assert decoder.lstm_layer.bidirectional
     with pytest.raises(RuntimeError):
         decoder.load_state_dict(library_model.LSTMModel(8, 16, 30, 1).state_dict(), strict=True)
+
+
+def test_the_readmes_preset_table_is_the_librarys():
+    from captioning.config import format_preset_table
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert format_preset_table(markdown=True) in f.read()
