@@ -54,11 +54,49 @@ def _last_frames(text):
     return "\n".join(lines)
 
 
-_BAR = re.compile(r"^(.*?): *\d+%\|")                # a tqdm frame: "description:  42%|####..."
+# a tqdm frame: "description:  42%|####...", or, with no total, "description: 17img [00:01, ...]"
+_BAR = re.compile(r"^(?:(.*?): *)? *(?:\d+%\||\d+(?:\.\d+)?[a-zA-Z/]* \[\d+:\d\d)")
+
+
+def _bar_name(line):
+    """The progress bar a line is a frame of (its description), or None for any other line."""
+    match = _BAR.match(line)
+    return None if match is None else (match.group(1) or "")
+
+
+def _merge_streams(outputs):
+    """Consecutive stream outputs of the same name joined into one."""
+    merged = []
+    for output in outputs:
+        if output.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                and merged[-1].name == output.name:
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    return merged
+
+
+def _bars_to_stdout(output):
+    """A stderr stream output split into runs of lines: a progress bar's frames become stdout (a
+    finished bar is not an error, and a reader should not see it in the error colour), anything
+    else (a warning) stays stderr. Blank lines between frames are dropped."""
+    import nbformat
+
+    runs = []
+    for line in output.text.split("\n"):
+        if not line.strip():
+            continue
+        name = "stdout" if _bar_name(line) is not None else "stderr"
+        if runs and runs[-1][0] == name:
+            runs[-1][1].append(line)
+        else:
+            runs.append((name, [line]))
+    return [nbformat.v4.new_output("stream", name=name, text="\n".join(lines) + "\n") for name, lines in runs]
 
 
 def tidy_streams(nb):
-    """Merge each cell's consecutive stream outputs and keep each progress bar's final frame only.
+    """Merge each cell's consecutive stream outputs and keep each progress bar's final frame only,
+    as stdout: the executed notebooks carry no stderr output but real warnings.
 
     A bar interrupted by printed lines (an epoch's validation loss) leaves a frame before each
     of them; only its last frame is kept, where it finished.
@@ -66,26 +104,27 @@ def tidy_streams(nb):
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        merged = []
-        for output in cell.outputs:
-            if output.output_type == "stream" and merged and merged[-1].output_type == "stream" \
-                    and merged[-1].name == output.name:
-                merged[-1].text += output.text
-            else:
-                merged.append(output)
+        merged = _merge_streams(cell.outputs)
         last = {}                                        # bar description -> (output, line) of its last frame
         for k, output in enumerate(merged):
             if output.output_type == "stream":
                 output.text = _last_frames(output.text)
                 for n, line in enumerate(output.text.split("\n")):
-                    if _BAR.match(line):
-                        last[_BAR.match(line).group(1)] = (k, n)
+                    if _bar_name(line) is not None:
+                        last[_bar_name(line)] = (k, n)
         for k, output in enumerate(merged):
             if output.output_type == "stream":
                 lines = output.text.split("\n")
                 output.text = "\n".join(line for n, line in enumerate(lines)
-                                        if not _BAR.match(line) or last[_BAR.match(line).group(1)] == (k, n))
-        cell.outputs = [o for o in merged if o.output_type != "stream" or o.text.strip()]
+                                        if _bar_name(line) is None or last[_bar_name(line)] == (k, n))
+        split = []
+        for output in merged:
+            is_stderr = output.output_type == "stream" and output.name == "stderr"
+            split += _bars_to_stdout(output) if is_stderr else [output]
+        for output in split:                             # a bar's last frame may end without its newline
+            if output.output_type == "stream" and output.text.strip() and not output.text.endswith("\n"):
+                output.text += "\n"
+        cell.outputs = [o for o in _merge_streams(split) if o.output_type != "stream" or o.text.strip()]
     return nb
 
 
