@@ -1,5 +1,6 @@
 """Matplotlib helpers for the notebooks: image grids with captions, length histogram, training curves."""
 import math
+import os
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -19,42 +20,88 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"          # caption colours where the truth i
 
 
 def _caption_lines(caption, colour, wrap):
-    """One caption (a string, or a list of strings) -> [(line, colour)], each string wrapped to `wrap`."""
+    """One caption (a string, or a list of strings) -> [(line, colour)]. Each string is a block: its
+    own lines (split at "\\n") are kept apart and each is wrapped to `wrap` characters."""
     parts = [caption] if isinstance(caption, str) else list(caption)
     colours = colour if isinstance(colour, (list, tuple)) else [colour] * len(parts)
-    return [(line, c) for part, c in zip(parts, colours) for line in (textwrap.wrap(part, wrap) or [""])]
+    return [(line, c) for part, c in zip(parts, colours) for text in str(part).split("\n")
+            for line in (textwrap.wrap(text, wrap) or [""])]
 
 
-def show_images(images, captions, ncols=4, width=3.2, wrap=34, colours=None, fontsize=8.5):
+def original_size(path):
+    """(width, height) of the original of an image in a `resized_images/<split>/` folder (the
+    data layout: `<data>/<split>/<name>` beside `<data>/resized_images/<split>/<name>`), or None
+    for any other path or when the original is not there."""
+    from PIL import Image
+
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    resized, split = os.path.split(folder)
+    if os.path.basename(resized) != "resized_images":
+        return None
+    original = os.path.join(os.path.dirname(resized), split, name)
+    if not os.path.isfile(original):
+        return None
+    with Image.open(original) as image:
+        return image.size
+
+
+CHAR_WIDTH = 0.6           # a caption character's mean width, in ems of its font (DejaVu Sans, with some room)
+
+
+def show_images(images, captions, ncols=4, width=3.2, wrap=None, colours=None, fontsize=12,
+                proportions="original"):
     """A grid of images (paths, PIL images, arrays or normalised tensors), each with its caption below.
 
-    A caption is a string or a list of strings (one block each); `colours` gives each image's
-    colour, or one colour per block (for example green where a caption is right, red where wrong).
-    Each row is given the height of the longest caption, so no caption runs into the next row.
+    A caption is a string or a list of strings (one block each; a "\\n" in a string starts a new
+    line); `colours` gives each image's colour, or one colour per block (for example green where a
+    caption is right, red where wrong). Captions are wrapped to the image's `width` (in inches) at
+    `fontsize` points, unless `wrap` (characters) says otherwise. Each row is given the height of its
+    tallest image and its longest caption, so no caption runs into the next row.
+
+    Images are drawn with square pixels, so a circle stays round. A path into a `resized_images/`
+    folder (squashed to a square by notebook 03) is drawn at its original's proportions, as the
+    picture was taken, unless `proportions="pixels"` (what the CNN is given, squashed).
     """
     from .images import load_image
 
-    n = len(images)
-    nrows = max(1, math.ceil(n / ncols))
-    colours = colours or ["black"] * n
+    if proportions not in ("original", "pixels"):
+        raise ValueError(f"proportions must be 'original' or 'pixels', got {proportions!r}")
+    wrap = wrap or max(8, int(width * 72 / (CHAR_WIDTH * fontsize)))
+    colours = colours or ["black"] * len(images)
     blocks = [_caption_lines(c, k, wrap) for c, k in zip(captions, colours)]
-    line_h = fontsize * 1.3 / 72                                        # inches per text line
-    text_h = max(len(b) for b in blocks) * line_h + 0.1 if blocks else 0
-    fig_h = nrows * (width + text_h) + 0.1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, fig_h), squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.05 / fig_h, bottom=text_h / fig_h,
-                        wspace=0.05, hspace=text_h / width)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, lines in zip(axes.flat, images, blocks):
-        if isinstance(image, str) or hasattr(image, "__fspath__"):
+    pictures, shapes = [], []                                         # shapes: (width, height) as drawn
+    for image in images:
+        shown = original_size(image) if proportions == "original" and isinstance(image, (str, os.PathLike)) else None
+        if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         elif hasattr(image, "detach"):
             image = denormalize(image)
-        ax.imshow(image)
-        for k, (line, colour) in enumerate(lines):
-            ax.annotate(line, xy=(0, 0), xycoords="axes fraction", xytext=(0, -4 - k * fontsize * 1.3),
-                        textcoords="offset points", va="top", ha="left", fontsize=fontsize, color=colour)
+        array = np.asarray(image)
+        pictures.append(array)
+        shapes.append(shown or (array.shape[1], array.shape[0]))
+
+    line_h = fontsize * 1.3 / 72                                      # inches per text line
+    margin, gap, row_gap = 0.05, 0.15, 0.2                            # inches
+    rows = [range(k, min(k + ncols, len(pictures))) for k in range(0, max(len(pictures), 1), ncols)]
+    image_h = [max((width * shapes[i][1] / shapes[i][0] for i in row), default=width) for row in rows]
+    text_h = [max((len(blocks[i]) for i in row), default=0) * line_h + 0.1 for row in rows]
+    fig_w = 2 * margin + ncols * width + (ncols - 1) * gap
+    fig_h = margin + sum(image_h) + sum(text_h) + row_gap * (len(rows) - 1)
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    top = fig_h - margin
+    for row, h, t in zip(rows, image_h, text_h):
+        for col, i in enumerate(row):
+            x = margin + col * (width + gap)
+            ax = fig.add_axes([x / fig_w, (top - h) / fig_h, width / fig_w, h / fig_h], anchor="SW")
+            ax.axis("off")
+            picture, (w_shown, h_shown) = pictures[i], shapes[i]
+            # data aspect: pixel height / pixel width on screen, so the picture shows at w_shown:h_shown
+            aspect = picture.shape[1] * h_shown / (picture.shape[0] * w_shown)
+            ax.imshow(picture, aspect=aspect, interpolation="antialiased")
+            for k, (line, colour) in enumerate(blocks[i]):
+                ax.annotate(line, xy=(0, 0), xycoords="axes fraction", xytext=(0, -4 - k * fontsize * 1.3),
+                            textcoords="offset points", va="top", ha="left", fontsize=fontsize, color=colour)
+        top -= h + t + row_gap
     return fig
 
 
@@ -95,15 +142,31 @@ def show_saliency(image, words, maps, width=1.6, per_row=8, title=None):
 
 
 def plot_length_histogram(lengths, max_seq_len=20):
-    """Histogram of caption lengths in tokens (with <start> and <end>), the max_seq_len cut marked."""
+    """Histogram of caption lengths in tokens (with <start> and <end>), the max_seq_len cut marked.
+
+    The title says how many captions get truncated; the captions exactly max_seq_len long, which
+    fit whole, are labelled, so a tall bar at the limit is not mistaken for cut captions.
+    """
+    from matplotlib.patches import Patch
+
     lengths = np.asarray(lengths) + 2
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.hist(lengths, bins=np.arange(lengths.min(), lengths.max() + 2) - 0.5, color="tab:blue")
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    _, _, bars = ax.hist(lengths, bins=np.arange(lengths.min(), max(lengths.max(), max_seq_len) + 2) - 0.5,
+                         color="tab:blue")
     ax.axvline(max_seq_len + 0.5, color="tab:red", linestyle="--", label=f"max_seq_len = {max_seq_len}")
-    cut = (lengths > max_seq_len).mean()
-    ax.set(xlabel="tokens per caption (with <start> and <end>)", ylabel="captions",
-           title=f"{len(lengths)} captions; {cut:.2%} are longer than max_seq_len and get truncated")
-    ax.legend()
+    cut, at_limit = int((lengths > max_seq_len).sum()), int((lengths == max_seq_len).sum())
+    if cut:
+        title = f"{len(lengths)} captions; {cut} ({cut / len(lengths):.2%}) are longer than max_seq_len: truncated"
+    else:
+        title = f"{len(lengths)} captions; none is longer than max_seq_len, so none is truncated"
+    handles = []
+    if at_limit:
+        for bar in bars:                              # the bar of captions exactly max_seq_len long
+            if bar.get_x() < max_seq_len < bar.get_x() + bar.get_width():
+                bar.set_facecolor("tab:green")
+        handles = [Patch(color="tab:green", label=f"{at_limit} captions exactly {max_seq_len} tokens: they fit whole")]
+    ax.set(xlabel="tokens per caption (with <start> and <end>)", ylabel="captions", title=title)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, loc="upper right", fontsize=9)
     fig.tight_layout()
     return fig
 
