@@ -1,4 +1,5 @@
-"""Matplotlib helpers for the notebooks: image grids with captions, length histogram, training curves."""
+"""Matplotlib helpers for the notebooks: the model's diagram, image grids with captions, length histogram,
+training curves."""
 import math
 import os
 import textwrap
@@ -231,6 +232,59 @@ def plot_feature_pca(features, labels):
                xticks=[], yticks=[], xlabel="principal component 1", ylabel="principal component 2")
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_architecture(words=("a", "red", "circle"), embedding_size=256, hidden_size=512, feature_size=2048,
+                      crop_size=224):
+    """The chapter's model as a diagram: image -> ResNet -> Linear + BatchNorm -> image embedding, then
+    the LSTM unrolled, the image embedding first and each word's embedding after it, each step's
+    hidden state -> Linear -> scores over the vocabulary, whose likeliest word is the next input."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    steps = ["<start>", *words, "<end>"]
+    n, gap = len(steps), 1.8
+    x0 = 4.9                                          # step 0 sits under the encoder's last box
+    width = x0 + gap * (n - 1) + 1.0
+    fig, ax = plt.subplots(figsize=(width * 0.85, 5.2))
+    ax.set(xlim=(0, width), ylim=(0.2, 6.2))
+    ax.axis("off")
+
+    def box(x, y, w, h, text, colour, size=10):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=colour,
+                                    ec="#444444", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=size)
+
+    def arrow(a, b, colour="#444444", style="solid"):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color=colour, lw=1.2,
+                                     linestyle=style))
+
+    top = 5.3
+    encoder = [(0.9, f"image\n3 x {crop_size} x {crop_size}", "#f6f8fa"),
+               (2.9, f"ResNet (frozen)\nwithout its fc\n-> {feature_size}", "#dbe9f6"),
+               (x0, f"Linear\n+ BatchNorm1d\n-> {embedding_size}", "#fde2c4")]
+    for x, text, colour in encoder:
+        box(x, top, 1.6, 0.95, text, colour, 9)
+    for (xa, *_), (xb, *_) in zip(encoder, encoder[1:]):
+        arrow((xa + 0.82, top), (xb - 0.82, top))
+    ax.text(0.1, top + 0.75, "CNNModel, the encoder", fontsize=11, weight="bold")
+    in_y, lstm_y, out_y = 3.4, 2.2, 1.0
+    ax.text(0.1, 2.2, "LSTMModel, the decoder,\nunrolled over the caption:\nthe image embedding goes in\n"
+                      "first, then each word's\nembedding; each step\npredicts the next word",
+            fontsize=10, va="center")
+    inputs = ["image\nembedding", *[f"embed\n{w}" for w in steps[:-1]]]
+    for t in range(n):
+        x = x0 + gap * t
+        box(x, in_y, 1.15, 0.7, inputs[t], "#fde2c4" if t == 0 else "#e6f4ea", 9)
+        box(x, lstm_y, 1.15, 0.75, f"LSTM\nstep {t}\n({hidden_size})", "#efe3f8", 9)
+        box(x, out_y, 1.15, 0.55, f"Linear:\n{steps[t]}", "#fff8c5", 9)
+        arrow((x, in_y - 0.37), (x, lstm_y - 0.0 + 0.4))
+        arrow((x, lstm_y - 0.4), (x, out_y + 0.3))
+        if t:
+            arrow((x - gap + 0.6, lstm_y), (x - 0.6, lstm_y), "#8250df")          # (h, c) carried over
+        if t < n - 1:                                                              # that word is the next input
+            arrow((x + 0.6, out_y + 0.1), (x + gap - 0.6, in_y - 0.1), "#999999", "dashed")
+    arrow((x0, top - 0.5), (x0, in_y + 0.37), "#c4621a")                          # the image embedding: step 0
     return fig
 
 

@@ -69,6 +69,9 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
         text = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
                        if c.cell_type == "code" for o in c.outputs)
         assert "\r" not in text and " 0%|" not in text, path.name
+        stderr = [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs
+                  if o.get("name") == "stderr"]
+        assert not stderr, (path.name, stderr[:1])                # nothing pink in what a learner reads
         if path.name.startswith(("06", "08")):    # the library's COCO loads print nothing (01's own call does)
             assert "loading annotations into memory" not in text, path.name
 

@@ -41,3 +41,15 @@ def test_tidy_streams_keeps_the_last_frame_of_each_progress_bar():
     texts = [(o.name, o.text) for o in cell.outputs]
     # the bar's last frame is shown as stdout, after the line printed while it ran; other stderr stays
     assert texts == [("stdout", "epoch 0: val loss 1.0\nwork: 100%|##| 4/4\n"), ("stderr", "done!\n")]
+
+
+def test_the_architecture_diagram_names_each_part_and_the_caption_it_unrolls():
+    from captioning.viz import plot_architecture
+
+    fig = plot_architecture(words=("a", "blue", "star"), embedding_size=128, hidden_size=256, feature_size=512,
+                            crop_size=56)
+    texts = " | ".join(t.get_text() for t in fig.axes[0].texts)
+    for part in ("3 x 56 x 56", "-> 512", "-> 128", "(256)", "embed\nblue", "Linear:\nstar", "Linear:\n<end>",
+                 "CNNModel", "LSTMModel"):
+        assert part in texts, part
+    assert texts.count("LSTM\nstep") == 5                       # <start>, a, blue, star, <end>
