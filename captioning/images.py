@@ -247,6 +247,7 @@ def _resize_all(src, dst, size, workers, progress, log=print):
         results = map(_resize_one, jobs)
         pool = None
     else:
+        Image.preinit()       # the common format plugins, imported once here rather than in each worker
         pool = ProcessPoolExecutor(workers)
         # chunks small enough that the cores finish together (a 32-image chunk is ~0.15 s of one core)
         results = pool.map(_resize_one, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 16))))
