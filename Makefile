@@ -1,5 +1,7 @@
 # make demo  - generate the tiny dataset and run notebooks 01..08 on it (offline, CPU)
-# make test  - ruff, then the test suite (includes executing every notebook on the tiny preset)
+# make test  - ruff, then the test suite (includes executing every notebook on the tiny preset); CI runs this
+# make test-fast - ruff, then the tests not marked slow (no notebooks, torchrun or multi-process runs):
+#              the inner loop while editing, under 2 minutes on 2 cores; `make test` before pushing
 # make lab   - JupyterLab on notebooks/ (works as root and headless; LAB_ARGS="--ip=0.0.0.0 --port=8889" passes options)
 # make tensorboard - TensorBoard on models_dir/ (training's event files; TB_ARGS="--port 6007 --bind_all" passes options)
 # Each target creates .venv on first use and installs the pinned requirements.
@@ -9,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lab tensorboard bench clean
+.PHONY: demo test test-fast lab tensorboard bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow" tests
 
 # As root (Docker) jupyter refuses to start without --allow-root; with no display (a server over
 # SSH) it must not try to open a browser. It prints the URL with its token either way.

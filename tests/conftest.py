@@ -30,6 +30,84 @@ def run_cli(*args, timeout=300, check=True, **kwargs):
     return proc
 
 
+def cli_main(*args):
+    """The CLI's main() in this process (its parser and error handler), sparing a Python start-up per case."""
+    from captioning.__main__ import main
+
+    return main([str(a) for a in args])
+
+
+def cli_error(*args):
+    """main(args) in this process: the one-line "error: ..." message it exits with."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(*args)
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# Tests over about 5 s on the 2-core machine (pytest --durations), or that run notebooks, torchrun or
+# several processes: `make test-fast` (pytest -m "not slow") leaves them out, `make test` runs them.
+# Marked here, by file and test name (a name without "[" covers all its parameters), rather than in
+# each file, so that one list says what the fast loop skips.
+SLOW = {
+    "test_notebooks.py": "*",                   # executes every notebook
+    "test_lab.py": "*",                         # starts `make lab`
+    "test_saliency.py": {"test_colour_words_point_at_their_objects", "test_cli_writes_one_png_per_image",
+                         "test_gradcam_gives_one_map_per_word_and_rejects_unknown_methods"},   # trains a model first
+    "test_training.py": {"test_resume_reproduces_the_uninterrupted_run",
+                         "test_bad_data_dir_and_bad_overrides_are_clear_errors",
+                         "test_cached_features_are_built_once_and_keyed",
+                         "test_ctrl_c_during_checkpoint_writes_always_saves_and_exits_130",
+                         "test_training_builds_prerequisites_and_writes_a_self_contained_checkpoint",
+                         "test_torchrun_ddp_on_cpu", "test_kill_9_during_training_then_resume"},
+    "test_run_safety.py": {"test_a_second_trainer_is_kept_out_and_a_killed_ones_files_are_cleaned",
+                           "test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it",
+                           "test_resume_with_another_batch_size_mid_epoch_is_refused",
+                           "test_a_resume_that_would_change_the_run_is_refused_first_naming_every_field",
+                           "test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_own",
+                           "test_sigterm_under_torchrun_stops_every_rank_at_the_same_step",
+                           "test_sigterm_saves_like_ctrl_c_exits_143_and_the_run_resumes_from_its_step"},
+    "test_inference_evaluation.py": {
+        "test_evaluate_reports_diagnostics_intervals_signature_and_compares_runs", "test_caption_cli_clear_errors",
+        "test_collapse_warning_on_a_decoder_that_says_one_thing",
+        "test_evaluate_without_ground_truth_has_no_semantic_block",
+        "test_evaluate_skips_counts_and_names_unreadable_images_and_refuses_above_one_percent",
+        "test_metrics_reward_the_right_caption", "test_evaluate_cli_writes_metrics_and_coco_results",
+        "test_evaluate_names_the_images_folder_that_lacks_the_split",
+        "test_checkpoints_of_earlier_versions_still_caption",
+        "test_a_one_image_split_reports_cider_and_intervals_as_na",
+        "test_frozen_pretrained_backbone_is_rebuilt_from_its_weights_file",
+        "test_caption_cli_reports_bad_files_and_captions_the_rest"},
+    "test_features.py": {"test_training_on_a_maps_cache_resumes_exactly",
+                         "test_prune_keeps_a_cache_that_is_being_extracted_or_read",
+                         "test_a_damaged_cache_is_reported_by_path_and_extracted_again",
+                         "test_maps_cache_holds_the_whole_image_and_its_mirror"},
+    "test_backbone.py": {"test_standin_pretraining_is_deterministic_and_learns",
+                         "test_training_builds_the_standin_once_and_checkpoints_carry_it"},
+    "test_evaluation_java.py": {"test_meteor_and_ptb_match_pycocoevalcaps_own_wrappers",
+                                "test_an_empty_last_caption_keeps_the_java_tokenizer_and_meteor"},
+    "test_disk_full.py": {"test_training_on_a_full_disk_stops_naming_the_checkpoint_and_keeps_the_last_one"},
+    "test_chapter_io.py": {"test_import_gives_the_books_greedy_ids_then_the_cli_captions_a_folder"},
+    "test_images.py": {"test_a_corrupt_resized_image_above_one_percent_stops_training_in_one_line"},
+    "test_karpathy.py": {"test_vocabulary_notebooks_training_and_evaluation_run_on_a_karpathy_folder"},
+    "test_data.py": {"test_loader_with_spawned_workers"},                    # spawns DataLoader workers
+    "test_build_lock.py": {"test_two_resize_processes_the_second_waits_then_reuses"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = SLOW.get(item.path.name, ())
+        if names == "*" or item.name in names or item.originalname in names:
+            item.add_marker(pytest.mark.slow)
+    known = {item.path.name: {i.originalname for i in items if i.path.name == item.path.name} for item in items}
+    for name, tests in SLOW.items():        # a renamed test must not drop silently into the fast loop's list
+        if name in known and tests != "*" and tests - known[name]:
+            raise pytest.UsageError(f"conftest.SLOW names tests that {name} does not have: "
+                                    f"{', '.join(sorted(tests - known[name]))}")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small tiny-set in COCO layout (60 train / 16 val images), shared read-only by the tests."""

@@ -10,12 +10,11 @@ import sys
 import threading
 import time
 
-import pytest
+from conftest import ROOT, SMALL
 
 from captioning.config import get_config
 from captioning.derived import build_lock
 from captioning.images import list_images
-from conftest import ROOT, SMALL
 
 WAITING = "waiting for another process building"
 
@@ -153,7 +152,6 @@ with build_lock(dst, "the resized images"):
 """
 
 
-@pytest.mark.slow
 def test_two_resize_processes_the_second_waits_then_reuses(tiny_copy, tmp_path):
     src, dst = str(tiny_copy / "train2014"), str(tmp_path / "resized")
     os.makedirs(dst)
