@@ -101,11 +101,12 @@ def pytest_collection_modifyitems(config, items):
         names = SLOW.get(item.path.name, ())
         if names == "*" or item.name in names or item.originalname in names:
             item.add_marker(pytest.mark.slow)
-    known = {item.path.name: {i.originalname for i in items if i.path.name == item.path.name} for item in items}
-    for name, tests in SLOW.items():        # a renamed test must not drop silently into the fast loop's list
-        if name in known and tests != "*" and tests - known[name]:
-            raise pytest.UsageError(f"conftest.SLOW names tests that {name} does not have: "
-                                    f"{', '.join(sorted(tests - known[name]))}")
+    modules = {item.path.name: item.module for item in items if getattr(item, "module", None)}
+    for name, tests in SLOW.items():        # a renamed test must not drop silently into the fast loop
+        named = () if tests == "*" or name not in modules else tests
+        missing = sorted(t for t in named if not hasattr(modules[name], t))
+        if missing:
+            raise pytest.UsageError(f"conftest.SLOW names tests that {name} does not have: {', '.join(missing)}")
 
 
 @pytest.fixture(scope="session")
