@@ -8,9 +8,9 @@ import book_chapter2 as book
 import pytest
 import torch
 import torchvision
-from conftest import run_cli
+from conftest import cli_error, run_cli
+from conftest import cli_main as cli
 
-from captioning.__main__ import main
 from captioning.chapter_io import chapter_vocab_pickle, export_chapter, import_chapter
 from captioning.checkpoint import atomic_save, build_models, checkpoint_state, load_captioner
 from captioning.config import get_config
@@ -55,18 +55,6 @@ def book_files(tmp_path, tiny_vocab, notebook_main):
         pickle.dump(vocab, f)
     assert b"__main__" in (folder / "vocabulary.pkl").read_bytes()
     return folder, encoder.eval(), decoder.eval(), vocab
-
-
-def cli(*args):
-    """The CLI's main() in this process (its parser and error handler), to spare a Python start-up."""
-    main([str(a) for a in args])
-
-
-def cli_error(*args):
-    """The one line the CLI ends with on a bad input."""
-    with pytest.raises(SystemExit) as e:
-        cli(*args)
-    return str(e.value.code)
 
 
 def test_import_gives_the_books_greedy_ids_then_the_cli_captions_a_folder(book_files, tiny_data, tmp_path, capsys):

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 import torchvision
-from conftest import SMALL, run_cli
+from conftest import SMALL, cli_error, run_cli
 from PIL import Image
 
 from captioning.checkpoint import load_captioner
@@ -256,17 +256,6 @@ def _one_line_error(proc, *words):
     assert all(w in proc.stderr for w in words), (words, proc.stderr)
 
 
-def _in_process_error(*args):
-    """main(args) in this process (no interpreter start per case): the one-line message it exits with."""
-    from captioning.__main__ import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    message = exit_.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
 def _head_only(ckpt, weights="/elsewhere/resnet18.pth"):
     """The checkpoint as a frozen pretrained backbone leaves it: the head only, the ResNet named by its weights."""
     state = torch.load(ckpt, weights_only=True)
@@ -280,22 +269,22 @@ def test_bad_checkpoint_and_weights_files_are_one_line(trained, tmp_path, image_
     text = tmp_path / "notes.txt"
     text.write_text("hello, not a checkpoint\n")
     _one_line_error(run_cli("caption", image_dir, "--checkpoint", text, check=False), str(text), "not a loadable")
-    assert "not a loadable" in _in_process_error("evaluate", "--checkpoint", text)
+    assert "not a loadable" in cli_error("evaluate", "--checkpoint", text)
     good = torch.load(ckpt, weights_only=True)
     for key in ("config", "vocab", "encoder", "decoder", "backbone"):
         broken = {k: v for k, v in good.items() if k != key}
         torch.save(broken, tmp_path / f"no_{key}.ckpt")
-        message = _in_process_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / f"no_{key}.ckpt")
+        message = cli_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / f"no_{key}.ckpt")
         assert f"no_{key}.ckpt" in message and f"no '{key}' entry" in message, message
     torch.save({**good, "backbone": {k: v for k, v in good["backbone"].items() if k != "name"}}, tmp_path / "n.ckpt")
-    assert "has no 'name'" in _in_process_error("caption", image_dir, "--checkpoint", tmp_path / "n.ckpt")
+    assert "has no 'name'" in cli_error("caption", image_dir, "--checkpoint", tmp_path / "n.ckpt")
     # --weights for a checkpoint whose frozen backbone is rebuilt from its weights file
     torch.save(_head_only(ckpt), tmp_path / "head.ckpt")
     torch.save(5, tmp_path / "five.pth")
     for weights, words in ((text, "is not a weights file torch.load can read"),
                            (tmp_path / "five.pth", "does not hold a state_dict"),
                            (tmp_path / "missing.pth", "not found")):
-        message = _in_process_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "head.ckpt",
+        message = cli_error("caption", image_dir / "gray.png", "--checkpoint", tmp_path / "head.ckpt",
                                     "--weights", weights)
         assert str(weights) in message and words in message, message
 
@@ -306,9 +295,9 @@ def test_evaluate_checks_its_output_paths_before_the_work(trained, tmp_path, rea
     proc = run_cli("evaluate", "--checkpoint", ckpt, "--out", path, check=False)
     _one_line_error(proc, "--out", path, "cannot write there")
     assert "Bleu" not in proc.stdout                                   # found before the evaluation, not after
-    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--results", path)
+    message = cli_error("evaluate", "--checkpoint", ckpt, "--results", path)
     assert "--results" in message and "cannot write there" in message
-    assert "--out" in _in_process_error("evaluate", "--checkpoint", ckpt, "--out", tmp_path)       # a folder
+    assert "--out" in cli_error("evaluate", "--checkpoint", ckpt, "--out", tmp_path)       # a folder
     assert not os.path.exists(path)
 
 
@@ -381,10 +370,10 @@ def test_evaluate_names_the_images_folder_that_lacks_the_split(trained, tmp_path
     data, ckpt = trained
     folder = _data_without(data, tmp_path, "val2014")
     captions = folder / "annotations" / "captions_val2014.json"
-    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
+    message = cli_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
     assert f"none of the 16 images in {captions} are in {folder / 'val2014'} (no such folder)" in message, message
     (folder / "val2014").mkdir()
-    message = _in_process_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
+    message = cli_error("evaluate", "--checkpoint", ckpt, "--data-dir", folder, "--beam", 1)
     assert f"none of the 16 images in {captions} are in {folder / 'val2014'}:" in message, message
     # some of them: scored, and the missing ones counted
     for src in sorted((data / "val2014").iterdir())[:6]:

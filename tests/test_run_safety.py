@@ -11,10 +11,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, cli_error, cli_main, run_cli
 from test_training import _train_cmd, _wait_for_step, losses
 
-from captioning.__main__ import main
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
 from captioning.rundir import RunInUse, RunLock, read_log
@@ -54,28 +53,18 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     assert (aside / "evaluation.json").read_text() == "{}" and (aside / "tb").is_dir()
     # the CLI's --overwrite moves aside too, into a folder of its own; only "--overwrite delete" deletes
     second = {n: (models / n).read_bytes() for n in before}
-    main([str(a) for a in _train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite")[3:]])
+    cli_main(*_train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite")[3:])
     asides = sorted(p for p in models.iterdir() if p.name.startswith("previous-"))
     assert len(asides) == 2
     assert {n: (asides[1] / n).read_bytes() for n in before} == second
     capsys.readouterr()
-    main([str(a) for a in _train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite", "delete")[3:]])
+    cli_main(*_train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite", "delete")[3:])
     assert "deleted the previous run's last.ckpt, best.ckpt, train_log.jsonl, tb" in capsys.readouterr().out
     assert sorted(p for p in models.iterdir() if p.name.startswith("previous-")) == asides   # untouched
     with pytest.raises(ValueError, match="overwrite must be one of"):
         train(config(tiny_copy, models, max_steps=1), overwrite="yes")
     message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--overwrite")[3:])   # the flag reaches train
     assert "--resume and --overwrite contradict each other" in message
-
-
-def cli_error(*args):
-    """main(args) in this process (no interpreter start): the one-line message it exits with."""
-    from captioning.__main__ import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    assert isinstance(exit_.value.code, str) and "\n" not in exit_.value.code, exit_.value.code
-    return exit_.value.code
 
 
 def test_epochs_below_one_are_refused(tmp_path):
