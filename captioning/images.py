@@ -242,7 +242,7 @@ def _resize_all(src, dst, size, workers, progress, log=print):
     failed = []
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"resizing {os.path.basename(src.rstrip('/'))}", unit="img",
-               disable=not progress)
+               disable=not progress or not jobs)   # nothing to do: no "0img" bar
     if workers == 1 or len(jobs) < 64:
         results = map(_resize_one, jobs)
         pool = None
