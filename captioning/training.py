@@ -191,6 +191,8 @@ class Run:
     board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
     changes: str = ""                 # what a resume changed ("lr 0.001 -> 0.0005"), for TensorBoard
     stop: StopRequest = None          # a stop signal received (Ctrl-C, SIGTERM)
+    bar: object = None                # the progress bar, which shows the latest validation loss
+    last_val: float | None = None
     data: dict = None                 # checkpoint.data_identity: what a resume must find again
 
     def __post_init__(self):
@@ -377,6 +379,16 @@ def save_checkpoint(run):
                                     f"resume from it{when}", type(e)) from e
 
 
+def _show_progress(run):
+    """The bar's postfix: epoch, the latest training loss and perplexity, the latest validation loss."""
+    shown = {"epoch": run.epoch}
+    if run.last_loss is not None:
+        shown.update(loss=f"{run.last_loss:.3f}", ppl=f"{math.exp(min(run.last_loss, 50)):.1f}")
+    if run.last_val is not None:
+        shown["val"] = f"{run.last_val:.3f}"
+    run.bar.set_postfix(shown)
+
+
 def train_one_epoch(run, bar, t0):
     """The chapter's loop over the rest of this epoch: forward, packed cross-entropy, backward, Adam step.
 
@@ -407,7 +419,7 @@ def train_one_epoch(run, bar, t0):
             # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
             run.last_loss = loss.item()
             perplexity = math.exp(min(run.last_loss, 50))
-            bar.set_postfix(epoch=run.epoch, loss=f"{run.last_loss:.3f}", ppl=f"{perplexity:.1f}")
+            _show_progress(run)
             run.write_log({"step": run.step, "epoch": run.epoch, "loss": run.last_loss, "perplexity": perplexity,
                            "elapsed_s": round(time.time() - t0, 2)})
             if run.board:
@@ -426,7 +438,12 @@ def validate(run):
     val_loss = evaluate_loss(run.model, run.val_loader, run.device, run.amp_dtype, run.channels_last)
     run.write_log({"step": run.step, "epoch": run.epoch - 1, "val_loss": val_loss,
                    "val_perplexity": math.exp(min(val_loss, 50))})
-    run.log(f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
+    said = f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})"
+    run.last_val = val_loss
+    if run.bar is not None and not run.bar.disable:   # on the bar, not a line per epoch under it
+        _show_progress(run)
+    else:
+        run.log(said)
     if run.board:
         run.board.validation(run.step, val_loss, run.encoder, run.decoder)
     improved = val_loss < run.best_val
@@ -520,8 +537,8 @@ def _fit(run):
         run.board = open_board(config, run.vocab, run.device, resume_step=run.step, log=run.log)
         if run.board and run.changes:
             run.board.note(run.step, "changed_on_resume", run.changes)
-    bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training", unit="step",
-               disable=not (run.master and config.progress))
+    bar = run.bar = tqdm(total=run.total_steps, initial=min(run.step, run.total_steps), desc="training",
+                         unit="step", disable=not (run.master and config.progress))
     with _interrupt_once(run.stop):
         try:
             while run.epoch < config.epochs and run.step < run.total_steps:
@@ -549,6 +566,9 @@ def _fit(run):
                 atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
             if run.log_file:
                 run.log_file.close()
+    if run.best_val < math.inf:
+        run.log(f"best val loss {run.best_val:.4f} (perplexity {math.exp(min(run.best_val, 50)):.2f}): "
+                f"{run.path('best.ckpt')}; the log has every epoch's ({run.path('train_log.jsonl')})")
     run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
     return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
             "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,   # False, or the signal
