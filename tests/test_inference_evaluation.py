@@ -239,6 +239,16 @@ def test_collapse_warning_on_a_decoder_that_says_one_thing(trained, tmp_path):
     g = torch.Generator().manual_seed(0)
     for name in ("lstm_layer.weight_ih_l0", "linear_layer.weight"):
         state["decoder"][name] = torch.randn(state["decoder"][name].shape, generator=g) * 10
+    # and an image embedding that keeps the images apart: centred, unit-variance projections of the features
+    head = state["encoder"]["linear_layer.weight"]
+    state["encoder"]["linear_layer.weight"] = torch.randn(head.shape, generator=g)
+    state["encoder"]["linear_layer.bias"] = torch.zeros(head.size(0))
+    features = _backbone_features(trained[0], state)
+    projected = features @ state["encoder"]["linear_layer.weight"].T
+    state["encoder"]["batch_norm.running_mean"] = projected.mean(0)
+    state["encoder"]["batch_norm.running_var"] = projected.var(0) + 1e-6
+    state["encoder"]["batch_norm.weight"] = torch.ones(head.size(0))
+    state["encoder"]["batch_norm.bias"] = torch.zeros(head.size(0))
     state["decoder"]["linear_layer.bias"] = torch.zeros(weight.size(0))
     state["decoder"]["linear_layer.bias"][:4] = -1e4                        # never <pad> <start> <end> <unk>
     varied = tmp_path / "varied.ckpt"
@@ -248,6 +258,23 @@ def test_collapse_warning_on_a_decoder_that_says_one_thing(trained, tmp_path):
     said = [r["caption"] for r in json.load(open(out))]
     assert len(said) == 16 and len(set(said)) >= 5 and max(map(said.count, said)) <= 7, said
     assert "caption collapse" not in proc.stderr + proc.stdout, proc.stderr
+
+
+def _backbone_features(data, state):
+    """The checkpoint's frozen-backbone features of the 16 val images, as evaluate computes them."""
+    from captioning.checkpoint import load_encoder_state
+    from captioning.config import Config
+    from captioning.data import eval_transform
+    from captioning.images import load_image
+    from captioning.model import CNNModel
+
+    config = Config.from_checkpoint(state["config"])
+    encoder = CNNModel(config.embedding_size, config.backbone, None).eval()
+    load_encoder_state(encoder, state)
+    transform = eval_transform(config.resize_size, config.crop_size)
+    images = torch.stack([transform(load_image(str(p))) for p in sorted((data / "val2014").iterdir())])
+    with torch.no_grad():
+        return encoder.extract(images)
 
 
 def _one_line_error(proc, *words):
