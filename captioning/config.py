@@ -199,7 +199,8 @@ def format_preset_table(markdown=False):
         lines = ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines[:1] + ["|" + "---|" * 5] + lines[1:])
     widths = [max(len(r[k]) for r in rows) for k in range(4)]
-    return "\n".join("  ".join(r[k].ljust(widths[k]) for k in range(4)) + "  " + r[4] for r in rows)
+    table = ["  ".join(r[k].ljust(widths[k]) for k in range(4)).rstrip() for r in rows]
+    return "\n".join(table + ["", "why they differ:"] + [f"  {r[0]}: {r[4]}" for r in rows[1:] if r[4]])
 
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -67,7 +67,11 @@ SLOW = {
                            "test_a_resume_that_would_change_the_run_is_refused_first_naming_every_field",
                            "test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_own",
                            "test_sigterm_under_torchrun_stops_every_rank_at_the_same_step",
-                           "test_sigterm_saves_like_ctrl_c_exits_143_and_the_run_resumes_from_its_step"},
+                           "test_sigterm_saves_like_ctrl_c_exits_143_and_the_run_resumes_from_its_step",
+                           "test_a_resume_keeps_the_checkpoints_settings_and_applies_a_new_learning_rate",
+                           "test_a_resume_on_other_data_or_from_a_newer_checkpoint_is_refused",
+                           "test_an_early_checkpoint_is_kept_for_the_notebooks_and_moved_aside_with_the_run"},
+    "test_bad_images.py": "*",                  # trains on 210 images, with and without the cache
     "test_inference_evaluation.py": {
         "test_evaluate_reports_diagnostics_intervals_signature_and_compares_runs", "test_caption_cli_clear_errors",
         "test_collapse_warning_on_a_decoder_that_says_one_thing",
