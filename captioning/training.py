@@ -486,10 +486,16 @@ def train(config: Config, resume=False, overwrite=False):
 
 
 def stop_if_requested(run):
-    """Between steps: stop if a signal came (under torchrun: if any rank received one, and which)."""
+    """Between steps: stop if a signal came (under torchrun: if any rank received one, and which).
+
+    Under torchrun the ranks agree by an all_reduce, whose .item() waits for the GPU; so they ask only
+    at the steps where the loss is read anyway (every log_every steps): the same steps on every rank,
+    and well within the grace period between SIGTERM and SIGKILL."""
     if not dist.is_initialized():
         if run.stop.signum:
             run.stop.raise_for(run.stop.signum)
+        return
+    if run.step % run.config.log_every:
         return
     flag = torch.tensor([run.stop.signum], device=run.device if run.device.type == "cuda" else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)          # SIGTERM (15) outranks SIGINT (2)
