@@ -21,8 +21,6 @@ from PIL import Image, ImageOps
 from .atomic import fsync_dir
 from .derived import build_lock, write_derived
 
-atomic_write = write_derived   # the name _resize_one writes through (tests/test_images.py patches it)
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -133,7 +131,7 @@ def _resize_one(args):
         fmt = _FORMATS.get(ext) or Image.registered_extensions().get(ext, "JPEG")
         # temp file, rename (no per-file fsync: a resized image can be made again, and one that a power cut
         # leaves empty or cut short fails _up_to_date's end-marker check and is redone); one folder fsync at the end
-        with atomic_write(dst) as f:
+        with write_derived(dst) as f:
             image.save(f, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         return None
     except Exception as e:  # disk full, read-only: every other file would fail the same way

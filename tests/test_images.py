@@ -122,7 +122,7 @@ def test_a_write_error_stops_the_resize_naming_the_file(odd_images, tmp_path, mo
     def disk_full(path, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images, "atomic_write", disk_full)
+    monkeypatch.setattr(images, "write_derived", disk_full)
     with pytest.raises(OSError, match=r"cannot write .*\.(jpg|png): OSError: .*No space left.*local disk problem"):
         resize_images(str(odd_images), str(tmp_path / "dst"), size=16, workers=1, progress=False)
 
