@@ -9,6 +9,7 @@
 - `resume=True` continues from last.ckpt with the same data order and augmentation.
 - torchrun: DistributedDataParallel (NCCL on CUDA, gloo on CPU); only rank 0 logs and saves.
 """
+import errno
 import json
 import math
 import os
@@ -26,9 +27,28 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from .atomic import interrupts_deferred
 from .backbone import STANDIN
-from .checkpoint import atomic_copy, atomic_save, build_models, checkpoint_state, data_identity, restore_training_state
+from .checkpoint import (
+    atomic_copy,
+    atomic_save,
+    build_models,
+    checkpoint_state,
+    data_identity,
+    os_error,
+    restore_training_state,
+)
 from .config import Config
-from .data import CocoCaptionDataset, TrainTransform, collate_function, eval_transform, skipped_images
+from .data import (
+    CocoCaptionDataset,
+    CountingLoader,
+    TrainTransform,
+    Unreadable,
+    collate_function,
+    eval_transform,
+    skipped_images,
+    skipped_line,
+    too_many_unreadable,
+)
+from .derived import build_lock
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .lstm import use_packed_cpu_lstm
 from .rundir import RunLock, prepare_run_dir, resume_config, trim_log
@@ -75,7 +95,6 @@ def ensure_prerequisites(config, log=print):
     """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
     the resized images, the stand-in backbone."""
     from .backbone import ensure_standin
-    from .derived import build_lock
     from .images import resize_images
     from .karpathy import ensure_coco_layout
     from .vocabulary import build_vocabulary, save_vocabulary
@@ -113,7 +132,6 @@ def _loader(dataset, sampler, config, device, persistent=False):
     """Images: `num_workers` processes decode and augment; so do maps (a batch of maps is 32 MB at
     COCO's size, and pooling it takes a while). Cached views: the main process, since a batch is
     one small gather from a memmap and starting workers would cost more than the work."""
-    from .data import CountingLoader
 
     workers = 0 if config.use_cache and config.cache_kind == "views" else config.num_workers
     # a DataLoader that leaves an unreadable image out of its batch, counts and names it (once), and stops
@@ -221,7 +239,6 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
                                 config.max_seq_len, config.seed, group_by_image=group, progress=config.progress,
                                 max_captions=val_captions)
     if not config.train_backbone and encoder.weights_id is None:
-        from .data import Unreadable, too_many_unreadable
 
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab,
@@ -272,7 +289,6 @@ def _open_cache(config, encoder, ds, transform, views, kind, split, device, mast
                                     kind=kind, log=log)
         log(f"{split} features: {os.path.dirname(cache.filename)}")
         if cache.unreadable:        # extraction skipped them (more than 1% would have stopped it)
-            from .data import skipped_line
 
             log(f"{skipped_line(dict(cache.unreadable.values()))} ({ds.data_path}: no features, "
                 f"their captions are left out)")
@@ -368,10 +384,6 @@ def save_checkpoint(run):
         try:
             atomic_save(state, run.path("last.ckpt"))
         except OSError as e:          # a full disk: atomic_save named the file; the one before is intact
-            import errno
-
-            from .checkpoint import os_error
-
             if not os.path.exists(run.path("last.ckpt")):
                 raise
             when = " once there is room" if e.errno == errno.ENOSPC else ""
