@@ -4,37 +4,47 @@ The scorers are built one by one: `COCOEvalCap.evaluate()` always builds SPICE, 
 downloads Stanford CoreNLP and so fails offline. SPICE runs only when its jars are
 already in place. The PTB tokenizer and METEOR need Java; without it the captions are
 tokenized in Python (the same rules as the vocabulary) and METEOR is skipped, loudly.
-The two Java programs are run here, not through pycocoevalcap's wrappers, with a timeout
-(CAPTIONING_JAVA_TIMEOUT seconds per answer, default 120): a JVM that cannot start (say
-JAVA_TOOL_OPTIONS=-Xms3g against METEOR's -Xmx2G) or never answers is skipped with a
-warning, where pycocoevalcap's METEOR would wait forever. SPICE (a long batch job: CoreNLP
-parses every caption) has its own limit, CAPTIONING_SPICE_TIMEOUT seconds for the whole run
-(default 1800) or score_captions(spice_timeout=...): past it SPICE is reported as skipped, with the
-reason, and every other metric is kept.
+The three Java programs are run here, not through pycocoevalcap's wrappers, under
+captioning.java's time limits (CAPTIONING_JAVA_TIMEOUT seconds per answer, default 120): a JVM
+that cannot start or never answers is skipped with a warning, where pycocoevalcap's METEOR would
+wait forever. SPICE has its own limit, CAPTIONING_SPICE_TIMEOUT seconds for the whole run (default
+1800) or score_captions(spice_timeout=...): past it SPICE is reported as skipped, with the reason,
+and every other metric is kept.
 
 On a synthetic set whose captions file carries the generator's truth, `evaluate_checkpoint`
 also reports semantic accuracy (captioning.semantics): whether the captions name the right
 objects, which n-gram metrics cannot tell.
 """
-import collections
+import argparse
+import json
 import numbers
 import os
-import queue
-import shutil
-import signal
-import subprocess
 import tempfile
-import threading
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+from pycocotools.coco import COCO
+
+from . import diagnostics, java
+from .config import Config
 from .diagnostics import CIDER_MIN_IMAGES, bleu_statistics, too_few_images
 from .karpathy import karpathy_test_images
+from .semantics import ground_truth_from_coco, semantic_accuracy
 from .vocabulary import caption_tokens, load_coco, tokenize
 
+if TYPE_CHECKING:           # for an annotation only: torch is slow to import, and the CLI's count_flag needs none of it
+    import torch
+
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+_K = TypeVar("_K", bound=Hashable)
+Tokenized = dict[int, list[str]]                        # {image_id: [tokenized captions]}, as pycocoevalcap takes them
+_SKIPPED_WARNING = {"METEOR": "warning: METEOR skipped: Java cannot run it ({})",
+                    "SPICE": "warning: SPICE skipped: {}; the other metrics are kept"}
 
 
-def check_count(name, value):
+def check_count(name: str, value: object) -> int:
     """`value` if it is a whole number >= 1 (a beam size, a number of images), else a ValueError naming
     `name`. The notebooks check their parameters with it, evaluate_checkpoint its arguments."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -42,11 +52,9 @@ def check_count(name, value):
     return int(value)
 
 
-def count_flag(text):
+def count_flag(text: str) -> int:
     """An argparse `type` for the CLI's count flags (--beam, --max-images...): the whole number in `text`, or
     argparse's one-line error naming the flag ("argument --max-images: must be >= 1, got 0")."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -56,11 +64,9 @@ def count_flag(text):
     return value
 
 
-def java_available():
-    return shutil.which("java") is not None
-
-
-def spice_available():
+def spice_available() -> bool:
+    """Whether SPICE's Stanford CoreNLP jars are in place (pycocoevalcap would download them)."""
+    # lazy, as every pycocoevalcap import here: the CLI imports this module for count_flag alone
     import pycocoevalcap.spice as spice
 
     return os.path.exists(os.path.join(os.path.dirname(spice.__file__), "lib", "stanford-corenlp-3.6.0.jar"))
@@ -70,112 +76,16 @@ def _python_tokenize(captions_for_image):
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions_for_image.items()}
 
 
-class JavaFailed(RuntimeError):
-    """A Java scorer could not start, failed, or did not answer in time."""
-
-
-def java_timeout():
-    return float(os.environ.get("CAPTIONING_JAVA_TIMEOUT", "120"))
-
-
-def spice_timeout():
-    """Seconds SPICE may run in all (CAPTIONING_SPICE_TIMEOUT, default 1800); a bad value is a ValueError naming it."""
-    text = os.environ.get("CAPTIONING_SPICE_TIMEOUT", "1800")
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise ValueError(f"CAPTIONING_SPICE_TIMEOUT must be a number of seconds > 0, got {text!r}")
-    return value
-
-
-class _JavaProcess:
-    """A Java program in its own process group, read by a thread, so that every wait has a timeout
-    and the whole group can be killed (a `java` on the PATH may be a wrapper script)."""
-
-    def __init__(self, cmd, cwd):
-        try:
-            self.p = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, start_new_session=True)
-        except OSError as e:
-            raise JavaFailed(f"cannot start {cmd[0]}: {e}") from None
-        self.lines = queue.Queue()
-        self.said = collections.deque(maxlen=3), collections.deque(maxlen=3)    # last lines of stdout, stderr
-        self.readers = [threading.Thread(target=self._read, args=(pipe, put, said), daemon=True)
-                        for pipe, put, said in ((self.p.stdout, self.lines.put, self.said[0]),
-                                                (self.p.stderr, None, self.said[1]))]
-        for reader in self.readers:
-            reader.start()
-
-    @staticmethod
-    def _read(pipe, put, said):
-        for line in pipe:
-            said.append(line)
-            if put:
-                put(line)
-        if put:
-            put(None)
-
-    def why(self, default):
-        """What Java said last before it died (a JVM that cannot start says it on stdout), else `default`."""
-        for reader in self.readers:
-            reader.join(timeout=2)
-        said = [line.decode(errors="replace").strip() for line in [*self.said[0], *self.said[1]]]
-        said = [line for line in said if line and not line.startswith("Picked up JAVA_TOOL_OPTIONS")]
-        return ": ".join(said[-2:]) if said else default
-
-    def finish(self, timeout):
-        """Wait for the program to end by itself; an exit code other than 0 is a failure."""
-        try:
-            self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise JavaFailed(f"it did not end within {timeout:g} s") from None
-        if self.p.returncode:
-            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}"))
-
-    def ask(self, text, answers, timeout):
-        """Send one line; return the next `answers` lines of output."""
-        try:
-            self.p.stdin.write(text.encode() + b"\n")
-            self.p.stdin.flush()
-        except OSError:                             # BrokenPipeError: the JVM is gone
-            self.p.wait()
-            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}")) from None
-        return [self.read(timeout) for _ in range(answers)]
-
-    def read(self, timeout):
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise JavaFailed(f"no answer within {timeout:g} s") from None
-        if line is None:
-            self.p.wait()
-            raise JavaFailed(self.why(f"java exited with code {self.p.returncode}"))
-        return line.decode(errors="replace").rstrip("\n")
-
-    def close(self):
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.p.wait()
-        for pipe in (self.p.stdin, self.p.stdout, self.p.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-
-
-def ptb_tokenize(captions_for_image, timeout=None):
+def ptb_tokenize(captions_for_image: Mapping[_K, list[str]], timeout: float | None = None) -> dict[_K, list[str]]:
     """pycocoevalcap's PTBTokenizer ({key: [captions]} -> {key: [tokenized]}), with a timeout.
 
     Blank captions (an empty prediction) are not sent to Java: they tokenize to "" here. The tokenizer
     reads one caption a line, and a blank last line is no line at all to it, so it would answer one
     line too few."""
+    # lazy: see spice_available
     import pycocoevalcap.tokenizer.ptbtokenizer as ptb
 
-    timeout = java_timeout() if timeout is None else timeout
+    timeout = java.java_timeout() if timeout is None else timeout
     jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
     keys = [k for k, captions in captions_for_image.items() for _ in captions]
     sentences = [" ".join(c.split()) for captions in captions_for_image.values() for c in captions]
@@ -186,14 +96,14 @@ def ptb_tokenize(captions_for_image, timeout=None):
             path = os.path.join(folder, "captions.txt")
             with open(path, "w") as f:
                 f.write("\n".join(asked))
-            java = _JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                                 "-lowerCase", path], folder)
+            process = java.JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+                                        "-preserveLines", "-lowerCase", path], folder)
             try:
-                java.p.stdin.close()
-                lines = [java.read(timeout) for _ in asked]
-                java.finish(timeout)
+                process.p.stdin.close()
+                lines = [process.read(timeout) for _ in asked]
+                process.finish(timeout)
             finally:
-                java.close()
+                process.close()
     answers = iter(lines)
     out = {}
     for key, sentence in zip(keys, sentences):
@@ -202,38 +112,38 @@ def ptb_tokenize(captions_for_image, timeout=None):
     return out
 
 
-def meteor_score(gts, res, timeout=None):
+def meteor_score(gts: Tokenized, res: Tokenized, timeout: float | None = None) -> tuple[float, list[float]]:
     """pycocoevalcap's METEOR (same jar, same protocol) -> (score, per-image scores), with a timeout."""
+    # lazy: see spice_available
     import pycocoevalcap.meteor.meteor as meteor
 
-    timeout = java_timeout() if timeout is None else timeout
-    java = _JavaProcess(["java", "-jar", "-Xmx2G", meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"],
-                        os.path.dirname(os.path.abspath(meteor.__file__)))
+    timeout = java.java_timeout() if timeout is None else timeout
+    process = java.JavaProcess(["java", "-jar", "-Xmx2G", meteor.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"],
+                               os.path.dirname(os.path.abspath(meteor.__file__)))
     try:
         eval_line = "EVAL"
         for i in gts:
             hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
-            eval_line += " ||| " + java.ask(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)), 1,
-                                            timeout)[0].strip()
-        answers = java.ask(eval_line, len(gts) + 1, timeout)
+            eval_line += " ||| " + process.ask(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)), 1,
+                                               timeout)[0].strip()
+        answers = process.ask(eval_line, len(gts) + 1, timeout)
         try:
             values = [float(a) for a in answers]
         except ValueError:
-            raise JavaFailed(f"METEOR answered {answers[-1][:80]!r}, not a score") from None
+            raise java.JavaFailed(f"METEOR answered {answers[-1][:80]!r}, not a score") from None
     finally:
-        java.close()
+        process.close()
     return values[-1], values[:-1]
 
 
-def spice_score(gts, res, timeout=None):
+def spice_score(gts: Tokenized, res: Tokenized,
+                timeout: float | None = None) -> tuple[float, list[dict[str, dict[str, float]]]]:
     """pycocoevalcap's SPICE (same jar, same arguments) -> (score, per-image scores), within `timeout`
-    seconds for the whole run (spice_timeout() when None); JavaFailed when it fails or runs out of time."""
-    import json
-
-    import numpy as np
+    seconds for the whole run (java.spice_timeout() when None); JavaFailed when it fails or runs out of time."""
+    # lazy: see spice_available
     import pycocoevalcap.spice.spice as spice
 
-    timeout = spice_timeout() if timeout is None else timeout
+    timeout = java.spice_timeout() if timeout is None else timeout
     home = os.path.dirname(os.path.abspath(spice.__file__))
     ids = sorted(gts)
     with tempfile.TemporaryDirectory() as folder:        # not in site-packages, as pycocoevalcap does
@@ -246,24 +156,24 @@ def spice_score(gts, res, timeout=None):
             cached = ["-cache", cache] if os.access(cache, os.W_OK) else []
         except OSError:
             cached = []
-        java = _JavaProcess(["java", "-jar", "-Xmx8G", spice.SPICE_JAR, in_path, *cached, "-out", out_path,
-                             "-subset", "-silent"], home)
+        process = java.JavaProcess(["java", "-jar", "-Xmx8G", spice.SPICE_JAR, in_path, *cached, "-out", out_path,
+                                    "-subset", "-silent"], home)
         try:
-            java.p.stdin.close()
-            java.finish(timeout)
-        except JavaFailed:
-            if java.p.poll() is None:
-                raise JavaFailed(f"it did not end within {timeout:g} s (its limit: spice_timeout, "
-                                 f"CAPTIONING_SPICE_TIMEOUT)") from None
+            process.p.stdin.close()
+            process.finish(timeout)
+        except java.JavaFailed:
+            if process.p.poll() is None:
+                raise java.JavaFailed(f"it did not end within {timeout:g} s (its limit: spice_timeout, "
+                                      f"CAPTIONING_SPICE_TIMEOUT)") from None
             raise
         finally:
-            java.close()
+            process.close()
         try:
             with open(out_path) as f:
                 results = {item["image_id"]: item["scores"] for item in json.load(f)}
             scores = [results[i] for i in ids]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise JavaFailed(f"SPICE wrote no usable results ({type(e).__name__}: {e})") from None
+            raise java.JavaFailed(f"SPICE wrote no usable results ({type(e).__name__}: {e})") from None
 
     def number(value):
         try:
@@ -276,7 +186,66 @@ def spice_score(gts, res, timeout=None):
     return float(np.mean([p["All"]["f"] for p in per_image])), per_image
 
 
-def score_captions(references, predictions, use_java=None, log=print, details=None, spice_timeout=None):
+def _tokenized(gts, res, use_java, log):
+    """(gts, res, use_java): the captions tokenized by the PTB tokenizer in Java, else (no Java, or a Java
+    that cannot run it: use_java becomes False, with a warning) in Python."""
+    if use_java:
+        try:  # one JVM for both: keys ("g", id) and ("r", id)
+            both = ptb_tokenize({**{("g", i): c for i, c in gts.items()}, **{("r", i): c for i, c in res.items()}})
+            return {i: both[("g", i)] for i in gts}, {i: both[("r", i)] for i in res}, True
+        except java.JavaFailed as e:
+            log(f"warning: Java cannot run the PTB tokenizer ({e}): tokenizing in Python and skipping METEOR")
+    else:
+        log("warning: Java not found: tokenizing in Python and skipping METEOR (install a JRE for the full set)")
+    return _python_tokenize(gts), _python_tokenize(res), False
+
+
+def _scorers(images, use_java, spice_timeout, log):
+    """[(metric names, scorer (gts, res) -> (score(s), per-image score(s)))] of the metrics to compute, in
+    the order of METRICS. CIDEr is left out, with a warning, on fewer than CIDER_MIN_IMAGES images."""
+    # lazy: see spice_available
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    bleu = Bleu(4)
+    scorers = [(("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), lambda gts, res: bleu.compute_score(gts, res, verbose=0))]
+    if use_java:
+        scorers.append((("METEOR",), meteor_score))
+    scorers.append((("ROUGE_L",), Rouge().compute_score))
+    if images >= CIDER_MIN_IMAGES:
+        scorers.append((("CIDEr",), Cider().compute_score))
+    else:
+        log(f"warning: CIDEr is n/a on {images} image: its idf, log(N/df), is 0 for every n-gram when N = 1 "
+            f"(it needs {CIDER_MIN_IMAGES} images)")
+    if use_java and spice_available():
+        scorers.append((("SPICE",), lambda gts, res: spice_score(gts, res, spice_timeout)))
+    return scorers
+
+
+def _compute_metrics(scorers, gts, res, ids, log):
+    """(metrics {name: score}, per-image {id: {name: score}}, skipped {name: why}) from running each scorer;
+    a Java scorer that fails (METEOR, SPICE) is skipped with a warning, and the others are kept."""
+    metrics, per_image, skipped = {}, {i: {} for i in ids}, {}
+    for names, scorer in scorers:
+        try:
+            score, scores = scorer(gts, res)
+        except java.JavaFailed as e:
+            log(_SKIPPED_WARNING[names[0]].format(e))
+            skipped[names[0]] = str(e)
+            continue
+        if len(names) == 1:
+            score, scores = [score], [scores]
+        for name, value, values in zip(names, score, scores):
+            metrics[name] = float(value)
+            for i, v in zip(ids, values):
+                per_image[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
+    return metrics, per_image, skipped
+
+
+def score_captions(references: Mapping[int, list[str]], predictions: Mapping[int, str], use_java: bool | None = None,
+                   log: Callable[[str], object] = print, details: dict[str, Any] | None = None,
+                   spice_timeout: float | None = None) -> tuple[dict[str, float | None], dict[int, dict[str, Any]]]:
     """references {image_id: [captions]}, predictions {image_id: caption} -> (metrics, per-image scores).
 
     Per-image scores are {image_id: {metric: value}}, for finding the best and worst examples, plus
@@ -287,62 +256,18 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
     On fewer than diagnostics.CIDER_MIN_IMAGES images CIDEr is None (n/a), with a warning: its idf
     is 0 for every n-gram there.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     ids = sorted(predictions)
     missing = [i for i in ids if not references.get(i)]
     if missing:
         raise ValueError(f"no reference captions for image ids {missing[:5]}")
     if not ids:
         raise ValueError("nothing to score: no predictions")
-    use_java = java_available() if use_java is None else use_java
-    gts = {i: list(references[i]) for i in ids}
-    res = {i: [predictions[i]] for i in ids}
-    if use_java:
-        try:  # one JVM for both: keys ("g", id) and ("r", id)
-            both = ptb_tokenize({**{("g", i): c for i, c in gts.items()}, **{("r", i): c for i, c in res.items()}})
-            gts, res = {i: both[("g", i)] for i in ids}, {i: both[("r", i)] for i in ids}
-        except JavaFailed as e:
-            log(f"warning: Java cannot run the PTB tokenizer ({e}): tokenizing in Python and skipping METEOR")
-            use_java = False
-    else:
-        log("warning: Java not found: tokenizing in Python and skipping METEOR (install a JRE for the full set)")
-    if not use_java:
-        gts, res = _python_tokenize(gts), _python_tokenize(res)
-
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
-    if use_java:
-        scorers.append((None, ["METEOR"]))
-    scorers.append((Rouge(), ["ROUGE_L"]))
-    if len(ids) >= CIDER_MIN_IMAGES:
-        scorers.append((Cider(), ["CIDEr"]))
-    else:
-        log(f"warning: CIDEr is n/a on {len(ids)} image: its idf, log(N/df), is 0 for every n-gram when N = 1 "
-            f"(it needs {CIDER_MIN_IMAGES} images)")
-    if use_java and spice_available():
-        scorers.append(("spice", ["SPICE"]))
-    metrics, per_image, skipped = {}, {i: {} for i in ids}, {}
-    for scorer, names in scorers:
-        if scorer is None or scorer == "spice":
-            try:
-                score, scores = meteor_score(gts, res) if scorer is None else \
-                    spice_score(gts, res, spice_timeout)
-            except JavaFailed as e:
-                log(f"warning: METEOR skipped: Java cannot run it ({e})" if scorer is None else
-                    f"warning: SPICE skipped: {e}; the other metrics are kept")
-                skipped[names[0]] = str(e)
-                continue
-        else:
-            score, scores = scorer.compute_score(gts, res, **({"verbose": 0} if isinstance(scorer, Bleu) else {}))
-        if len(names) == 1:
-            score, scores = [score], [scores]
-        for name, value, values in zip(names, score, scores):
-            metrics[name] = float(value)
-            for i, v in zip(ids, values):
-                per_image[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
-    if "CIDEr" not in metrics and len(ids) < CIDER_MIN_IMAGES:
+    use_java = java.java_available() if use_java is None else use_java
+    gts, res, use_java = _tokenized({i: list(references[i]) for i in ids}, {i: [predictions[i]] for i in ids},
+                                    use_java, log)
+    scorers = _scorers(len(ids), use_java, spice_timeout, log)
+    metrics, per_image, skipped = _compute_metrics(scorers, gts, res, ids, log)
+    if len(ids) < CIDER_MIN_IMAGES:                             # n/a, not a confident 0
         metrics["CIDEr"] = None
         for i in ids:
             per_image[i]["CIDEr"] = None
@@ -354,7 +279,7 @@ def score_captions(references, predictions, use_java=None, log=print, details=No
     return metrics, per_image
 
 
-def heldout_split(config, split="val"):
+def heldout_split(config: Config, split: str = "val") -> tuple[str, COCO, list[int]]:
     """(image folder, captions json, image ids) of the split the metrics are computed on.
 
     - with a Karpathy split file (`dataset_coco.json`, `dataset_flickr8k.json`...) in the data folder:
@@ -398,14 +323,40 @@ def heldout_split(config, split="val"):
     return folder, coco, found
 
 
-def blind_baseline(train_json, image_ids):
+def blind_baseline(train_json: str, image_ids: Iterable[int]) -> dict[int, str]:
     """The most frequent training caption (after tokenisation), predicted for every image."""
     caption = Counter(caption_tokens(train_json, progress=False).values()).most_common(1)[0][0]
     return {i: caption for i in image_ids}
 
 
-def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batch_size=64, weights=None,
-                        progress=True, max_images=None, data_dir=None, spice_timeout=None):
+def _caption_heldout(captioner, paths, folder, device, beam_size, batch_size, progress):
+    """(predictions {id: caption}, failed {file name: error}) of captioning `paths` {id: path} with
+    captioner = (encoder, decoder, vocab, config): unreadable images are skipped below 1% of them, refused above."""
+    # lazy: torch, which the CLI's count_flag does not need
+    from .data import skipped_line, too_many_unreadable
+    from .inference import caption_images
+
+    ids = list(paths)
+    results = caption_images([paths[i] for i in ids], *captioner, device, beam_size, batch_size, progress=progress)
+    failed = {os.path.basename(p): err for p, cap, err in results if err}
+    error = too_many_unreadable(failed, len(ids), folder)     # more than 1%: refused, naming a few
+    if error:
+        raise error
+    if failed:                                                  # fewer: skipped, counted and named
+        print(f"{skipped_line(failed)} ({folder}: not scored)")
+    return {i: cap for i, (_, cap, err) in zip(ids, results) if err is None}, failed
+
+
+def _intervals(per_image):
+    """Bootstrap 95% intervals of BLEU-4 and CIDEr over the scored images (diagnostics.bootstrap_intervals)."""
+    ids = sorted(per_image)
+    return diagnostics.bootstrap_intervals([per_image[i]["bleu"] for i in ids], [per_image[i]["CIDEr"] for i in ids])
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "val", beam_size: int = 3, device: "str | torch.device" = "cpu",
+                        batch_size: int = 64, weights: str | None = None, progress: bool = True,
+                        max_images: int | None = None, data_dir: str | None = None,
+                        spice_timeout: float | None = None) -> dict[str, Any]:
     """Caption the held-out split with a checkpoint and score it. Returns a dict:
     {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
     "skipped_images" (file names that could not be read: skipped below 1% of the split, refused above),
@@ -417,12 +368,9 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     `max_images`: score only the first N images of the split (None: all; below 1 is a ValueError).
     On a split too small for them (diagnostics.CIDER_MIN_IMAGES, INTERVAL_MIN_IMAGES), CIDEr and the
     intervals are None, with a warning, not a confident 0."""
-    from . import diagnostics
+    # lazy: torch, which the CLI's count_flag does not need
     from .checkpoint import load_captioner
-    from .data import skipped_line, too_many_unreadable
-    from .inference import caption_images
     from .model import LENGTH_PENALTY
-    from .semantics import ground_truth_from_coco, semantic_accuracy
 
     check_count("beam_size", beam_size)
     check_count("batch_size", batch_size)
@@ -435,22 +383,14 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
     if max_images is not None:
         ids = ids[:max_images]
     paths = {i: os.path.join(folder, coco.imgs[i]["file_name"]) for i in ids}
-    results = caption_images([paths[i] for i in ids], encoder, decoder, vocab, config, device, beam_size,
-                             batch_size, progress=progress)
-    failed = {os.path.basename(p): err for p, cap, err in results if err}
-    error = too_many_unreadable(failed, len(ids), folder)     # more than 1%: refused, naming a few
-    if error:
-        raise error
-    if failed:                                                  # fewer: skipped, counted and named
-        print(f"{skipped_line(failed)} ({folder}: not scored)")
-    predictions = {i: cap for i, (_, cap, err) in zip(ids, results) if err is None}
+    predictions, failed = _caption_heldout((encoder, decoder, vocab, config), paths, folder, device, beam_size,
+                                           batch_size, progress)
     references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in predictions}
     details = {}
     metrics, per_image = score_captions(references, predictions, details=details, spice_timeout=spice_timeout)
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
     semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
-    ids = sorted(per_image)
-    warning = too_few_images(len(ids))
+    warning = too_few_images(len(per_image))
     if warning:
         print(warning)
     training = caption_tokens(config.captions_json("train"), progress=False).values() \
@@ -459,13 +399,12 @@ def evaluate_checkpoint(checkpoint, split="val", beam_size=3, device="cpu", batc
             "paths": paths, "semantic": semantic, "config": config, "skipped_images": sorted(failed),
             "skipped_metrics": details.get("skipped", {}),
             "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
-            "intervals": diagnostics.bootstrap_intervals([per_image[i]["bleu"] for i in ids],
-                                                         [per_image[i]["CIDEr"] for i in ids]),
-            "signature": diagnostics.signature(details["tokenizer"], references, split, len(ids), beam_size,
+            "intervals": _intervals(per_image),
+            "signature": diagnostics.signature(details["tokenizer"], references, split, len(per_image), beam_size,
                                                LENGTH_PENALTY)}
 
 
-def result_record(result, checkpoint, split, beam_size):
+def result_record(result: dict[str, Any], checkpoint: str, split: str, beam_size: int) -> dict[str, Any]:
     """What `evaluate --out` writes: the scores, with what is needed to compare it with another run
     (`evaluate --compare`): the signature and every image's scores and caption."""
     return {"checkpoint": checkpoint, "split": split, "beam": beam_size, "images": len(result["predictions"]),
@@ -475,12 +414,12 @@ def result_record(result, checkpoint, split, beam_size):
             "per_image": {str(i): {**s, "caption": result["predictions"][i]} for i, s in result["per_image"].items()}}
 
 
-def results_json(predictions):
+def results_json(predictions: Mapping[int, str]) -> list[dict[str, Any]]:
     """COCO results format: [{"image_id", "caption"}], scoreable by any COCO caption evaluator."""
     return [{"image_id": i, "caption": c} for i, c in sorted(predictions.items())]
 
 
-def format_table(rows):
+def format_table(rows: Mapping[str, Mapping[str, float | None]]) -> str:
     """rows {name: metrics} -> a fixed-width text table with the standard metric columns."""
     names = [m for m in METRICS if any(m in r for r in rows.values())]
     width = max(len(n) for n in rows) + 2

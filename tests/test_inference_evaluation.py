@@ -10,7 +10,8 @@ from PIL import Image
 
 from captioning.checkpoint import load_captioner
 from captioning.config import Config, get_config
-from captioning.evaluation import blind_baseline, evaluate_checkpoint, heldout_split, java_available, score_captions
+from captioning.evaluation import blind_baseline, evaluate_checkpoint, heldout_split, score_captions
+from captioning.java import java_available
 from captioning.training import train
 
 
