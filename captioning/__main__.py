@@ -12,7 +12,8 @@
     python -m captioning import-chapter --encoder ENC.ckpt --decoder DEC.ckpt --vocabulary VOCAB.pkl --out CKPT
     python -m captioning export-chapter --checkpoint CKPT --out DIR
 
-Heavy imports (torch) happen inside each command, so `resize` and `tinyset` start fast.
+Heavy imports (torch, nltk, PIL, matplotlib) happen inside the command that needs them, so --help,
+`resize` and `tinyset` start fast (tests/test_images.py checks that `resize` never imports torch).
 """
 import argparse
 import dataclasses
@@ -21,10 +22,15 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Sequence
+
+from .chapter_io import BOOK, export_chapter, import_chapter
+from .config import Config, get_config
+from .karpathy import coco_captions_file, ensure_coco_layout
 
 
-def cmd_tinyset(args):
-    from .tinyset import BACKGROUND, make_tinyset, parse_colours, parse_rgb, parse_shapes
+def cmd_tinyset(args: argparse.Namespace) -> None:
+    from .tinyset import BACKGROUND, make_tinyset, parse_colours, parse_rgb, parse_shapes  # lazy: PIL
 
     colours = parse_colours(args.colours) if args.colours else None
     shapes = parse_shapes(args.shapes) if args.shapes else None
@@ -34,7 +40,7 @@ def cmd_tinyset(args):
     print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
 
 
-def check_writable(path, flag):
+def check_writable(path: str, flag: str) -> None:
     """Fail now, naming the flag, if `path` cannot be written, rather than after the work it would hold."""
     existed = os.path.lexists(path)
     try:
@@ -46,9 +52,8 @@ def check_writable(path, flag):
         os.remove(path)
 
 
-def cmd_vocab(args):
-    from .karpathy import coco_captions_file
-    from .vocabulary import build_vocabulary, save_vocabulary
+def cmd_vocab(args: argparse.Namespace) -> None:
+    from .vocabulary import build_vocabulary, save_vocabulary  # lazy: nltk takes a fifth of a second
 
     if args.threshold < 1:
         raise ValueError(f"--threshold must be >= 1, got {args.threshold}")
@@ -58,8 +63,8 @@ def cmd_vocab(args):
     print(f"vocabulary of {len(vocab)} words saved to {args.out}")
 
 
-def cmd_resize(args):
-    from .images import resize_images
+def cmd_resize(args: argparse.Namespace) -> None:
+    from .images import resize_images  # lazy: PIL, which --help and the other commands do not need
 
     r = resize_images(args.src, args.dst, args.size, args.workers)
     print(f"{r['resized']} resized, {r['skipped_up_to_date']} already up to date, {len(r['failed'])} unreadable "
@@ -86,8 +91,6 @@ def _parse_value(field, text):
 
 def _add_config_flags(parser):
     """--field-name VALUE for every Config field (but the preset), parsed by _parse_value in cmd_train."""
-    from .config import Config
-
     helps = {"data_dir": "any COCO-layout folder (train2014/ val2014/ annotations/), or a Karpathy-format one "
                          "(dataset_*.json and the images: converted once)",
              "models_dir": "where checkpoints go (default: models_dir/<name of the data folder>)"}
@@ -97,9 +100,8 @@ def _add_config_flags(parser):
                                 help=helps.get(field.name, f"Config.{field.name} (default: the preset's)"))
 
 
-def cmd_train(args):
-    from .config import Config, get_config
-    from .training import train
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training import train  # lazy: torch
 
     fields = {f.name: f for f in dataclasses.fields(Config)}
     # --epochs 3 and --set epochs=3 are the same override, parsed the same way
@@ -120,9 +122,8 @@ def cmd_train(args):
         sys.exit(143 if summary["interrupted"] == "SIGTERM" else 130)
 
 
-def cmd_features(args):
-    from .config import get_config
-    from .features import format_caches, list_feature_caches, prune_feature_caches
+def cmd_features(args: argparse.Namespace) -> None:
+    from .features import format_caches, list_feature_caches, prune_feature_caches  # lazy: torch
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     features_dir = get_config(args.preset, **overrides).features_dir
@@ -141,10 +142,12 @@ def cmd_features(args):
     print(format_caches(caches))
 
 
-def cmd_caption(args):
+def cmd_caption(args: argparse.Namespace) -> None:
+    # lazy, all four: torch
     from .checkpoint import load_captioner
     from .device import pick_device
     from .inference import caption_images, expand_paths
+    from .saliency import save_explanations
 
     device = pick_device(args.device)
     missing = []
@@ -163,8 +166,6 @@ def cmd_caption(args):
             print(f"error: cannot read {path}: {error}", file=sys.stderr)
     ok = [(p, c) for p, c, e in results if e is None]
     if args.explain:
-        from .saliency import save_explanations
-
         for path in save_explanations([p for p, _ in ok], args.explain, encoder, decoder, vocab, config, args.beam):
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
@@ -176,7 +177,8 @@ def cmd_caption(args):
         sys.exit(1)
 
 
-def cmd_evaluate(args):
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    # lazy, all four: torch, and nltk (evaluation's imports take a third of a second)
     from . import diagnostics as dg
     from .device import pick_device
     from .evaluation import evaluate_checkpoint, format_table, result_record, results_json
@@ -203,8 +205,6 @@ def cmd_evaluate(args):
             check_writable(path, flag)
     device = pick_device(args.device)
     if args.data_dir:
-        from .karpathy import ensure_coco_layout
-
         ensure_coco_layout(args.data_dir)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
                             max_images=args.max_images, data_dir=args.data_dir, spice_timeout=args.spice_timeout)
@@ -225,22 +225,134 @@ def cmd_evaluate(args):
             json.dump(results_json(r["predictions"]), f)
 
 
-def cmd_import_chapter(args):
-    from .chapter_io import import_chapter
-
+def cmd_import_chapter(args: argparse.Namespace) -> None:
     import_chapter(args.encoder, args.decoder, args.vocabulary, args.out, args.backbone, args.embedding_size,
                    args.hidden_size, args.num_layers, args.max_seq_len, overwrite=args.overwrite)
 
 
-def cmd_export_chapter(args):
-    from .chapter_io import export_chapter
-
+def cmd_export_chapter(args: argparse.Namespace) -> None:
     export_chapter(args.checkpoint, args.out, args.weights, overwrite=args.overwrite)
 
 
-def _add_chapter_commands(sub):
-    from .chapter_io import BOOK
+def build_parser() -> argparse.ArgumentParser:
+    """The commands and their options: one helper per command, in the order --help lists them."""
+    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tinyset_command(sub)
+    _add_vocab_command(sub)
+    _add_resize_command(sub)
+    _add_train_command(sub)
+    _add_features_command(sub)
+    _add_caption_command(sub)
+    _add_evaluate_command(sub)
+    _add_import_chapter_command(sub)
+    _add_export_chapter_command(sub)
+    return parser
 
+
+def _count(text):
+    """A count flag's type: a whole number >= 1, else argparse's one line naming the flag."""
+    from .evaluation import count_flag  # lazy: evaluation's imports take a third of a second
+
+    return count_flag(text)
+
+
+def _add_tinyset_command(sub):
+    p = sub.add_parser("tinyset", help="write the bundled synthetic dataset in COCO 2014 layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--colours", metavar="LIST",
+                   help="your own palette, comma-separated: names such as pink,cyan,grey, or NAME=#RRGGBB")
+    p.add_argument("--shapes", metavar="LIST", help="comma-separated shape names, e.g. star,hexagon,ring")
+    p.add_argument("--background", metavar="COLOUR", help="a colour name or #RRGGBB")
+    p.set_defaults(func=cmd_tinyset)
+
+
+def _add_vocab_command(sub):
+    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file (or a Karpathy dataset_*.json)")
+    p.add_argument("--captions", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=int, default=4)
+    p.set_defaults(func=cmd_vocab)
+
+
+def _add_resize_command(sub):
+    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel",
+                       description="Resize every image of --src into --dst (same names), skipping those already "
+                                   "done. Unreadable images are listed and skipped; the exit code is then 1.")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_resize)
+
+
+def _add_train_command(sub):
+    p = sub.add_parser("train", help="train the CNN-LSTM captioner (torchrun-aware)",
+                       description="Every Config field can be set as --field-name VALUE (or --set field=VALUE).")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
+    _add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
+    p.add_argument("--overwrite", nargs="?", const="move", choices=["move", "delete"],
+                   help="start afresh in a models_dir holding a run: its checkpoints, log, evaluation and "
+                        "events are moved into models_dir/previous-<timestamp>/ (--overwrite delete: deleted)")
+    p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
+    p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any Config field, e.g. --set backbone=resnet50 --set cache_views=3")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_features_command(sub):
+    p = sub.add_parser("features", help="list the feature caches; --prune removes the ones no longer used")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
+    p.add_argument("--data-dir", help="the dataset folder whose features/ to look at")
+    p.add_argument("--prune", action="store_true",
+                   help="delete all but the most recently used cache of each split (never one in use)")
+    p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
+    p.set_defaults(func=cmd_features)
+
+
+def _add_caption_command(sub):
+    p = sub.add_parser("caption", help="caption image files or folders")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+    p.add_argument("--explain", metavar="OUT_DIR",
+                   help="also write OUT_DIR/<image>.png: which part of the image drove each word (Grad-CAM)")
+    _add_checkpoint_flags(p, required=True)
+    p.set_defaults(func=cmd_caption)
+
+
+def _add_evaluate_command(sub):
+    p = sub.add_parser("evaluate", help="BLEU/METEOR/ROUGE-L/CIDEr on the held-out split")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--out", help="write the metrics (and semantic accuracy, where known) here (JSON)")
+    p.add_argument("--results", help="write the captions here in COCO results format")
+    p.add_argument("--max-images", type=_count, metavar="N", help="score only the first N images of the split")
+    p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="compare two --out files of the same split: B - A with paired bootstrap intervals")
+    p.add_argument("--resamples", type=_count, default=1000, help="bootstrap resamples for --compare")
+    p.add_argument("--spice-timeout", type=float, metavar="SECONDS",
+                   help="give up on SPICE after this long (default: $CAPTIONING_SPICE_TIMEOUT or 1800); "
+                        "the other metrics are kept")
+    _add_checkpoint_flags(p, required=False)         # --compare needs no checkpoint
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_checkpoint_flags(p, required):
+    """The flags that caption and evaluate share: the checkpoint, and how to run it."""
+    p.add_argument("--checkpoint", required=required)
+    p.add_argument("--beam", type=_count, default=3, help="beam size (1 = greedy, the chapter's sample())")
+    p.add_argument("--batch-size", type=_count, default=32)
+    p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
+    p.add_argument("--device", default="")
+
+
+def _add_import_chapter_command(sub):
     p = sub.add_parser("import-chapter", help="the book's encoder/decoder .ckpt and vocabulary.pkl -> one checkpoint",
                        description="Sizes left out are read off the weights (the book's, unless they say "
                                    "otherwise); a size that disagrees with the weights is an error.")
@@ -257,6 +369,8 @@ def _add_chapter_commands(sub):
                    help="replace an existing --out: the old file is moved into previous-<timestamp>/ beside it")
     p.set_defaults(func=cmd_import_chapter)
 
+
+def _add_export_chapter_command(sub):
     p = sub.add_parser("export-chapter", help="a checkpoint -> DIR/encoder.ckpt, decoder.ckpt, vocabulary.pkl "
                                               "for the book's notebook")
     p.add_argument("--checkpoint", required=True)
@@ -267,102 +381,11 @@ def _add_chapter_commands(sub):
     p.set_defaults(func=cmd_export_chapter)
 
 
-def build_parser():
-    """The commands and their options, as one table (splitting it would scatter what --help shows)."""
-    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("tinyset", help="write the bundled synthetic dataset in COCO 2014 layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--val", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--colours", metavar="LIST",
-                   help="your own palette, comma-separated: names such as pink,cyan,grey, or NAME=#RRGGBB")
-    p.add_argument("--shapes", metavar="LIST", help="comma-separated shape names, e.g. star,hexagon,ring")
-    p.add_argument("--background", metavar="COLOUR", help="a colour name or #RRGGBB")
-    p.set_defaults(func=cmd_tinyset)
-
-    p = sub.add_parser("vocab", help="build vocabulary.pkl from a COCO captions file (or a Karpathy dataset_*.json)")
-    p.add_argument("--captions", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=int, default=4)
-    p.set_defaults(func=cmd_vocab)
-
-    p = sub.add_parser("resize", help="resize a folder of images to size x size, in parallel",
-                       description="Resize every image of --src into --dst (same names), skipping those already "
-                                   "done. Unreadable images are listed and skipped; the exit code is then 1.")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None)
-    p.set_defaults(func=cmd_resize)
-
-    p = sub.add_parser("train", help="train the CNN-LSTM captioner (torchrun-aware)",
-                       description="Every Config field can be set as --field-name VALUE (or --set field=VALUE).")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
-    _add_config_flags(p)
-    p.add_argument("--resume", action="store_true", help="continue from models_dir/last.ckpt")
-    p.add_argument("--overwrite", nargs="?", const="move", choices=["move", "delete"],
-                   help="start afresh in a models_dir holding a run: its checkpoints, log, evaluation and "
-                        "events are moved into models_dir/previous-<timestamp>/ (--overwrite delete: deleted)")
-    p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
-    p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any Config field, e.g. --set backbone=resnet50 --set cache_views=3")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("features", help="list the feature caches; --prune removes the ones no longer used")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "coco"])
-    p.add_argument("--data-dir", help="the dataset folder whose features/ to look at")
-    p.add_argument("--prune", action="store_true",
-                   help="delete all but the most recently used cache of each split (never one in use)")
-    p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
-    p.set_defaults(func=cmd_features)
-
-    def count(text):        # a count flag: a whole number >= 1, else argparse's one line naming the flag
-        # imported here, not at the top: evaluation's imports take a third of a second
-        from .evaluation import count_flag
-
-        return count_flag(text)
-
-    for name, func, help_ in (("caption", cmd_caption, "caption image files or folders"),
-                              ("evaluate", cmd_evaluate, "BLEU/METEOR/ROUGE-L/CIDEr on the held-out split")):
-        p = sub.add_parser(name, help=help_)
-        if name == "caption":
-            p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-            p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
-            p.add_argument("--explain", metavar="OUT_DIR",
-                           help="also write OUT_DIR/<image>.png: which part of the image drove each word (Grad-CAM)")
-        else:
-            p.add_argument("--split", default="val", choices=["val", "train"])
-            p.add_argument("--out", help="write the metrics (and semantic accuracy, where known) here (JSON)")
-            p.add_argument("--results", help="write the captions here in COCO results format")
-            p.add_argument("--max-images", type=count, metavar="N", help="score only the first N images of the split")
-            p.add_argument("--data-dir", help="where the dataset is, if not where the checkpoint was trained")
-            p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                           help="compare two --out files of the same split: B - A with paired bootstrap intervals")
-            p.add_argument("--resamples", type=count, default=1000, help="bootstrap resamples for --compare")
-            p.add_argument("--spice-timeout", type=float, metavar="SECONDS",
-                           help="give up on SPICE after this long (default: $CAPTIONING_SPICE_TIMEOUT or 1800); "
-                                "the other metrics are kept")
-        p.add_argument("--checkpoint", required=name == "caption")
-        p.add_argument("--beam", type=count, default=3, help="beam size (1 = greedy, the chapter's sample())")
-        p.add_argument("--batch-size", type=count, default=32)
-        p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
-        p.add_argument("--device", default="")
-        p.set_defaults(func=func)
-
-    _add_chapter_commands(sub)
-    return parser
-
-
 # exceptions whose message says what is wrong by itself; any other is shown with its type
 MESSAGE_ERRORS = (OSError, ValueError, RuntimeError, pickle.UnpicklingError)
 
 
-def one_line(error):
+def one_line(error: BaseException) -> str:
     """An exception's message on one line. A DataLoader worker's error carries the worker's traceback
     in its message: its last line is the original error."""
     text = str(error).strip()
@@ -372,7 +395,7 @@ def one_line(error):
     return " ".join(lines)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     """Run one command; a bad input ends with one 'error:' line and exit 1, Ctrl-C with exit 130."""
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -36,7 +36,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,10 +46,15 @@ import torch.utils.data as data
 
 from .atomic import atomic_write
 from .checkpoint import os_error, write_failed
-from .data import TrainTransform, Unreadable, seeded_generator, too_many_unreadable
+from .data import CocoCaptionDataset, TrainTransform, Unreadable, seeded_generator, too_many_unreadable
+from .images import ImageReadError, load_image
+from .progress import tqdm
+
+if TYPE_CHECKING:                      # for the type hints only: the encoder is built elsewhere
+    from .model import CNNModel
 
 
-def backbone_fingerprint(encoder):
+def backbone_fingerprint(encoder: "CNNModel") -> str:
     """A cheap hash of the backbone's weights (first values of every tensor + shapes)."""
     h = hashlib.sha1()
     for name, tensor in encoder.resnet_module.state_dict().items():
@@ -73,8 +80,6 @@ class _ImageViews(data.Dataset):
         return len(self.ds.image_ids)
 
     def __getitem__(self, i):
-        from .images import ImageReadError, load_image
-
         try:
             image = load_image(self.ds.image_path(i))
         except ImageReadError as e:                      # no row for it: _collate_views leaves it out
@@ -96,7 +101,7 @@ def _collate_views(batch):
     return (torch.stack([batch[k] for k in good]) if good else None), good, len(batch), bad
 
 
-def window_weights(start, size, cells):
+def window_weights(start: torch.Tensor, size: torch.Tensor, cells: int) -> torch.Tensor:
     """(B,) window starts and sizes in cell units -> (B, cells): the share of each cell in the window.
 
     Cell j covers [j, j + 1); a window [start, start + size) that cuts a cell takes that part of it.
@@ -106,7 +111,7 @@ def window_weights(start, size, cells):
     return overlap / overlap.sum(1, keepdim=True)
 
 
-def pool_window(maps, top, left, size):
+def pool_window(maps: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """Average-pool one square window per feature map: a crop taken in feature space.
 
     maps (B, C, h, w); top, left, size (B,) in cell units. Returns (B, C), what `extract` gives for
@@ -119,7 +124,7 @@ def pool_window(maps, top, left, size):
     return torch.einsum("bchw,bh,bw->bc", maps, wy, wx)
 
 
-def meta_checksum(meta):
+def meta_checksum(meta: dict) -> str:
     """The sha1 of a cache's meta.json without its own "checksum" field."""
     body = {k: v for k, v in meta.items() if k != "checksum"}
     return hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -143,9 +148,11 @@ def _map_size(encoder, sample, device):
         return tuple(encoder.extract_map(sample[None].to(device)).shape[2:])
 
 
-def build_feature_cache(encoder, caption_dataset, transform, views, features_dir, split, device,
-                        batch_size=64, num_workers=0, seed=0, amp_dtype=None, channels_last=False,
-                        progress=True, kind="views", log=print):
+def build_feature_cache(encoder: "CNNModel", caption_dataset: CocoCaptionDataset, transform: Callable, views: int,
+                        features_dir: str | os.PathLike[str], split: str, device: torch.device,
+                        batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                        amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: bool = True,
+                        kind: str = "views", log: Callable[[str], object] = print) -> np.memmap:
     """Extract (or resume extracting) the cache; returns a read-only fp16 memmap.
 
     kind "views": (images, K, D), one pooled vector per transformed view.
@@ -164,23 +171,12 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
     features.npy, a corrupted header, a meta.json that does not match) is reported by path and
     extracted again, never read.
     """
-    from .progress import tqdm
-
-    if kind not in KINDS:
-        raise ValueError(f"cache kind must be one of {KINDS}, got {kind!r}")
-    if views < 1 or (kind == "maps" and views > 2):
-        raise ValueError(f"a {kind} cache holds 1{'-2' if kind == 'maps' else ' or more'} views, got {views}")
+    _check_kind(kind, views)
     views_of = _ImageViews(caption_dataset, transform, views, seed, kind)
-    names = [caption_dataset.coco.imgs[i]["file_name"] for i in caption_dataset.image_ids]
-    meta = {
-        "kind": kind, "backbone": encoder.backbone_name, "weights": encoder.weights_id,
-        "fingerprint": backbone_fingerprint(encoder), "transform": repr(transform),
-        "views": views, "seed": seed, "split": split, "dim": encoder.feature_size,
-        "images": len(names), "image_list": hashlib.sha1("\n".join(names).encode()).hexdigest(),
-    }
+    meta = _identity(encoder, caption_dataset, transform, views, seed, split, kind)
     folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{kind}-{cache_key(meta)}")
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
-    shape = (len(names), views, encoder.feature_size)
+    shape = (meta["images"], views, encoder.feature_size)
     if kind == "maps":
         meta["map"] = _map_size(encoder, views_of[0][0], device)
         shape += meta["map"]
@@ -195,9 +191,9 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
                 pass
         if not state.complete:
             state = _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, num_workers,
-                             amp_dtype, channels_last, progress, kind, device, tqdm, log)
+                             amp_dtype, channels_last, progress, kind, device, log)
         unreadable = {int(i): (name, reason) for i, name, reason in state.meta.get("unreadable", [])}
-        error = too_many_unreadable(dict(unreadable.values()), len(names), caption_dataset.data_path)
+        error = too_many_unreadable(dict(unreadable.values()), shape[0], caption_dataset.data_path)
         if error:
             raise error
         cache = np.load(array_path, mmap_mode="r")
@@ -211,7 +207,27 @@ def build_feature_cache(encoder, caption_dataset, transform, views, features_dir
     return cache
 
 
-def cache_key(meta):
+def _check_kind(kind, views):
+    """A ValueError for a kind that is not one of KINDS, or a view count that the kind cannot hold."""
+    if kind not in KINDS:
+        raise ValueError(f"cache kind must be one of {KINDS}, got {kind!r}")
+    if views < 1 or (kind == "maps" and views > 2):
+        raise ValueError(f"a {kind} cache holds 1{'-2' if kind == 'maps' else ' or more'} views, got {views}")
+
+
+def _identity(encoder, caption_dataset, transform, views, seed, split, kind):
+    """What a cache is made of (meta.json's first fields): the backbone, its weights, the transform, the
+    view count and the image list. `cache_key` hashes it."""
+    names = [caption_dataset.coco.imgs[i]["file_name"] for i in caption_dataset.image_ids]
+    return {
+        "kind": kind, "backbone": encoder.backbone_name, "weights": encoder.weights_id,
+        "fingerprint": backbone_fingerprint(encoder), "transform": repr(transform),
+        "views": views, "seed": seed, "split": split, "dim": encoder.feature_size,
+        "images": len(names), "image_list": hashlib.sha1("\n".join(names).encode()).hexdigest(),
+    }
+
+
+def cache_key(meta: dict) -> str:
     """The cache folder's key: a hash of everything that shapes the features.
 
     The weights are known by their fingerprint, not by their name: the same weights file reached
@@ -344,7 +360,7 @@ def _verify(meta_path, array_path, shape, expected):
 
 
 def _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, num_workers, amp_dtype,
-             channels_last, progress, kind, device, tqdm, log):
+             channels_last, progress, kind, device, log):
     """Write rows `state.done`.. of the cache, holding its exclusive lock; meta.json says "complete" last.
     Returns the complete cache's _State.
 
@@ -359,54 +375,21 @@ def _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, nu
     store and flush; a ResNet-152 batch takes far longer to compute than either.
     """
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
-    n = shape[0]
-    row_bytes = 2 * int(np.prod(shape[1:]))
-    done = 0 if state.damaged else state.done
-    unreadable = [] if done == 0 else [u for u in state.meta.get("unreadable", []) if u[0] < done]
-    array = state.meta.get("array") if done else None
-    if done == 0:
-        _check_space(folder, 2 * int(np.prod(shape)), kind, log)
-        offset = _create_array(array_path, shape)
-    else:
-        offset = np.load(array_path, mmap_mode="r").offset
-    if not array:           # what the cache is checked against whenever it is opened
-        array = {"shape": list(shape), "dtype": "float16", "offset": offset,
-                 "bytes": offset + 2 * int(np.prod(shape)), "header_sha1": _header_sha1(array_path, offset)}
-    meta = {**meta, "array": array}
-    _write_meta(meta_path, {**meta, "done": done, "complete": False, "unreadable": unreadable})
-    if done:
-        st = os.stat(array_path)
-        # a cache started by earlier versions is a sparse file: only what it has allocated is on disk
-        _check_space(folder, max(0, st.st_size - st.st_blocks * 512), kind, log, resumed=True)
+    n, row_bytes = shape[0], 2 * int(np.prod(shape[1:]))
+    meta, done, unreadable, offset = _prepare_array(folder, meta_path, array_path, meta, shape, state, kind, log)
     fd = os.open(array_path, os.O_RDWR)
     try:
         mine = os.fstat(fd)
-        try:
-            _reserve(fd, offset + done * row_bytes, (n - done) * row_bytes, array_path)
-        except OSError:
-            if done == 0:                    # a new cache: give back what was reserved of it
-                os.remove(array_path)
-            raise
+        _reserve(fd, offset + done * row_bytes, (n - done) * row_bytes, array_path, new_file=done == 0)
         loader = data.DataLoader(data.Subset(views_of, range(done, n)), batch_size=batch_size,
                                  num_workers=num_workers, collate_fn=_collate_views)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-        encoder.eval()
-        extractor = encoder.frozen_extractor(maps=kind == "maps")    # extract() / extract_map(), BatchNorm folded
-        if channels_last:
-            extractor.to(memory_format=torch.channels_last)
-        what = f"maps {'x'.join(map(str, shape[3:]))}{', flipped too' if shape[1] == 2 else ''}" \
-            if kind == "maps" else f"K={shape[1]}"
+        extractor = _frozen_extractor(encoder, kind, channels_last)
+        what = _extraction_label(kind, shape)
         with tqdm(total=n, initial=done, desc=f"extracting {meta['split']} features ({what})",
                   unit="img", disable=not progress) as bar:
             for batch, good, b, bad in loader:                            # (B', K, 3, H, W) readable ones
-                rows = np.zeros((b, *shape[1:]), np.float16)                # an unreadable image's row: zeros
-                if batch is not None:
-                    images = batch.flatten(0, 1).to(device, non_blocking=True)
-                    if channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with torch.no_grad(), autocast:
-                        feats = extractor(images)
-                    rows[good] = feats.reshape(len(good), *shape[1:]).float().cpu().numpy().astype(np.float16)
+                rows = _encode_batch(extractor, batch, good, b, shape, device, channels_last, autocast)
                 unreadable += [[done + k, name, reason] for k, (name, reason) in sorted(bad.items())]
                 if not np.isfinite(rows).all():
                     raise FloatingPointError(f"backbone features overflow float16 (images {done}..{done + b}); "
@@ -426,6 +409,60 @@ def _extract(encoder, views_of, meta, folder, shape, state, lock, batch_size, nu
     return _State(done, True, None, {**meta, "done": done, "complete": True, "unreadable": unreadable})
 
 
+def _prepare_array(folder, meta_path, array_path, meta, shape, state, kind, log):
+    """Ready features.npy for the rows still to write: a new (or damaged) cache's is created, once the disk is
+    known to hold it; an interrupted one's is kept, and the disk checked for what it has yet to allocate.
+    meta.json records what the array is checked against and the rows done, not yet "complete".
+    Returns (meta with its "array" record, the rows done, the unreadable ones among them, the data's offset)."""
+    done = 0 if state.damaged else state.done
+    unreadable = [] if done == 0 else [u for u in state.meta.get("unreadable", []) if u[0] < done]
+    array = state.meta.get("array") if done else None
+    if done == 0:
+        _check_space(folder, 2 * int(np.prod(shape)), kind, log)
+        offset = _create_array(array_path, shape)
+    else:
+        offset = np.load(array_path, mmap_mode="r").offset
+    if not array:           # what the cache is checked against whenever it is opened
+        array = {"shape": list(shape), "dtype": "float16", "offset": offset,
+                 "bytes": offset + 2 * int(np.prod(shape)), "header_sha1": _header_sha1(array_path, offset)}
+    meta = {**meta, "array": array}
+    _write_meta(meta_path, {**meta, "done": done, "complete": False, "unreadable": unreadable})
+    if done:
+        st = os.stat(array_path)
+        # a cache started by earlier versions is a sparse file: only what it has allocated is on disk
+        _check_space(folder, max(0, st.st_size - st.st_blocks * 512), kind, log, resumed=True)
+    return meta, done, unreadable, offset
+
+
+def _frozen_extractor(encoder, kind, channels_last):
+    """The backbone to extract with: extract() / extract_map(), BatchNorm folded."""
+    encoder.eval()
+    extractor = encoder.frozen_extractor(maps=kind == "maps")
+    if channels_last:
+        extractor.to(memory_format=torch.channels_last)
+    return extractor
+
+
+def _extraction_label(kind, shape):
+    """What the progress bar says is extracted: "K=2", or "maps 8x8, flipped too"."""
+    return f"maps {'x'.join(map(str, shape[3:]))}{', flipped too' if shape[1] == 2 else ''}" \
+        if kind == "maps" else f"K={shape[1]}"
+
+
+def _encode_batch(extractor, batch, good, b, shape, device, channels_last, autocast):
+    """A batch's b rows of the cache, fp16: the features of the readable images (at positions `good`),
+    zeros for the others."""
+    rows = np.zeros((b, *shape[1:]), np.float16)                # an unreadable image's row: zeros
+    if batch is not None:
+        images = batch.flatten(0, 1).to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast:
+            feats = extractor(images)
+        rows[good] = feats.reshape(len(good), *shape[1:]).float().cpu().numpy().astype(np.float16)
+    return rows
+
+
 def _create_array(path, shape):
     """A new .npy file of fp16 zeros of `shape` (the header, then a hole); returns the data's offset."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
@@ -440,8 +477,9 @@ def _create_array(path, shape):
     return offset
 
 
-def _reserve(fd, offset, length, path):
+def _reserve(fd, offset, length, path, new_file=False):
     """Allocate the bytes still to be written, so that the writes cannot run out of room halfway.
+    A `new_file` that does not fit is removed, giving back what was reserved of it.
 
     Where the filesystem cannot (EOPNOTSUPP, EINVAL), the writes themselves still fail cleanly."""
     if length <= 0 or not hasattr(os, "posix_fallocate"):
@@ -451,7 +489,10 @@ def _reserve(fd, offset, length, path):
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return
-        raise write_failed(e, path) from e
+        error = write_failed(e, path)
+        if new_file:
+            os.remove(path)
+        raise error from e
 
 
 def _pwrite(fd, buffer, offset, path):
@@ -495,7 +536,7 @@ def _mb(size):
     return f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e6:.3f} MB"
 
 
-def list_feature_caches(features_dir):
+def list_feature_caches(features_dir: str | os.PathLike[str]) -> list[dict]:
     """The cache folders under features_dir, most recently used first.
 
     Each is a dict: folder, split, kind, backbone, views, seed, images, done, complete, in_use, bytes,
@@ -541,7 +582,7 @@ def _in_use(folder):
     return False
 
 
-def prune_feature_caches(features_dir, keep=1):
+def prune_feature_caches(features_dir: str | os.PathLike[str], keep: int = 1) -> tuple[list[dict], list[dict]]:
     """Delete all but the `keep` most recently used caches of each split; returns (deleted, in use).
 
     A cache that a process is extracting, or that a trainer has open (build_feature_cache holds a
@@ -565,7 +606,7 @@ def prune_feature_caches(features_dir, keep=1):
     return removed, in_use
 
 
-def format_caches(caches):
+def format_caches(caches: list[dict]) -> str:
     """A table of list_feature_caches' entries, for the CLI."""
     now = time.time()
     lines = [f"{'split':<6}{'kind':<14}{'backbone':<11}{'K':>3}{'seed':>6}{'images':>15}{'MB':>9}{'last used':>12}"
@@ -598,7 +639,8 @@ class CachedCaptionDataset(data.Dataset):
     jitter 1), drawn from the N x K deviations the cache holds instead of K.
     """
 
-    def __init__(self, caption_dataset, cache, seed=0, crop_fraction=None, jitter=0.0):
+    def __init__(self, caption_dataset: CocoCaptionDataset, cache: np.ndarray, seed: int = 0,
+                 crop_fraction: float | None = None, jitter: float = 0.0) -> None:
         self.ds, self.cache, self.seed, self.epoch = caption_dataset, cache, seed, 0
         # images that could not be read have no features: their captions are left out
         bad = getattr(cache, "unreadable", None) or {}
@@ -614,7 +656,7 @@ class CachedCaptionDataset(data.Dataset):
             raise ValueError(f"a maps cache needs a crop_fraction in (0, 1], got {crop_fraction!r}")
         self.crop_fraction = crop_fraction
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):

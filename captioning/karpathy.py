@@ -27,17 +27,21 @@ A folder that already has COCO annotations of its own (download_coco.sh's, with
 import glob
 import json
 import os
+import shutil
 from collections import Counter
+from collections.abc import Callable
 
 from .atomic import atomic_write
+from .progress import tqdm
 
 FORMAT = 1
 MARKER = os.path.join("annotations", "karpathy_source.json")
 SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "val"}   # Karpathy split -> COCO folder
+_ORDER = {"train": 0, "restval": 1, "val": 2, "test": 3}    # of the ids, where not COCO's: _link_and_annotate
 _OURS = {"annotations", "resized_images", "features", "train2014", "val2014"}  # never searched for images
 
 
-def find_karpathy_file(data_dir):
+def find_karpathy_file(data_dir: str | os.PathLike[str]) -> str | None:
     """The folder's `dataset_*.json`, or None. Several: dataset_coco.json if among them, else an error."""
     found = sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), "dataset_*.json")))
     if len(found) > 1:
@@ -62,7 +66,7 @@ def _read_marker(data_dir):
         return None
 
 
-def karpathy_folder(data_dir):
+def karpathy_folder(data_dir: str | os.PathLike[str]) -> str | None:
     """The Karpathy file that this folder's COCO layout comes (or is to come) from; None for a COCO folder."""
     if not os.path.isdir(data_dir):
         return None
@@ -75,7 +79,7 @@ def karpathy_folder(data_dir):
     return path
 
 
-def karpathy_test_images(data_dir):
+def karpathy_test_images(data_dir: str | os.PathLike[str]) -> set[str] | None:
     """The file names of the `test` split of the folder's Karpathy file, or None without one."""
     path = find_karpathy_file(data_dir)
     if path is None:
@@ -84,7 +88,7 @@ def karpathy_test_images(data_dir):
         return {im["filename"] for im in json.load(f)["images"] if im.get("split") == "test"}
 
 
-def unsafe_entry(filename, filepath=""):
+def unsafe_entry(filename: str, filepath: str = "") -> str | None:
     """Why an entry's file would lie outside the folder (a reason), or None for a safe one.
 
     `filename` must be a plain file name; `filepath`, when given, a relative folder that stays inside."""
@@ -173,21 +177,41 @@ def _link(src, dst, ours):
         try:
             os.link(src, dst)
         except OSError:
-            import shutil
-
             shutil.copy2(src, dst)
     return True
 
 
-def convert(data_dir, path, log=print, progress=True):
+def convert(data_dir: str, path: str, log: Callable[[str], object] = print, progress: bool = True) -> dict[str, int]:
     """Write the COCO layout of `data_dir` from its Karpathy file `path`; returns the counts."""
-    from .progress import tqdm
-
     images, unsafe = _read_karpathy(path)
     if unsafe:
         k, why = unsafe[0]
         log(f"warning: skipping {len(unsafe)} entr{'y' if len(unsafe) == 1 else 'ies'} of {path} whose file would "
             f"lie outside {data_dir} (e.g. image {k}: {why})")
+    made, ours = _earlier_links(data_dir)
+    with atomic_write(os.path.join(data_dir, MARKER), "w") as f:   # the layout is ours from here on, even if
+        json.dump({"format": FORMAT, "converting": os.path.basename(path),        # this is interrupted
+                   "links": {k: sorted(v) for k, v in made.items()}}, f)
+    located, missing = _locate_images(data_dir, path, images, log, progress)
+    coco, wanted, linked = _link_and_annotate(data_dir, path, located, ours, progress)
+    _remove_stale_links(data_dir, wanted, ours)
+    os.makedirs(os.path.join(data_dir, "annotations"), exist_ok=True)
+    for split, content in coco.items():
+        with atomic_write(os.path.join(data_dir, "annotations", f"captions_{split}2014.json"), "w") as f:
+            json.dump(content, f)
+    counts = {s: sum(1 for im, _ in located if im["split"] == s) for s in _ORDER}
+    with atomic_write(os.path.join(data_dir, MARKER), "w") as f:           # last: the conversion is complete
+        json.dump({**_source_stamp(path), "images": counts, "missing": len(missing), "unsafe": len(unsafe),
+                   "links": {k: sorted(v) for k, v in linked.items()}}, f)
+    log(f"{os.path.basename(path)} -> COCO layout in {data_dir}: {counts['train']} train + {counts['restval']} "
+        f"restval images in train2014/, {counts['val']} val + {counts['test']} test in val2014/ "
+        f"(evaluate scores the test ones)")
+    return counts
+
+
+def _earlier_links(data_dir):
+    """The links an earlier conversion made, as its marker lists them ({split: names}), and `ours(link)`:
+    whether a link is one of them (any link, for a conversion from before they were listed) and points inside."""
     previous = _read_marker(data_dir) or {}
     made = {split: set(previous.get("links", {}).get(split, [])) for split in ("train", "val")}
     legacy = "format" in previous and "links" not in previous   # converted before links were listed: judge
@@ -197,9 +221,14 @@ def convert(data_dir, path, log=print, progress=True):
         split = os.path.basename(os.path.dirname(dst))[:-4]
         return (legacy or os.path.basename(dst) in made[split]) and _points_inside(dst, data_dir)
 
-    with atomic_write(os.path.join(data_dir, MARKER), "w") as f:   # the layout is ours from here on, even if
-        json.dump({"format": FORMAT, "converting": os.path.basename(path),        # this is interrupted
-                   "links": {k: sorted(v) for k, v in made.items()}}, f)
+    return made, ours
+
+
+def _locate_images(data_dir, path, images, log, progress):
+    """([(image, its file)] of the images that are there and have captions, [file names of the others]).
+
+    An image is looked for where its entry says, else in the folder that holds most of them. Some
+    missing is a warning; all of them, an error."""
     fallback = None                                     # the images' folder, found when first needed
     located, missing = [], []
     for im in tqdm(images, desc=f"finding the images of {os.path.basename(path)}", unit="img", disable=not progress):
@@ -218,10 +247,16 @@ def convert(data_dir, path, log=print, progress=True):
     if missing:
         log(f"warning: {len(missing)} of {len(images)} images listed in {path} are missing or have no captions and "
             f"are skipped, e.g. {', '.join(missing[:5])}")
+    return located, missing
+
+
+def _link_and_annotate(data_dir, path, located, ours, progress):
+    """Link each located image into train2014/ or val2014/, and list it and its captions in that split's
+    COCO captions. Returns ({split: its captions file's content}, {split: the file names it holds},
+    {split: those of them that are this conversion's links})."""
     # ids: COCO's own where the file has them; otherwise train, then val, then test, so that the
     # validation loss (the val images with the smallest ids) never reads a test image
-    order = {"train": 0, "restval": 1, "val": 2, "test": 3}
-    located.sort(key=lambda pair: order[pair[0]["split"]])         # stable: the file's order within a split
+    located = sorted(located, key=lambda pair: _ORDER[pair[0]["split"]])   # stable: the file's order within a split
     use_coco_ids = all(im["cocoid"] is not None for im, _ in located)
     coco = {split: {"info": {"description": f"converted from {os.path.basename(path)}"},
                     "images": [], "annotations": []} for split in ("train", "val")}
@@ -240,27 +275,20 @@ def convert(data_dir, path, log=print, progress=True):
         for caption in im["captions"]:
             ann_id += 1
             coco[split]["annotations"].append({"id": ann_id, "image_id": image_id, "caption": caption})
-    for split, names in wanted.items():                    # links a previous version of the file made
+    return coco, wanted, linked
+
+
+def _remove_stale_links(data_dir, wanted, ours):
+    """Remove the links that an earlier conversion made to images the file no longer lists ({split: names})."""
+    for split, names in wanted.items():
         folder = os.path.join(data_dir, f"{split}2014")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             link = os.path.join(folder, name)
             if name not in names and os.path.islink(link) and ours(link):
                 os.remove(link)
-    os.makedirs(os.path.join(data_dir, "annotations"), exist_ok=True)
-    for split, content in coco.items():
-        with atomic_write(os.path.join(data_dir, "annotations", f"captions_{split}2014.json"), "w") as f:
-            json.dump(content, f)
-    counts = {s: sum(1 for im, _ in located if im["split"] == s) for s in order}
-    with atomic_write(os.path.join(data_dir, MARKER), "w") as f:           # last: the conversion is complete
-        json.dump({**_source_stamp(path), "images": counts, "missing": len(missing), "unsafe": len(unsafe),
-                   "links": {k: sorted(v) for k, v in linked.items()}}, f)
-    log(f"{os.path.basename(path)} -> COCO layout in {data_dir}: {counts['train']} train + {counts['restval']} "
-        f"restval images in train2014/, {counts['val']} val + {counts['test']} test in val2014/ "
-        f"(evaluate scores the test ones)")
-    return counts
 
 
-def ensure_coco_layout(data_dir, log=print, progress=True):
+def ensure_coco_layout(data_dir: str, log: Callable[[str], object] = print, progress: bool = True) -> str | None:
     """Convert a Karpathy-format folder to the COCO layout if it is one and is not converted yet.
 
     Returns the Karpathy file's path for such a folder (converted now or before), None for any
@@ -278,7 +306,7 @@ def ensure_coco_layout(data_dir, log=print, progress=True):
     return path
 
 
-def coco_captions_file(path, log=print):
+def coco_captions_file(path: str, log: Callable[[str], object] = print) -> str:
     """`vocab --captions`: a Karpathy file stands for the train captions of its folder's COCO layout."""
     folder = os.path.dirname(path) or "."
     karpathy = karpathy_folder(folder)

@@ -4,16 +4,21 @@ The tokenizer needs no nltk data files (no `nltk.download('punkt')`), and drops 
 same punctuation that pycocoevalcap's PTB tokenizer drops, so what the model learns
 is what the evaluation scores.
 """
+import contextlib
 import io
 import json
 import os
 import pickle
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 
 from nltk.tokenize import NLTKWordTokenizer
+from pycocotools.coco import COCO
 
 from .atomic import atomic_write
 from .derived import write_derived
+from .progress import tqdm
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3, in the chapter's order
@@ -25,7 +30,7 @@ PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
 _word_tokenizer = NLTKWordTokenizer()
 
 
-def tokenize(text):
+def tokenize(text: str) -> list[str]:
     """'A dog on a Bench.' -> ['a', 'dog', 'on', 'a', 'bench']"""
     tokens = _word_tokenizer.tokenize(str(text).lower().strip())
     # the Treebank rules only split a period at the very end of the text; catch "bench." mid-text too
@@ -36,29 +41,29 @@ def tokenize(text):
 class Vocab:
     """Maps words to ids and back; unknown words map to <unk>."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.w2i = {}
         self.i2w = {}
         self.index = 0
 
-    def add_token(self, token):
+    def add_token(self, token: str) -> None:
         if token not in self.w2i:
             self.w2i[token] = self.index
             self.i2w[self.index] = token
             self.index += 1
 
-    def __call__(self, token):
+    def __call__(self, token: str) -> int:
         return self.w2i.get(token, self.w2i[UNK])
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.w2i)
 
-    def words(self):
+    def words(self) -> list[str]:
         """The word list in id order: all a checkpoint needs to rebuild the Vocab."""
         return [self.i2w[i] for i in range(len(self))]
 
     @classmethod
-    def from_words(cls, words):
+    def from_words(cls, words: Iterable[str]) -> "Vocab":
         vocab = cls()
         for w in words:
             vocab.add_token(w)
@@ -92,7 +97,7 @@ def _read_token_cache(path, source):
 _warned = set()   # (path, size, mtime) of the captions files whose skipped entries were reported
 
 
-def read_captions_json(json_path, log=print):
+def read_captions_json(json_path: str | os.PathLike[str], log: Callable[[str], object] = print) -> dict:
     """A COCO captions file, checked once, as it is read.
 
     It must be a JSON object whose `annotations` are objects with an int `id`, an int `image_id`
@@ -104,15 +109,27 @@ def read_captions_json(json_path, log=print):
     are captions whose `image_id` is none of the listed images; both are counted in one warning,
     given once per version of the file.
     """
+    data = _load_json(json_path)
+    _check_captions(json_path, data)
+    _drop_unusable_captions(json_path, data, log)
+    return data
+
+
+def _load_json(json_path):
+    """The file's JSON; a missing file, invalid JSON or text that is not UTF-8 is an error naming the file."""
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"captions file not found: {json_path} (get the data with notebook 01 first)")
     try:
         with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{json_path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{json_path} is not UTF-8 text (byte {e.start}): is it a captions file?") from None
+
+
+def _check_captions(json_path, data):
+    """The shape read_captions_json requires: a ValueError naming the file and the first entry that lacks it."""
     expected = "a COCO captions file (a JSON object with 'images' and 'annotations')"
     if not isinstance(data, dict):
         raise ValueError(f"{json_path} holds a JSON {type(data).__name__}, not {expected}")
@@ -125,40 +142,51 @@ def read_captions_json(json_path, log=print):
             raise ValueError(f"{json_path}: '{key}' is a {type(items).__name__}, not a list")
         seen = set()
         for k, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise ValueError(f"{json_path}: {key}[{k}] is {item!r}, not an object")
-            for field, kind in fields.items():
-                if field not in item:
-                    raise ValueError(f"{json_path}: {key}[{k}] has no '{field}' key: {_short(item)}")
-                value = item[field]
-                if not isinstance(value, kind) or isinstance(value, bool):
-                    what = "a string" if kind is str else "an integer"
-                    raise ValueError(f"{json_path}: {key}[{k}] has {field} {_short(value)} "
-                                     f"({type(value).__name__}), not {what}: {_short(item)}")
-            if key == "images" and not item["file_name"].strip():
-                raise ValueError(f"{json_path}: images[{k}] has an empty file_name: {_short(item)}")
+            _check_entry(json_path, key, k, item, fields)
             if item["id"] in seen:        # pycocotools indexes both by id: a duplicate would vanish
                 raise ValueError(f"{json_path}: {key}[{k}] repeats the id {item['id']!r}")
             seen.add(item["id"])
+
+
+def _check_entry(json_path, key, k, item, fields):
+    """data[key][k] is an object with `fields` ({name: type}), and an image's file_name is not blank."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{json_path}: {key}[{k}] is {item!r}, not an object")
+    for field, kind in fields.items():
+        if field not in item:
+            raise ValueError(f"{json_path}: {key}[{k}] has no '{field}' key: {_short(item)}")
+        value = item[field]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "a string" if kind is str else "an integer"
+            raise ValueError(f"{json_path}: {key}[{k}] has {field} {_short(value)} "
+                             f"({type(value).__name__}), not {what}: {_short(item)}")
+    if key == "images" and not item["file_name"].strip():
+        raise ValueError(f"{json_path}: images[{k}] has an empty file_name: {_short(item)}")
+
+
+def _drop_unusable_captions(json_path, data, log):
+    """Leave out of data["annotations"] the blank captions and those of images the file does not list,
+    with one warning per version of the file (its size and modification time)."""
     annotations = data["annotations"]
     blank = [a for a in annotations if not a["caption"].strip()]
     known = {im["id"] for im in data["images"]} if "images" in data else None
     orphans = [a for a in annotations if known is not None and a["image_id"] not in known]
-    if blank or orphans:
-        data["annotations"] = [a for a in annotations if a["caption"].strip()
-                               and (known is None or a["image_id"] in known)]
-        stat = os.stat(json_path)
-        key = (os.path.abspath(json_path), stat.st_size, stat.st_mtime_ns)
-        if key not in _warned:
-            _warned.add(key)
-            parts = []
-            if blank:
-                parts.append(f"{len(blank)} empty or blank caption(s) (e.g. annotation id {blank[0]['id']})")
-            if orphans:
-                parts.append(f"{len(orphans)} caption(s) of image ids that {os.path.basename(json_path)} does not "
-                             f"list (e.g. image_id {orphans[0]['image_id']})")
-            log(f"warning: {json_path}: skipping {' and '.join(parts)}, of {len(annotations)} captions")
-    return data
+    if not (blank or orphans):
+        return
+    data["annotations"] = [a for a in annotations if a["caption"].strip()
+                           and (known is None or a["image_id"] in known)]
+    stat = os.stat(json_path)
+    key = (os.path.abspath(json_path), stat.st_size, stat.st_mtime_ns)
+    if key in _warned:
+        return
+    _warned.add(key)
+    parts = []
+    if blank:
+        parts.append(f"{len(blank)} empty or blank caption(s) (e.g. annotation id {blank[0]['id']})")
+    if orphans:
+        parts.append(f"{len(orphans)} caption(s) of image ids that {os.path.basename(json_path)} does not "
+                     f"list (e.g. image_id {orphans[0]['image_id']})")
+    log(f"warning: {json_path}: skipping {' and '.join(parts)}, of {len(annotations)} captions")
 
 
 def _short(value, limit=80):
@@ -166,18 +194,13 @@ def _short(value, limit=80):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_coco(json_path):
+def load_coco(json_path: str | os.PathLike[str]) -> COCO:
     """pycocotools' index of a captions file (checked by read_captions_json), without the four
     lines it prints while loading.
 
     The library loads captions files several times per run; in a notebook those prints would
     bury the lines that matter. A reader's own COCO(...) calls still print.
     """
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
     data = read_captions_json(json_path)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
@@ -186,7 +209,7 @@ def load_coco(json_path):
     return coco
 
 
-def caption_tokens(json_path, coco=None, progress=True):
+def caption_tokens(json_path: str, coco: COCO | None = None, progress: bool = True) -> dict[int, str]:
     """{annotation id: "its tokens joined by spaces"} for every caption of a COCO captions file.
 
     Tokenizing is the slow part of reading captions (over a minute for COCO's 414k on one core),
@@ -195,8 +218,6 @@ def caption_tokens(json_path, coco=None, progress=True):
     file's size and modification time. A cache that cannot be written is only a warning.
     One string per caption rather than a list of words: about a quarter of the memory.
     """
-    from .progress import tqdm
-
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"captions file not found: {json_path} (get the data with notebook 01 first)")
     stat = os.stat(json_path)
@@ -214,7 +235,6 @@ def caption_tokens(json_path, coco=None, progress=True):
     with tqdm(total=len(ids), desc=f"tokenizing {os.path.basename(json_path)}", unit="cap",
               disable=not progress) as bar:
         if workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
             with ProcessPoolExecutor(workers) as pool:
                 results = pool.map(_tokenize_all, chunks)
                 for chunk in results:
@@ -234,7 +254,7 @@ def caption_tokens(json_path, coco=None, progress=True):
     return dict(zip(ids, joined))
 
 
-def count_tokens(json_path, progress=True):
+def count_tokens(json_path: str, progress: bool = True) -> tuple[Counter[str], list[int]]:
     """Tokenize every caption of a COCO captions file: (Counter of tokens, list of caption lengths)."""
     counter, lengths = Counter(), []
     for joined in caption_tokens(json_path, progress=progress).values():
@@ -244,7 +264,7 @@ def count_tokens(json_path, progress=True):
     return counter, lengths
 
 
-def vocab_from_counts(counter, threshold=4):
+def vocab_from_counts(counter: Mapping[str, int], threshold: int = 4) -> Vocab:
     """Special tokens first, then every token seen >= threshold times, most frequent first
     (ties alphabetical), so the same captions give the same ids everywhere."""
     vocab = Vocab()
@@ -256,12 +276,12 @@ def vocab_from_counts(counter, threshold=4):
     return vocab
 
 
-def build_vocabulary(json, threshold=4, progress=True):
+def build_vocabulary(json: str, threshold: int = 4, progress: bool = True) -> Vocab:
     """The chapter's function: a Vocab of the tokens seen >= threshold times in a COCO captions file."""
     return vocab_from_counts(count_tokens(json, progress)[0], threshold)
 
 
-def save_vocabulary(vocab, path):
+def save_vocabulary(vocab: Vocab, path: str) -> str:
     with atomic_write(path) as f:
         pickle.dump(vocab, f, protocol=4)
     return path
@@ -282,7 +302,7 @@ class _VocabUnpickler(pickle.Unpickler):
             f"and plain builtins are allowed (the file may be corrupt or malicious)")
 
 
-def load_vocabulary(path):
+def load_vocabulary(path: str | os.PathLike[str]) -> Vocab:
     """Load a vocabulary.pkl without running arbitrary code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"vocabulary not found: {path} (build it with notebook 02 or "
