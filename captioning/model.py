@@ -1,12 +1,13 @@
-"""The chapter's CNN encoder and LSTM decoder, with batched greedy and beam-search decoding."""
+"""The chapter's CNN encoder and LSTM decoder; the searches they decode with are in decoding.py."""
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .backbone import build_resnet, calibrate_batchnorm, fold_batchnorm, resolve_weights, weights_id
+from .decoding import LENGTH_PENALTY, beam_search, cut_after_end, score_sequences
 from .vocabulary import END, END_ID, PAD, START
 
-LENGTH_PENALTY = 0.7  # beam search ranks finished captions by sum(log p) / length ** LENGTH_PENALTY
+__all__ = ["CNNModel", "LSTMModel", "LENGTH_PENALTY", "cut_after_end", "decode", "count_parameters"]
 
 
 class CNNModel(nn.Module):
@@ -71,7 +72,12 @@ class CNNModel(nn.Module):
 
 
 class LSTMModel(nn.Module):
-    """Image embedding first, then the caption's word embeddings, through an LSTM to word logits."""
+    """Image embedding first, then the caption's word embeddings, through an LSTM to word logits.
+
+    It is a `captioning.decoding.Decoder` on pooled features: beam search, scoring, captioning and
+    saliency go through init_state / step / reorder_state."""
+
+    feature_kind = "pooled"
 
     def __init__(self, embedding_size, hidden_layer_size, vocabulary_size, num_layers, max_seq_len=20):
         super().__init__()
@@ -96,18 +102,33 @@ class LSTMModel(nn.Module):
         hidden_variables, _ = self.lstm_layer(packed)                            # packed (sum(lengths), H)
         return self.linear_layer(hidden_variables.data)                          # (sum(lengths), V)
 
-    def step(self, lstm_input, lstm_states=None):
-        """One time step: (B, E) input -> (B, V) log-probabilities and the new states."""
+    # ---- the decoder interface (captioning.decoding.Decoder) ----
+
+    def init_state(self, input_features):
+        """The first step: the image embedding goes in as the first input. -> ((B, V) log-probs, (h, c))."""
+        return self._step(input_features, None)
+
+    def step(self, token_ids, lstm_states):
+        """One step: (B,) word ids in, (B, V) log-probabilities of the next word and the new (h, c) out."""
+        return self._step(self.embedding_layer(token_ids), lstm_states)
+
+    def reorder_state(self, lstm_states, index):
+        """The batch rows `index` of (h, c), each (num_layers, B, H)."""
+        return tuple(s[:, index] for s in lstm_states)
+
+    def _step(self, lstm_input, lstm_states):
         hidden, lstm_states = self.lstm_layer(lstm_input.unsqueeze(1), lstm_states)
         return self.linear_layer(hidden.squeeze(1)).float().log_softmax(-1), lstm_states
 
+    # ---- decoding ----
+
     @torch.no_grad()
     def sample(self, input_features, lstm_states=None):
-        """Batched greedy decoding: (B, E) features -> (B, max_seq_len) token ids."""
+        """Batched greedy decoding, the chapter's: (B, E) features -> (B, max_seq_len) token ids."""
         sampled_indices = []
         lstm_input = input_features
         for _ in range(self.max_seq_len):
-            log_probs, lstm_states = self.step(lstm_input, lstm_states)
+            log_probs, lstm_states = self._step(lstm_input, lstm_states)
             predicted = log_probs.argmax(-1)                                     # (B,)
             sampled_indices.append(predicted)
             lstm_input = self.embedding_layer(predicted)
@@ -117,77 +138,13 @@ class LSTMModel(nn.Module):
         """sample() as one token-id list per image, cut after <end> (the shape beam_search returns)."""
         return [cut_after_end(seq, end_id) for seq in self.sample(input_features).tolist()]
 
-    @torch.no_grad()
     def score(self, input_features, sequences, length_penalty=LENGTH_PENALTY):
         """sum(log p) / length**length_penalty of token-id lists: what beam search maximises."""
-        lengths = torch.tensor([len(s) for s in sequences], device=input_features.device)
-        captions = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=input_features.device)
-        for i, seq in enumerate(sequences):
-            captions[i, : len(seq)] = torch.as_tensor(seq)
-        embeddings = self.embedding_layer(captions[:, :-1])                      # (B, T-1, E)
-        hidden, _ = self.lstm_layer(torch.cat((input_features.unsqueeze(1), embeddings), 1))
-        log_probs = self.linear_layer(hidden).float().log_softmax(-1)            # (B, T, V)
-        token_lp = log_probs.gather(2, captions.unsqueeze(2)).squeeze(2)        # (B, T)
-        mask = torch.arange(captions.size(1), device=captions.device) < lengths.unsqueeze(1)
-        return ((token_lp * mask).sum(1) / lengths.float() ** length_penalty).tolist()
+        return score_sequences(self, input_features, sequences, length_penalty)
 
-    @torch.no_grad()
     def beam_search(self, input_features, beam_size=3, length_penalty=LENGTH_PENALTY, end_id=END_ID):
-        """Batched beam search. Returns one token-id list per image, cut after <end>.
-
-        Beams are ranked by their summed log-probability while they grow; finished
-        captions are compared by sum(log p) / length**length_penalty (the GNMT-style
-        normalisation of the peers; 0 = raw sum, 1 = mean log-probability), so that
-        short captions are not favoured just for having fewer terms. The greedy caption
-        is scored the same way and kept if it beats every beam, so the result never
-        scores below greedy; beam_size=1 is exactly greedy.
-        """
-        B, K, T = input_features.size(0), beam_size, self.max_seq_len
-        device = input_features.device
-        log_probs, states = self.step(input_features)                            # (B, V)
-        V = log_probs.size(1)
-        k0 = min(K, V)
-        scores, tokens = log_probs.topk(k0, dim=1)                               # (B, k0)
-        if k0 < K:  # pad with dead beams
-            scores = torch.cat([scores, scores.new_full((B, K - k0), float("-inf"))], 1)
-            tokens = torch.cat([tokens, tokens.new_zeros(B, K - k0)], 1)
-        states = tuple(s.repeat_interleave(K, dim=1) for s in states)            # (L, B*K, H)
-        history = tokens.unsqueeze(2)                                            # (B, K, t)
-        best = [(float("-inf"), None)] * B                                       # (normalised score, ids)
-
-        def finish(b, k, t):
-            norm = scores[b, k].item() / t ** length_penalty
-            if norm > best[b][0]:
-                best[b] = (norm, history[b, k].tolist())
-
-        for t in range(1, T + 1):
-            ended = (tokens == end_id) | (t == T)
-            for b, k in ended.logical_and(scores > float("-inf")).nonzero().tolist():
-                finish(b, k, t)
-            scores = scores.masked_fill(tokens == end_id, float("-inf"))
-            if t == T or bool((scores == float("-inf")).all()):
-                break
-            log_probs, states = self.step(self.embedding_layer(tokens.view(-1)), states)
-            candidates = (scores.view(B * K, 1) + log_probs).view(B, K * V)     # (B, K*V)
-            scores, flat = candidates.topk(K, dim=1)                             # (B, K)
-            parent = torch.div(flat, V, rounding_mode="floor")                  # (B, K)
-            tokens = flat % V
-            gather = (parent + torch.arange(B, device=device).unsqueeze(1) * K).view(-1)
-            states = tuple(s[:, gather] for s in states)
-            history = torch.cat([history.gather(1, parent.unsqueeze(2).expand_as(history)),
-                                 tokens.unsqueeze(2)], 2)
-        results = [ids for _, ids in best]
-        if K > 1:  # never below greedy under the same score
-            greedy = self.greedy(input_features, end_id)
-            greedy_scores = self.score(input_features, greedy, length_penalty)
-            results = [g if gs > bs + 1e-6 else r
-                       for g, gs, r, (bs, _) in zip(greedy, greedy_scores, results, best)]
-        return results
-
-
-def cut_after_end(ids, end_id=END_ID):
-    ids = list(ids)
-    return ids[: ids.index(end_id) + 1] if end_id in ids else ids
+        """Batched beam search (captioning.decoding.beam_search): one token-id list per image, cut after <end>."""
+        return beam_search(self, input_features, beam_size, length_penalty, end_id)
 
 
 def decode(ids, vocab):
