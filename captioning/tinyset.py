@@ -27,8 +27,15 @@ import numbers
 import os
 import random
 import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from .vocabulary import tokenize
+
+RGB = tuple[int, int, int]
+Box = Sequence[float]                 # (x0, y0, x1, y1) in pixels
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -63,8 +70,12 @@ NAMED_COLOURS = {
     "navy": (20, 30, 110),
     "lime": (150, 220, 40),
 }
+# the stand-in backbone (captioning.standin) is pretrained on eleven of these and never sees
+# HELDOUT_SHAPES, which measure how well its features carry over to shapes it never saw
 DRAWABLE_SHAPES = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon", "octagon",
-                   "star", "cross", "heart", "ring")
+                   "star", "cross", "heart", "ring", "bar", "ellipse", "semicircle", "trapezoid",
+                   "parallelogram", "chevron", "arrow", "crescent", "kite", "hexagram")
+HELDOUT_SHAPES = ("arrow", "crescent", "kite", "hexagram")
 
 ONE_OBJECT = (
     "A {a}.",
@@ -90,13 +101,13 @@ _ARTICLE = re.compile(r"\b([Aa]) (\w+)")
 _CONSONANT_SOUND = ("uni", "use", "usu", "uti", "eu", "one", "once")
 
 
-def with_articles(caption):
+def with_articles(caption: str) -> str:
     """'a' becomes 'an' before a vowel sound: 'a orange circle' -> 'an orange circle'.
 
     The templates say 'a {a}'; the colour (or shape) filled in decides the article, as a person
     writing the caption would.
     """
-    def article(match):
+    def article(match: re.Match[str]) -> str:
         word = match.group(2).lower()
         vowel = word[0] in "aeiou" and not word.startswith(_CONSONANT_SOUND)
         return f"{match.group(1)}{'n' if vowel else ''} {match.group(2)}"
@@ -104,7 +115,7 @@ def with_articles(caption):
     return _ARTICLE.sub(article, caption)
 
 
-def _vary_case(caption, rng):
+def _vary_case(caption: str, rng: random.Random) -> str:
     """People write 'A red circle.', 'a red circle' and 'A Red Circle'."""
     r = rng.random()
     if r < 0.45:
@@ -117,7 +128,7 @@ def _vary_case(caption, rng):
     return caption + "." if rng.random() < 0.4 else caption
 
 
-def _heart_outline(n=48):
+def _heart_outline(n: int = 48) -> list[tuple[float, float]]:
     """The classic parametric heart, scaled to the square [-1, 1]^2 (y down, tip at the bottom)."""
     points = []
     for k in range(n):
@@ -129,7 +140,7 @@ def _heart_outline(n=48):
     return [(x, (top + bottom - 2 * y) / (top - bottom)) for x, y in points]
 
 
-def _regular(n, inner=None):
+def _regular(n: int, inner: float | None = None) -> list[tuple[float, float]]:
     """A regular n-gon (or an n-pointed star with radius ratio `inner`) in [-1, 1]^2, a vertex on top."""
     corners = 2 * n if inner else n
     radii = [1.0 if k % 2 == 0 or not inner else inner for k in range(corners)]
@@ -137,8 +148,25 @@ def _regular(n, inner=None):
     return [(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles)]
 
 
+def _arc(cx: float, cy: float, rx: float, ry: float, start: float, stop: float,
+         n: int = 24) -> list[tuple[float, float]]:
+    """Points on an ellipse from angle `start` to `stop` (degrees, y down), both ends included."""
+    return [(cx + rx * math.cos(math.radians(start + (stop - start) * k / n)),
+             cy + ry * math.sin(math.radians(start + (stop - start) * k / n))) for k in range(n + 1)]
+
+
+def _crescent(offset: float = 0.5, inner: float = 0.8) -> list[tuple[float, float]]:
+    """The unit circle less a circle of radius `inner` moved `offset` to the right: horns to the right."""
+    x = (1 - inner ** 2 + offset ** 2) / (2 * offset)          # where the two circles cross
+    outer_angle = math.degrees(math.atan2(math.sqrt(1 - x * x), x))
+    inner_angle = math.degrees(math.atan2(math.sqrt(1 - x * x), x - offset))
+    return (_arc(0, 0, 1, 1, outer_angle, 360 - outer_angle)
+            + _arc(offset, 0, inner, inner, 360 - inner_angle, inner_angle)[1:-1])
+
+
 _ARM = 1 / 3  # half the width of a cross's arms, as a fraction of half the box
-_UNIT_OUTLINES = {  # polygons in box units: (-1, -1) is the box's top-left corner, (1, 1) its bottom-right
+# polygons in box units: (-1, -1) is the box's top-left corner, (1, 1) its bottom-right
+_UNIT_OUTLINES: dict[str, list[tuple[float, float]]] = {
     "square": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
     "triangle": [(0, -1), (1, 1), (-1, 1)],
     "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)],
@@ -149,10 +177,20 @@ _UNIT_OUTLINES = {  # polygons in box units: (-1, -1) is the box's top-left corn
     "cross": [(-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM),
               (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)],
     "heart": _heart_outline(),
+    "bar": [(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)],          # thin shapes: a bar, an ellipse
+    "ellipse": _arc(0, 0, 1, 0.5, 0, 360, n=40)[:-1],
+    "semicircle": _arc(0, 0.45, 1, 1.45, 180, 360),
+    "trapezoid": [(-0.5, -0.7), (0.5, -0.7), (1, 0.7), (-1, 0.7)],
+    "parallelogram": [(-0.45, -0.6), (1, -0.6), (0.45, 0.6), (-1, 0.6)],
+    "chevron": [(-1, -0.75), (0, 0.05), (1, -0.75), (1, -0.15), (0, 0.75), (-1, -0.15)],
+    "arrow": [(-1, -0.22), (0.15, -0.22), (0.15, -0.7), (1, 0), (0.15, 0.7), (0.15, 0.22), (-1, 0.22)],
+    "crescent": _crescent(),
+    "kite": [(0, -1), (0.62, -0.35), (0, 1), (-0.62, -0.35)],
+    "hexagram": _regular(6, inner=0.58),
 }
 
 
-def _outline(shape, box, rotation):
+def _outline(shape: str, box: Box, rotation: float) -> list[tuple[float, float]]:
     """The polygon's vertices in pixels: box units stretched to the box, turned about its centre."""
     x0, y0, x1, y1 = box
     cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
@@ -165,7 +203,7 @@ def _outline(shape, box, rotation):
     return points
 
 
-def check_shapes(shapes):
+def check_shapes(shapes: Iterable[str]) -> None:
     """Raise ValueError unless every name in `shapes` is one of DRAWABLE_SHAPES."""
     unknown = [s for s in shapes if s not in DRAWABLE_SHAPES]
     if unknown:
@@ -173,7 +211,7 @@ def check_shapes(shapes):
                          f"choose from {', '.join(DRAWABLE_SHAPES)}")
 
 
-def draw_shape(draw, shape, box, colour, rotation=0.0):
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour: Any, rotation: float = 0.0) -> None:
     """Fill `shape` (one of DRAWABLE_SHAPES) into `box` (x0, y0, x1, y1) on a PIL ImageDraw.
 
     `rotation` turns a polygon by that many degrees, counter-clockwise about the box's centre
@@ -194,24 +232,31 @@ def draw_shape(draw, shape, box, colour, rotation=0.0):
         draw.polygon(_outline(shape, box, rotation), fill=colour)
 
 
-def _make_example(rng, colours, shapes, background):
+IMAGE_SIZE = ((88, 128), (72, 104))   # (width range, height range) in pixels
+OBJECT_SIZE = (0.32, 0.42)            # an object's box side, as a fraction of the image's shorter side
+
+
+def _make_example(rng: random.Random, colours: Mapping[str, RGB], shapes: Sequence[str], background: RGB,
+                  image_size: tuple[tuple[int, int], tuple[int, int]] = IMAGE_SIZE,
+                  object_size: tuple[float, float] = OBJECT_SIZE) -> tuple[Image.Image, list[str], dict[str, Any]]:
     """Return (PIL image, 5 captions, ground truth) for one random scene.
 
     The ground truth is {"objects": [{"colour", "shape", "box"}], "relation": [0, phrase, 1] or None}.
     """
-    width, height = rng.randint(88, 128), rng.randint(72, 104)
+    (w_lo, w_hi), (h_lo, h_hi) = image_size
+    width, height = rng.randint(w_lo, w_hi), rng.randint(h_lo, h_hi)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
 
     n_objects = 1 if rng.random() < 0.3 else 2
-    objects = []
+    objects: list[tuple[str, str]] = []
     while len(objects) < n_objects:
         obj = (rng.choice(list(colours)), rng.choice(shapes))
         if obj not in objects:
             objects.append(obj)
-    size = rng.randint(int(0.32 * min(width, height)), int(0.42 * min(width, height)))
+    size = rng.randint(int(object_size[0] * min(width, height)), int(object_size[1] * min(width, height)))
 
-    def place(cx, cy):
+    def place(cx: int, cy: int) -> tuple[int, int, int, int]:
         cx = min(max(cx, size // 2 + 2), width - size // 2 - 2)
         cy = min(max(cy, size // 2 + 2), height - size // 2 - 2)
         return (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
@@ -246,7 +291,8 @@ def _make_example(rng, colours, shapes, background):
     return image, [_vary_case(c, rng) for c in captions], truth
 
 
-def _write_split(out, split, count, rng, first_image_id, first_ann_id, palette):
+def _write_split(out: str, split: str, count: int, rng: random.Random, first_image_id: int, first_ann_id: int,
+                 palette: Mapping[str, Any]) -> int:
     image_dir = os.path.join(out, f"{split}2014")
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
@@ -277,23 +323,30 @@ def _write_split(out, split, count, rng, first_image_id, first_ann_id, palette):
     return ann_id
 
 
-def _check_rgb(what, rgb):
+def _check_rgb(what: str, rgb: Any) -> RGB:
     if not (isinstance(rgb, (tuple, list)) and len(rgb) == 3
-            and all(isinstance(v, numbers.Integral) and 0 <= v <= 255 for v in rgb)):
+            and all(isinstance(v, numbers.Integral) and 0 <= int(v) <= 255 for v in rgb)):
         raise ValueError(f"{what} must be three integers 0..255 (R, G, B), got {rgb!r}")
-    return tuple(int(v) for v in rgb)
+    return int(rgb[0]), int(rgb[1]), int(rgb[2])
 
 
-def _check_name(kind, name):
+def _check_name(kind: str, name: Any) -> None:
     """A colour or shape name must be what the tokenizer gives back, or captions could not be scored."""
-    from .vocabulary import tokenize
-
     if not isinstance(name, str) or not name or " ".join(tokenize(name)) != name:
         raise ValueError(f"{kind} name {name!r} must be lowercase words (letters only, single spaces)")
 
 
-def _palette(colours, shapes, background):
-    """Validated {"colours", "shapes", "background"} for make_tinyset; ValueError says what is wrong."""
+def _check_range(what: str, pair: Any, low: float, high: float) -> tuple[Any, ...]:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, numbers.Real) for v in pair)
+            and low <= pair[0] <= pair[1] <= high):
+        raise ValueError(f"{what} must be (smallest, largest) with {low} <= smallest <= largest <= {high}, "
+                         f"got {pair!r}")
+    return tuple(pair)
+
+
+def _palette(colours: Mapping[str, Any] | None, shapes: Iterable[str] | None, background: Any,
+             image_size: Any = IMAGE_SIZE, object_size: Any = OBJECT_SIZE) -> dict[str, Any]:
+    """Validated make_tinyset options (colours, shapes, background, sizes); ValueError says what is wrong."""
     colours = dict(COLOURS if colours is None else colours)
     shapes = tuple(SHAPES if shapes is None else shapes)
     for name, rgb in colours.items():
@@ -308,19 +361,28 @@ def _palette(colours, shapes, background):
     if len(colours) * len(shapes) < 2:
         raise ValueError("two-object scenes need two different (colour, shape) pairs: "
                          f"give more than {len(colours)} colour(s) x {len(shapes)} shape(s)")
-    return {"colours": colours, "shapes": shapes, "background": _check_rgb("background", background)}
+    widths, heights = (_check_range(f"image_size {name}s", pair, 32, 4096)
+                       for name, pair in zip(("width", "height"), image_size))
+    object_size = _check_range("object_size", object_size, 0.1, 0.45)
+    return {"colours": colours, "shapes": shapes, "background": _check_rgb("background", background),
+            "image_size": (widths, heights), "object_size": object_size}
 
 
-def make_tinyset(out, train=3000, val=250, seed=0, colours=None, shapes=None, background=BACKGROUND):
+def make_tinyset(out: str, train: int = 3000, val: int = 250, seed: int = 0, colours: Mapping[str, RGB] | None = None,
+                 shapes: Iterable[str] | None = None, background: RGB = BACKGROUND,
+                 image_size: tuple[tuple[int, int], tuple[int, int]] = IMAGE_SIZE,
+                 object_size: tuple[float, float] = OBJECT_SIZE) -> str:
     """Write the tiny dataset to `out` in COCO 2014 layout; returns `out`.
 
     `colours` ({name: (R, G, B)}, default COLOURS), `shapes` (names from DRAWABLE_SHAPES, default
-    SHAPES) and `background` (R, G, B) make a set of your own; the defaults give the bundled set,
-    the same images and captions for the same seed.
+    SHAPES), `background` (R, G, B), `image_size` ((min, max) width, (min, max) height in pixels:
+    unequal ranges give landscape and portrait images) and `object_size` (an object's side as a
+    fraction of the image's shorter side) make a set of your own; the defaults give the bundled
+    set, the same images and captions for the same seed.
     """
     if train < 1 or val < 1:
         raise ValueError(f"tinyset needs at least one image per split, got train={train}, val={val}")
-    palette = _palette(colours, shapes, background)
+    palette = _palette(colours, shapes, background, image_size, object_size)
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     rng = random.Random(seed)
     next_ann = _write_split(out, "train", train, rng, first_image_id=1, first_ann_id=1, palette=palette)
@@ -330,7 +392,7 @@ def make_tinyset(out, train=3000, val=250, seed=0, colours=None, shapes=None, ba
 
 # ---- the CLI's spellings: `--colours pink,cyan,navy=#1f3a93 --shapes star,hexagon --background white`
 
-def parse_rgb(text):
+def parse_rgb(text: str) -> RGB:
     """'white' (a name in NAMED_COLOURS) or '#RRGGBB' -> (R, G, B)."""
     text = text.strip().lower()
     if text in NAMED_COLOURS:
@@ -338,12 +400,12 @@ def parse_rgb(text):
     digits = text[1:] if text.startswith("#") else ""
     if len(digits) != 6 or any(c not in "0123456789abcdef" for c in digits):
         raise ValueError(f"unknown colour {text!r}: use #RRGGBB or one of {', '.join(NAMED_COLOURS)}")
-    return tuple(int(digits[k:k + 2], 16) for k in (0, 2, 4))
+    return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
 
 
-def parse_colours(text):
+def parse_colours(text: str) -> dict[str, RGB]:
     """'pink,cyan,navy=#1f3a93' -> {name: (R, G, B)}: known names, or NAME=#RRGGBB for any other."""
-    colours = {}
+    colours: dict[str, RGB] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip().lower()
@@ -353,7 +415,7 @@ def parse_colours(text):
     return colours
 
 
-def parse_shapes(text):
+def parse_shapes(text: str) -> tuple[str, ...]:
     """'star,hexagon' -> ('star', 'hexagon'), each checked against DRAWABLE_SHAPES."""
     shapes = tuple(filter(None, (part.strip().lower() for part in text.split(","))))
     if not shapes:

@@ -181,12 +181,34 @@ def test_draw_shape_fills_its_box_in_its_colour(shape):
         assert corner == BACKGROUND
         if shape == "ring":
             assert centre == BACKGROUND and image.getpixel((30, 11)) == colour
+        elif shape == "crescent":                      # hollow in the middle
+            assert centre == BACKGROUND and colour in {c for _, c in image.getcolors()}
+        elif shape == "chevron":                       # its inner corner sits at the middle
+            assert colour in {c for _, c in image.getcolors()}
         else:
             assert centre == colour
     turned, upright = Image.new("RGB", (60, 60), BACKGROUND), Image.new("RGB", (60, 60), BACKGROUND)
     draw_shape(ImageDraw.Draw(turned), shape, box, colour, rotation=20)
     draw_shape(ImageDraw.Draw(upright), shape, box, colour)
     assert (turned.tobytes() == upright.tobytes()) == (shape in ("circle", "ring"))
+
+
+def test_non_square_images_and_object_sizes_of_your_own(tmp_path):
+    out = tmp_path / "wide"
+    make_tinyset(str(out), train=30, val=4, seed=3, shapes=("bar", "kite"), image_size=((150, 180), (60, 70)),
+                 object_size=(0.3, 0.3))
+    images = json.load(open(out / "annotations" / "captions_train2014.json"))["images"]
+    assert all(150 <= i["width"] <= 180 and 60 <= i["height"] <= 70 for i in images)
+    assert {Image.open(out / "train2014" / i["file_name"]).size for i in images} == {(i["width"], i["height"])
+                                                                                   for i in images}
+    sides = {round((o["box"][2] - o["box"][0]) / min(i["width"], i["height"]), 1) for i in images
+             for o in i["objects"]}
+    assert sides == {0.3}
+    for bad in ({"image_size": ((90, 80), (60, 70))}, {"image_size": ((10, 20), (60, 70))},
+                {"object_size": (0.3, 0.9)}, {"object_size": "big"}):
+        with pytest.raises(ValueError, match="smallest <= largest"):
+            make_tinyset(str(tmp_path / "bad"), train=1, val=1, **bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_names_are_errors(tmp_path):
