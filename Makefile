@@ -1,6 +1,6 @@
 # make demo  - generate the tiny dataset and run notebooks 01..08 on it (offline, CPU)
-# make test  - ruff, then the test suite (includes executing every notebook on the tiny preset); CI runs this
-# make test-fast - ruff, then the tests not marked slow (no notebooks, torchrun or multi-process runs):
+# make test  - ruff and mypy, then the test suite (includes executing every notebook on the tiny preset); CI runs this
+# make test-fast - ruff and mypy, then the tests not marked slow (no notebooks, torchrun or multi-process runs):
 #              the inner loop while editing, under 2 minutes on 2 cores; `make test` before pushing
 # make lab   - JupyterLab on notebooks/ (works as root and headless; LAB_ARGS="--ip=0.0.0.0 --port=8889" passes options)
 # make tensorboard - TensorBoard on models_dir/ (training's event files; TB_ARGS="--port 6007 --bind_all" passes options)
@@ -24,10 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m "not slow" tests
 
 # As root (Docker) jupyter refuses to start without --allow-root; with no display (a server over

@@ -113,7 +113,7 @@ def random152(paths, resize, crop, device):
 
 
 def standin18(paths, resize, crop, device):
-    from captioning.backbone import ensure_standin
+    from captioning.standin import ensure_standin
 
     config = get_config("tiny", progress=True)
     return CNNModel(8, "resnet18", weights=ensure_standin(config, log=print)).to(device).eval()

@@ -1,16 +1,18 @@
 """How well do a stand-in's frozen features name the objects of a set it never saw? Recipes side by side.
 
-Pretrains the stand-in once per recipe, then fits a linear probe (a logistic regression from the
-pooled feature vector, the one the captioner's encoder reads, to which colour-shape objects an
-image shows) on the "own shapes" set of standin_quality.py, and scores it on that set's held-out
-images: with the number of objects given, are the probe's top picks exactly the true objects?
-A probe takes seconds where training a captioner takes a minute, and the two agree within a few
-points, so it is the quick way to compare pretraining recipes.
+Pretrains the stand-in once per recipe (or takes a weights file already made), then fits a linear
+probe (a logistic regression from the pooled feature vector, the one the captioner's encoder
+reads, to which colour-shape objects an image shows) on each set of standin_quality.py, and scores
+it on that set's held-out images: with the number of objects given, are the probe's top picks
+exactly the true objects? A probe takes seconds where training a captioner takes minutes, and the
+two rank recipes alike, so it is the quick way to compare pretraining recipes.
 
-    python benchmarks/standin_probe.py [--recipes 1000:0.6:1 1400:0.43:2] [--out runs/standin_probe]
+    python benchmarks/standin_probe.py [--recipes default steps=1400,lr=2e-3 ...] [--files OLD.pth ...]
 
-A recipe is STEPS:LOW_SHARE:LOW_BATCH: the steps, the share of them on small images, and how many
-times the batch of 64 those small-image steps take.
+A recipe is "default" (pretrain_standin's defaults) or NAME=VALUE,... overriding them: steps,
+low_share (the share of steps on small images), low_batch (how many times the batch those take),
+lr, label_smoothing, radius=LOW-HIGH, aspect=LOW-HIGH, shapes=NAME/NAME/... or shapes=tiny11
+(the eleven shapes of the recipe before the thin ones were added).
 """
 import argparse
 import json
@@ -20,10 +22,11 @@ import time
 import torch
 import torch.nn as nn
 from PIL import Image
-from standin_quality import OWN
+from standin_quality import SETS
 
-from captioning.backbone import build_resnet, pretrain_standin
+from captioning.backbone import build_resnet
 from captioning.data import eval_transform
+from captioning.standin import pretrain_standin
 from captioning.tinyset import make_tinyset
 
 SIZE, CROP = 64, 56   # the tiny preset's
@@ -71,34 +74,57 @@ def probe(train, val, steps=500):
     return (picks == yv).all(1).float().mean().item()
 
 
+ELEVEN = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon", "octagon", "star", "cross", "heart",
+          "ring")
+
+
+def parse_recipe(text):
+    """'steps=1400,radius=0.15-0.23' -> pretrain_standin keyword arguments."""
+    kwargs = {}
+    for item in filter(None, text.split(",")) if text != "default" else ():
+        name, value = item.split("=")
+        if name in ("radius", "aspect"):
+            kwargs[name] = tuple(float(v) for v in value.split("-"))
+        elif name == "shapes":
+            kwargs[name] = ELEVEN if value == "tiny11" else tuple(value.split("/"))
+        else:
+            kwargs[name] = int(value) if name in ("steps", "low_batch") else float(value)
+    return kwargs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="+", default=["1000:0.6:1", "1400:0.43:2"])
+    parser.add_argument("--recipes", nargs="*", default=["default"])
+    parser.add_argument("--files", nargs="*", default=[], help="stand-in weights files to probe as they are")
     parser.add_argument("--out", default="runs/standin_probe")
     args = parser.parse_args()
-    data = os.path.join(args.out, "own_shapes")
-    if not os.path.exists(os.path.join(data, "annotations", "captions_val2014.json")):
-        make_tinyset(data, **OWN)
-    train, val = load_split(data, "train"), load_split(data, "val")
+    splits = {}
+    for name, spec in SETS.items():
+        data = os.path.join(args.out, name.replace(" ", "_"))
+        if not os.path.exists(os.path.join(data, "annotations", "captions_val2014.json")):
+            make_tinyset(data, **spec)
+        splits[name] = load_split(data, "train"), load_split(data, "val")
     rows = []
-    for recipe in args.recipes:
-        steps, low_share, low_batch = recipe.split(":")
-        t = time.perf_counter()
-        state, report = pretrain_standin("resnet18", SIZE, CROP, int(steps), low_share=float(low_share),
-                                         low_batch=int(low_batch), progress=False)
-        seconds = time.perf_counter() - t
-        path = os.path.join(args.out, f"standin-{recipe.replace(':', '-')}.pth")
-        torch.save(state, path)
+    for item in [*args.recipes, *args.files]:
+        seconds, heldout = float("nan"), {}
+        path = item
+        if item in args.recipes:
+            t = time.perf_counter()
+            state, heldout = pretrain_standin("resnet18", SIZE, CROP, progress=False, **parse_recipe(item))
+            seconds = time.perf_counter() - t
+            path = os.path.join(args.out, f"standin-{item.replace('=', '-').replace(',', '_').replace('/', '+')}.pth")
+            torch.save(state, path)
         resnet = build_resnet("resnet18", path)
         resnet.fc = nn.Identity()
         resnet.eval()
-        right = probe((features(resnet, train[0]), train[1]), (features(resnet, val[0]), val[1]))
-        rows.append((recipe, report["schedule"], seconds, report["heldout_shape_accuracy"], right))
-        print(f"done: {recipe} ({seconds:.0f} s)", flush=True)
-    print(f"\n{'recipe':<14}{'schedule (steps, resize, crop, batch)':<44}{'s':>6}{'held-out shapes':>17}"
-          f"{'probe: objects':>16}")
-    for recipe, schedule, seconds, heldout, right in rows:
-        print(f"{recipe:<14}{str(schedule):<44}{seconds:>6.0f}{heldout:>17.1%}{right:>16.1%}")
+        right = {name: probe((features(resnet, train[0]), train[1]), (features(resnet, val[0]), val[1]))
+                 for name, (train, val) in splits.items()}
+        rows.append((os.path.basename(item), seconds, heldout.get("heldout_single_shape_accuracy"), right))
+        print(f"done: {item} ({seconds:.0f} s)", flush=True)
+    print(f"\n{'recipe':<44}{'s':>6}{'lone shapes':>13}" + "".join(f"{name:>15}" for name in SETS))
+    for item, seconds, single, right in rows:
+        single = "" if single is None else f"{single:.1%}"
+        print(f"{item[:43]:<44}{seconds:>6.0f}{single:>13}" + "".join(f"{v:>15.1%}" for v in right.values()))
 
 
 if __name__ == "__main__":

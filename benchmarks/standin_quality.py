@@ -20,12 +20,18 @@ import time
 from captioning.backbone import STANDIN
 from captioning.config import get_config
 from captioning.evaluation import evaluate_checkpoint
-from captioning.tinyset import NAMED_COLOURS, make_tinyset
+from captioning.tinyset import HELDOUT_SHAPES, NAMED_COLOURS, make_tinyset
 from captioning.training import train
 
-OWN = dict(train=1500, val=200, seed=7, shapes=("star", "hexagon", "diamond", "heart", "cross"),
+# other colours, shapes and background than the bundled set; landscape and portrait images, a thin shape
+OWN = dict(train=1500, val=200, seed=7, shapes=("star", "hexagon", "diamond", "heart", "cross", "bar"),
            colours={c: NAMED_COLOURS[c] for c in ("pink", "cyan", "brown", "grey", "navy", "lime")},
-           background=(240, 230, 210))
+           background=(240, 230, 210), image_size=((72, 176), (64, 150)), object_size=(0.26, 0.42))
+# shapes the stand-in never saw in pretraining, other colours again, on a dark background
+UNSEEN = dict(train=1500, val=200, seed=8, shapes=HELDOUT_SHAPES,
+              colours={c: NAMED_COLOURS[c] for c in ("white", "yellow", "orange", "magenta", "teal", "lime")},
+              background=(30, 30, 40), image_size=((64, 176), (64, 176)), object_size=(0.26, 0.42))
+SETS = {"tiny set": dict(train=3000, val=250, seed=0), "own shapes": OWN, "unseen shapes": UNSEEN}
 
 
 def run(name, data_dir, models_dir, weights, epochs):
@@ -46,7 +52,7 @@ def main():
     parser.add_argument("--out", default="runs/standin_quality")
     parser.add_argument("--epochs", type=int, help="decoder epochs (default: the tiny preset's)")
     args = parser.parse_args()
-    sets = {"tiny set": dict(train=3000, val=250, seed=0), "own shapes": OWN}
+    sets = SETS
     rows = []
     for set_name, spec in sets.items():
         data = os.path.join(args.out, "data", set_name.replace(" ", "_"))

@@ -44,8 +44,9 @@ from captioning.config import get_config
 from captioning.data import CocoCaptionDataset, collate_function, eval_transform
 from captioning.device import pick_device
 from captioning.model import calibrate_batchnorm
+from captioning.prepare import ensure_prerequisites
 from captioning.tinyset import make_tinyset
-from captioning.training import EncoderDecoder, ensure_prerequisites, evaluate_loss, train
+from captioning.training import EncoderDecoder, evaluate_loss, train
 from captioning.vocabulary import load_vocabulary
 
 

@@ -150,7 +150,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from .saliency import save_explanations
 
     device = pick_device(args.device)
-    missing = []
+    missing: list[str] = []
     paths = expand_paths(args.images, missing)
     for path in missing:
         print(f"error: not an image file or folder: {path}", file=sys.stderr)

@@ -20,9 +20,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import IO, Any
+
+# what signal.signal() returns and accepts: a handler, SIG_DFL/SIG_IGN, or None (not set from Python)
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
-def fsync_dir(path):
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # not supported on some platforms
@@ -33,14 +39,14 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def _umask():
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb", sync_dir=True):
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", sync_dir: bool = True) -> Iterator[IO[Any]]:
     """Yield a file open in `mode`; on success fsync it and rename it over `path`.
 
     The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600.
@@ -66,7 +72,8 @@ def atomic_write(path, mode="wb", sync_dir=True):
 PREVIOUS_PREFIX = "previous-"
 
 
-def move_aside(folder, names, log=print, what="the previous files"):
+def move_aside(folder: str, names: Iterable[str], log: Callable[[str], object] = print,
+               what: str = "the previous files") -> str | None:
     """Move the entries `names` of `folder` (files or folders; absent ones are ignored) into a new
     `folder/previous-<timestamp>/`, and say so. Returns that folder, or None when nothing was there.
 
@@ -91,11 +98,11 @@ def move_aside(folder, names, log=print, what="the previous files"):
     return aside
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; docker stop, Kubernetes, Slurm, spot reclaim
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; docker stop, Kubernetes, Slurm, spot reclaim
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
+def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block has finished, then deliver the first one.
 
     A KeyboardInterrupt raised inside torch.save leaves its zip writer broken, and the next
@@ -108,15 +115,16 @@ def interrupts_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received, previous = [], {}
+    received: list[tuple[int, FrameType | None]] = []
+    previous: dict[int, _Handler] = {}
 
-    def hold(signum, frame):
+    def hold(signum: int, frame: FrameType | None) -> None:
         if not received and not getattr(previous.get(signum), "holds_interrupts", False):   # said once
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"{name}: finishing the checkpoint write first", file=sys.stderr, flush=True)
         received.append((signum, frame))
 
-    hold.holds_interrupts = True
+    hold.holds_interrupts = True  # type: ignore[attr-defined]  # a function attribute, which mypy does not model
     for signum in STOP_SIGNALS:
         previous[signum] = signal.signal(signum, hold)
     try:

@@ -16,22 +16,32 @@ A reader who trained with the chapter's notebook has `encoder-5-3000.ckpt` and
 import os
 import pickle
 import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .atomic import atomic_write, move_aside
+from .config import get_config
 
 # torch, nltk (vocabulary) and the checkpoint code are imported by the functions that use them,
-# so that the CLI's parser can read BOOK without them.
+# so that the CLI, which imports this module for its parser (BOOK), starts without them.
+if TYPE_CHECKING:          # for the annotations only
+    import torch
+
+    from .vocabulary import Vocab
 
 # The chapter's sizes: CNNModel(256), LSTMModel(256, 512, len(vocabulary), 1), max_seq_len=20.
 BOOK = {"backbone": "resnet152", "embedding_size": 256, "hidden_size": 512, "num_layers": 1, "max_seq_len": 20}
 
 # (block type, blocks in layer1..layer4) -> torchvision ResNet
-_RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
-            ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
-            ("bottleneck", (3, 8, 36, 3)): "resnet152"}
+_RESNETS: dict[tuple[str, tuple[int, ...]], str] = {
+    ("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
+    ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("bottleneck", (3, 8, 36, 3)): "resnet152"}
 
 
-def _load_state_dict(path, what, required):
+def _load_state_dict(path: str, what: str, required: Iterable[str]) -> "dict[str, torch.Tensor]":
     """A bare state dict of tensors from `path` (loaded weights_only), with DDP/compile prefixes removed."""
-    import torch
+    import torch  # lazy, both: torch (see the note at the top)
 
     from .checkpoint import strip_prefixes
 
@@ -55,9 +65,9 @@ def _load_state_dict(path, what, required):
     return state
 
 
-def infer_backbone(encoder_state, path="the encoder"):
+def infer_backbone(encoder_state: "Mapping[str, torch.Tensor]", path: str = "the encoder") -> str:
     """The torchvision ResNet whose blocks `resnet_module.4..7.*` hold (the chapter's Sequential of its children)."""
-    blocks = []
+    blocks: list[int] = []
     for layer in (4, 5, 6, 7):
         found = {int(m.group(1)) for k in encoder_state if (m := re.match(rf"resnet_module\.{layer}\.(\d+)\.", k))}
         blocks.append(max(found) + 1 if found else 0)
@@ -70,7 +80,8 @@ def infer_backbone(encoder_state, path="the encoder"):
     return name
 
 
-def infer_sizes(encoder_state, decoder_state, encoder_path="the encoder", decoder_path="the decoder"):
+def infer_sizes(encoder_state: "Mapping[str, torch.Tensor]", decoder_state: "Mapping[str, torch.Tensor]",
+                encoder_path: str = "the encoder", decoder_path: str = "the decoder") -> dict[str, Any]:
     """Every size the two state dicts fix: backbone, embedding, hidden, layers, vocabulary."""
     linear = encoder_state["linear_layer.weight"]                     # (embedding, resnet features)
     embedding = decoder_state["embedding_layer.weight"]               # (vocabulary, embedding)
@@ -92,9 +103,9 @@ def infer_sizes(encoder_state, decoder_state, encoder_path="the encoder", decode
             "vocabulary_size": embedding.shape[0]}
 
 
-def _check_vocabulary(vocab, path):
+def _check_vocabulary(vocab: Any, path: str) -> "Vocab":
     """The book's Vocab, checked: ids 0..n-1 both ways, the special tokens first."""
-    from .vocabulary import SPECIAL_TOKENS, Vocab
+    from .vocabulary import SPECIAL_TOKENS, Vocab  # lazy: nltk (see the note at the top)
 
     n = len(vocab.w2i)
     if sorted(vocab.i2w) != list(range(n)) or any(vocab.w2i.get(w) != i for i, w in vocab.i2w.items()):
@@ -105,8 +116,10 @@ def _check_vocabulary(vocab, path):
     return Vocab.from_words([vocab.i2w[i] for i in range(n)])
 
 
-def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=None, embedding_size=None,
-                   hidden_size=None, num_layers=None, max_seq_len=None, log=print, overwrite=False):
+def import_chapter(encoder_path: str, decoder_path: str, vocabulary_path: str, out: str, backbone: str | None = None,
+                   embedding_size: int | None = None, hidden_size: int | None = None, num_layers: int | None = None,
+                   max_seq_len: int | None = None, log: Callable[[str], object] = print,
+                   overwrite: bool = False) -> dict[str, Any]:
     """The book's encoder/decoder .ckpt and vocabulary.pkl -> one checkpoint at `out`; returns its sizes.
 
     Sizes left as None are read off the weights (the book's, unless the weights say otherwise);
@@ -114,9 +127,8 @@ def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=No
     not in the weights: the book's 20 unless given. An existing `out` is refused unless
     `overwrite`; then it is moved into a previous-<timestamp>/ folder beside it, never deleted.
     """
-    from .atomic import move_aside
+    # lazy: torch and nltk (see the note at the top)
     from .checkpoint import atomic_save, build_models, checkpoint_state
-    from .config import get_config
     from .vocabulary import load_vocabulary
 
     if os.path.isdir(out):
@@ -152,8 +164,8 @@ def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=No
                         hidden_layer_size=sizes["hidden_size"], num_layers=sizes["num_layers"],
                         max_seq_len=sizes["max_seq_len"])
     encoder, decoder = build_models(config, len(vocab), weights=None)
-    for module, state, path in ((encoder, enc, encoder_path), (decoder, dec, decoder_path)):
-        missing, unexpected = module.load_state_dict(state, strict=False)
+    for module, weights, path in ((encoder, enc, encoder_path), (decoder, dec, decoder_path)):
+        missing, unexpected = module.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the chapter's {type(module).__name__}: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
@@ -167,7 +179,7 @@ def import_chapter(encoder_path, decoder_path, vocabulary_path, out, backbone=No
     return sizes
 
 
-def chapter_vocab_pickle(vocab):
+def chapter_vocab_pickle(vocab: "Vocab") -> bytes:
     """Pickle bytes that load as the notebook's own `__main__.Vocab`, with `w2i`, `i2w` and `index`.
 
     pickle.dumps cannot name a class that this process has not defined in __main__, so the
@@ -181,7 +193,8 @@ def chapter_vocab_pickle(vocab):
             + state[2:-1] + pickle.BUILD + pickle.STOP)
 
 
-def export_chapter(checkpoint, out_dir, weights=None, log=print, overwrite=False):
+def export_chapter(checkpoint: str, out_dir: str, weights: str | None = None, log: Callable[[str], object] = print,
+                   overwrite: bool = False) -> dict[str, Any]:
     """One checkpoint -> out_dir/{encoder.ckpt, decoder.ckpt, vocabulary.pkl} for the book's inference cells.
 
     The encoder state is complete: a frozen pretrained ResNet the checkpoint left out is rebuilt
@@ -190,8 +203,7 @@ def export_chapter(checkpoint, out_dir, weights=None, log=print, overwrite=False
     moved into out_dir/previous-<timestamp>/ first, so that no export is a mix of two.
     Returns {"encoder", "decoder", "vocabulary": paths, "sizes": ...}.
     """
-    from .atomic import atomic_write, move_aside
-    from .checkpoint import atomic_save, load_captioner
+    from .checkpoint import atomic_save, load_captioner  # lazy: torch (see the note at the top)
 
     if os.path.isfile(out_dir):
         raise ValueError(f"--out {out_dir} is a file: give a folder for encoder.ckpt, decoder.ckpt, vocabulary.pkl")

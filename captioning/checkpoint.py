@@ -14,23 +14,32 @@ torch.load(weights_only=True), so a checkpoint cannot run code, and maps everyth
 CPU unless told otherwise (a CUDA checkpoint loads anywhere).
 """
 import errno
+import hashlib
 import math
 import os
 import random
 import shutil
+from collections.abc import Mapping
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write, interrupts_deferred
+from .backbone import STANDIN
+from .config import Config, get_config
+from .model import CNNModel, LSTMModel
+from .standin import standin_path
+from .vocabulary import Vocab
 
 # The checkpoint's layout version: 2 added "schema" and "data". A newer one is refused by name rather
 # than misread; an older one (no "schema") still loads.
 SCHEMA = 2
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+_V = TypeVar("_V")
 
 
-def strip_prefixes(state_dict):
+def strip_prefixes(state_dict: Mapping[str, _V]) -> dict[str, _V]:
     out = {}
     for key, value in state_dict.items():
         changed = True
@@ -43,18 +52,18 @@ def strip_prefixes(state_dict):
     return out
 
 
-def write_failed(error, path, folder=None):
+def write_failed(error: BaseException, path: str, folder: str | None = None) -> Exception:
     """The error to raise when writing `path` failed: one line that names the file and says why.
 
     A full disk says so ("no space left on device writing PATH"); torch's zip writer reports one as
     "[enforce fail at inline_container.cc:...] . unexpected pos ..." or "file write failed", which
     names nothing: its OSError is taken from the exception's chain when it is there, and otherwise
     a folder with no space left is taken as the reason."""
-    cause, depth = error, 0
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno) and depth < 20:
-        cause, depth = cause.__cause__ or cause.__context__, depth + 1
-    if not (isinstance(cause, OSError) and cause.errno):
-        cause = None
+    link: BaseException | None = error
+    depth = 0
+    while link is not None and not (isinstance(link, OSError) and link.errno) and depth < 20:
+        link, depth = link.__cause__ or link.__context__, depth + 1
+    cause = link if isinstance(link, OSError) and link.errno else None
     if cause is None and isinstance(error, RuntimeError) and _is_write_failure(error):
         try:
             if shutil.disk_usage(folder or os.path.dirname(os.path.abspath(path))).free < 1 << 20:
@@ -71,7 +80,7 @@ def write_failed(error, path, folder=None):
     return RuntimeError(f"writing {path} failed ({type(error).__name__}: {reason})")
 
 
-def os_error(code, message, kind=OSError):
+def os_error(code: int | None, message: str, kind: type[OSError] = OSError) -> OSError:
     """An OSError (of `kind`, e.g. PermissionError) with this errno whose str() is `message` alone."""
     try:
         error = kind(message)
@@ -81,7 +90,7 @@ def os_error(code, message, kind=OSError):
     return error
 
 
-def _is_write_failure(error):
+def _is_write_failure(error: BaseException) -> bool:
     text = str(error)
     return "unexpected pos" in text or "file write failed" in text or "PytorchStreamWriter failed" in text
 
@@ -90,21 +99,22 @@ class _WriteErrors:
     """A file object that remembers the OSError its write raised: torch's zip writer replaces it with a
     RuntimeError that does not say what went wrong."""
 
-    def __init__(self, f):
-        self.f, self.error = f, None
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
 
-    def write(self, b):
+    def write(self, b: bytes) -> int:
         try:
             return self.f.write(b)
         except OSError as e:
             self.error = e
             raise
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.f, name)
 
 
-def atomic_save(obj, path):
+def atomic_save(obj: object, path: str) -> str:
     """torch.save, all or nothing: temp file, fsync, rename; a Ctrl-C waits until it is done.
 
     A write that fails (a full disk, a quota, an I/O error) leaves the previous file as it was and
@@ -121,7 +131,7 @@ def atomic_save(obj, path):
     return path
 
 
-def atomic_copy(src, dst):
+def atomic_copy(src: str, dst: str) -> str:
     """Copy `src` to `dst` with the same all-or-nothing guarantee (used for best.ckpt)."""
     try:
         with interrupts_deferred(), atomic_write(dst) as out, open(src, "rb") as f:
@@ -133,7 +143,7 @@ def atomic_copy(src, dst):
     return dst
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train one with notebook 06 or "
                                 f"`python -m captioning train`)")
@@ -166,31 +176,26 @@ def load_checkpoint(path, map_location="cpu"):
 _FROM_CONFIG = object()
 
 
-def build_models(config, vocab_size, weights=_FROM_CONFIG):
+def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -> tuple[CNNModel, LSTMModel]:
     """(CNNModel, LSTMModel) with every size from `config`: training and loading build the same shapes.
 
     `weights` defaults to config.weights; weights="standin" needs ensure_standin first.
     """
-    from .backbone import STANDIN, standin_path
-    from .model import CNNModel, LSTMModel
-
     weights = config.weights if weights is _FROM_CONFIG else weights
     if weights == STANDIN:
         weights = standin_path(config)
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
-                                    f"captioning.backbone.ensure_standin(config), or train() which builds it")
+                                    f"captioning.standin.ensure_standin(config), or train() which builds it")
     encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
     decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,
                         config.max_seq_len)
     return encoder, decoder
 
 
-def data_identity(config):
+def data_identity(config: Config) -> dict[str, str]:
     """What the run's data is, by content, not by path: the SHA-1 of its training captions file
     (a resume on other data is refused, rundir.resume_config)."""
-    import hashlib
-
     digest = hashlib.sha1()
     with open(config.captions_json("train"), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -198,16 +203,16 @@ def data_identity(config):
     return {"train_captions_sha1": digest.hexdigest()}
 
 
-def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=None, epoch=0, batch=0, step=0,
-                     best_val_loss=math.inf, world_size=1, data=None):
+def checkpoint_state(config: Config, vocab: Vocab, encoder: CNNModel, decoder: LSTMModel,
+                     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                     epoch: int = 0, batch: int = 0, step: int = 0, best_val_loss: float = math.inf,
+                     world_size: int = 1, data: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True).
 
     `world_size`: the number of processes that trained it; with the batch size, it says which items
     of the epoch `batch` batches were, which a resume skips. `data`: data_identity of its data."""
     # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
     # or stand-in one (a file of this machine's) travels in the checkpoint.
-    from .backbone import STANDIN
-
     keep_backbone = encoder.train_backbone or encoder.weights_id is None or config.weights == STANDIN
     encoder_state = {k: v for k, v in encoder.state_dict().items()
                      if keep_backbone or not k.startswith("resnet_module.")}
@@ -223,15 +228,17 @@ def checkpoint_state(config, vocab, encoder, decoder, optimizer=None, scaler=Non
     }
 
 
-def _rng_state():
+def _rng_state() -> dict[str, Any]:
     """Every random generator's state, so a resumed run draws what the uninterrupted one would."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state()
+    assert isinstance(state, tuple)        # legacy=True, the default: ("MT19937", keys, pos, has_gauss, gauss)
+    _, keys, pos, has_gauss, gauss = state
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": list(random.getstate()[1])}
 
 
-def _set_rng_state(state):
+def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -240,7 +247,9 @@ def _set_rng_state(state):
     random.setstate((3, tuple(state["python"]), None))
 
 
-def restore_training_state(path, vocab, encoder, decoder, optimizer, scaler, device):
+def restore_training_state(path: str, vocab: Vocab, encoder: CNNModel, decoder: LSTMModel,
+                           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                           device: str | torch.device) -> tuple[int, int, int, float]:
     """Load last.ckpt into a run being resumed; returns (epoch, batch in epoch, step, best val loss)."""
     ckpt = load_checkpoint(path, map_location=device)
     if ckpt["vocab"] != vocab.words():
@@ -254,7 +263,7 @@ def restore_training_state(path, vocab, encoder, decoder, optimizer, scaler, dev
     return ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val_loss", math.inf)
 
 
-def load_encoder_state(encoder, ckpt):
+def load_encoder_state(encoder: CNNModel, ckpt: Mapping[str, Any]) -> None:
     """Load a checkpoint's encoder state; a frozen pretrained backbone is not in it (rebuilt from its weights)."""
     missing, unexpected = encoder.load_state_dict(ckpt["encoder"], strict=False)
     allowed_missing = () if ckpt["backbone"]["included"] else ("resnet_module.",)
@@ -263,16 +272,14 @@ def load_encoder_state(encoder, ckpt):
         raise ValueError(f"checkpoint does not match the encoder: missing {bad[:5]}, unexpected {unexpected[:5]}")
 
 
-def load_captioner(path, device="cpu", weights=None):
+def load_captioner(path: str, device: str | torch.device = "cpu",
+                   weights: str | None = None) -> tuple[CNNModel, LSTMModel, Vocab, Config]:
     """(encoder, decoder, vocab, config) from one .ckpt, in eval mode on `device`.
 
     Nothing is repeated from training: the config and the vocabulary come from the file.
     A frozen pretrained backbone is rebuilt from its weights id, or from `weights`
     (a local .pth file) on a machine that cannot download it.
     """
-    from .config import Config
-    from .vocabulary import Vocab
-
     ckpt = load_checkpoint(path)
     backbone = ckpt.get("backbone")
     if backbone is None:
@@ -283,7 +290,7 @@ def load_captioner(path, device="cpu", weights=None):
             raise ValueError(f"{path}: its 'backbone' entry has no {key!r}: re-train, or rebuild the encoder by hand")
     if "linear_layer.weight" not in ckpt["decoder"]:
         raise ValueError(f"{path}: its 'decoder' state has no 'linear_layer.weight': not this project's LSTMModel")
-    config = Config.from_checkpoint(ckpt["config"])
+    config = get_config(saved=ckpt["config"])
     vocab = Vocab.from_words(ckpt["vocab"])
     config.backbone, config.train_backbone = backbone["name"], backbone["trained"]
     # the backbone in the file (trained, random or stand-in), or rebuilt from its pretrained weights

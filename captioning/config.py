@@ -2,10 +2,15 @@
 
     cfg = get_config("tiny", epochs=3)      # preset + overrides
     cfg.vocabulary_path                     # data_dir/tiny/vocabulary.pkl
+    get_config(saved=checkpoint["config"])  # a checkpoint's run
+    get_config(PRESET, notebook=True, data_dir=DATA_DIR, ...)   # a notebook's parameters (None: the preset's)
 """
+import ast
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -56,7 +61,7 @@ class Config:
     progress: bool = True
     tensorboard: bool = True               # event files in models_dir/tb/ (tblog.py)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.models_dir:
             self.models_dir = os.path.join("models_dir", os.path.basename(os.path.normpath(self.data_dir)))
         self.check()
@@ -67,7 +72,7 @@ class Config:
                 "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
                 "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0}
 
-    def check(self):
+    def check(self) -> None:
         """Range-check the fields, naming the one that is wrong: before any expensive work starts."""
         for name, least in self.MINIMUMS.items():
             value = getattr(self, name)
@@ -86,37 +91,30 @@ class Config:
             raise ValueError(f"crop_size ({self.crop_size}) must not exceed resize_size ({self.resize_size})")
 
     # --- derived paths: the state files shared by the notebooks ---
-    def split_images(self, split):
+    def split_images(self, split: str) -> str:
         return os.path.join(self.data_dir, f"{split}2014")
 
-    def resized_images(self, split):
+    def resized_images(self, split: str) -> str:
         return os.path.join(self.data_dir, "resized_images", f"{split}2014")
 
-    def captions_json(self, split):
+    def captions_json(self, split: str) -> str:
         return os.path.join(self.data_dir, "annotations", f"captions_{split}2014.json")
 
     @property
-    def vocabulary_path(self):
+    def vocabulary_path(self) -> str:
         return os.path.join(self.data_dir, "vocabulary.pkl")
 
     @property
-    def features_dir(self):
+    def features_dir(self) -> str:
         return os.path.join(self.data_dir, "features")
 
     @property
-    def use_cache(self):
+    def use_cache(self) -> bool:
         return self.cache and not self.train_backbone
 
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         """Every field but the runtime knobs: what a checkpoint keeps of its run."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
-
-    @classmethod
-    def from_checkpoint(cls, saved):
-        """The Config of a checkpoint's saved fields; fields of other versions are ignored, and the
-        runtime knobs are this machine's defaults, not the training machine's."""
-        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
-        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
@@ -138,7 +136,7 @@ OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every",
 EXECUTION_FIELDS = RUNTIME_FIELDS + ("amp", "channels_last", "preset", "data_dir", "models_dir")
 
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     # Chapter 2 on MS-COCO 2014: frozen ImageNet ResNet-152, batch 128, 5 epochs.
     "coco": dict(preset="coco", data_dir="data_dir/coco"),
     # The bundled synthetic set on a 2-core CPU, where no pretrained weights can be downloaded.
@@ -177,11 +175,11 @@ WHY = {
 }
 
 
-def preset_table(fields=tuple(BOOK)):
+def preset_table(fields: Iterable[str] = tuple(BOOK)) -> list[tuple[str, Any, Any, Any, str]]:
     """Rows (field, the book's value, tiny's, coco's, why they differ) of the chapter's hyperparameters."""
     tiny, coco = get_config("tiny"), get_config("coco")
 
-    def shown(name, config):
+    def shown(name: str, config: Config) -> Any:
         if name == "weights":
             return "stand-in" if config.weights == "standin" else f"ImageNet ({config.weights})"
         if name == "cache":
@@ -191,7 +189,7 @@ def preset_table(fields=tuple(BOOK)):
     return [(name, BOOK[name], shown(name, tiny), shown(name, coco), WHY[name]) for name in fields]
 
 
-def format_preset_table(markdown=False):
+def format_preset_table(markdown: bool = False) -> str:
     """preset_table() as text (or as a markdown table, as in the README)."""
     rows = [("field", "book", "tiny", "coco", "why they differ")] + \
         [tuple(str(v) for v in row) for row in preset_table()]
@@ -206,27 +204,44 @@ def format_preset_table(markdown=False):
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def get_config(preset, root=None, **overrides):
-    """The one way to make a Config: a preset, with any field overridden; unknown fields are an error.
+def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, notebook: bool = False,
+               root: str | None = None, **overrides: Any) -> Config:
+    """The one way to make a Config, for the CLI, the notebooks and checkpoints alike.
 
-    `root`: relative data_dir and models_dir are taken from there (notebook_config passes the
-    project root). models_dir, unless given, is derived from data_dir by Config itself.
+    - `preset` ("tiny" or "coco") with any field overridden; an unknown field is an error;
+    - `saved`: a checkpoint's saved fields instead of a preset: fields of other versions are
+      ignored, and the runtime knobs (device, progress, ...) are this machine's, not the
+      training machine's;
+    - `notebook=True`: the notebooks' parameters, where None means the preset's value, and
+      relative paths are taken from the project root, so a notebook finds the same files whether
+      Jupyter runs it from notebooks/ or papermill from the root (`root` sets another folder).
+
+    models_dir, unless given, is derived from data_dir by Config itself. `config.given` records the
+    fields asked for, not the preset's: a resume keeps the rest from its checkpoint.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in dataclasses.fields(Config)}
+    if notebook:
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        root = root or PROJECT_ROOT
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-    config = Config(**{**PRESETS[preset], **overrides})
+    base: dict[str, Any]
+    if saved is not None:
+        base = {k: v for k, v in saved.items() if k in names - set(RUNTIME_FIELDS)}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    config = Config(**{**base, **overrides})
     if root:
         config.data_dir = os.path.join(root, config.data_dir)
         config.models_dir = os.path.join(root, config.models_dir)
-    config.given = frozenset(overrides)   # what was asked for, not the preset's: a resume keeps the rest
+    config.given = frozenset(overrides)  # type: ignore[attr-defined]  # not a field: never saved in a checkpoint
     return config
 
 
-def resumed_config(saved, config):
+def resumed_config(saved: Mapping[str, Any], config: Config) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """The config of a resumed run: the checkpoint's `saved` fields, with this start's execution
     fields and the optimisation fields it was given. Returns (config, {field: (was, now)} of the
     optimisation fields that change).
@@ -252,32 +267,16 @@ def resumed_config(saved, config):
             changes[name] = (saved.get(name), getattr(config, name))
             values[name] = getattr(config, name)
     out = Config(**values)
-    out.given = frozenset(given)
+    out.given = frozenset(given)  # type: ignore[attr-defined]
     return out, changes
-
-
-def notebook_config(preset="tiny", data_dir=None, models_dir=None, **overrides):
-    """get_config for the notebooks' parameters: None means the preset's value (and the preset's
-    folder), and relative paths are taken from the project root, so a notebook finds the same files
-    whether Jupyter runs it from notebooks/ or papermill from the root. A Karpathy-format folder is
-    put in the COCO layout (karpathy.py)."""
-    from .karpathy import ensure_coco_layout
-
-    paths = {k: v for k, v in (("data_dir", data_dir), ("models_dir", models_dir)) if v}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = get_config(preset, root=PROJECT_ROOT, **paths, **overrides)
-    ensure_coco_layout(config.data_dir)    # a Karpathy-format DATA_DIR: converted once, then read as COCO
-    return config
 
 
 INJECTED = "# Parameters\n"          # how papermill's injected cell begins
 
 
-def assigned_names(source):
+def assigned_names(source: str) -> list[str]:
     """The UPPER_CASE names a cell's source assigns at top level (a parameters cell's knobs)."""
-    import ast
-
-    names = []
+    names: list[str] = []
     for node in ast.parse(source).body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
             if isinstance(node, ast.AnnAssign) else []
@@ -285,7 +284,7 @@ def assigned_names(source):
     return names
 
 
-def check_parameters(namespace, history=None):
+def check_parameters(namespace: Mapping[str, Any], history: Iterable[str] | None = None) -> None:
     """Refuse parameters a notebook does not declare, before any work: the cell after a notebook's
     parameters cell calls check_parameters(globals()).
 

@@ -18,7 +18,7 @@ only these, so a second decoder plugs in without changes there:
 
 `greedy_search`, `beam_search` and `score_sequences` are written once against this interface.
 """
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, overload, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .vocabulary import END_ID
 
 LENGTH_PENALTY = 0.7  # beam search ranks finished captions by sum(log p) / length ** LENGTH_PENALTY
+
+Ids = list[list[int]]                 # one token-id list per image
+StepWeights = list[Tensor | None]     # per image: (len(ids), P) weights, or None for a decoder without them
 
 
 @runtime_checkable
@@ -55,8 +58,15 @@ def cut_after_end(ids: list[int], end_id: int = END_ID) -> list[int]:
     return ids[: ids.index(end_id) + 1] if end_id in ids else ids
 
 
+@overload
+def greedy_search(decoder: Decoder, features: Tensor, end_id: int = ...,
+                  return_weights: Literal[False] = ...) -> Ids: ...
+@overload
+def greedy_search(decoder: Decoder, features: Tensor, end_id: int = ...,
+                  *, return_weights: Literal[True]) -> tuple[Ids, StepWeights]: ...
 @torch.no_grad()
-def greedy_search(decoder: Decoder, features: Tensor, end_id: int = END_ID, return_weights: bool = False):
+def greedy_search(decoder: Decoder, features: Tensor, end_id: int = END_ID,
+                  return_weights: bool = False) -> Ids | tuple[Ids, StepWeights]:
     """The likeliest word at each step: one token-id list per image, cut after <end>.
 
     With return_weights, also one (len(ids), P) tensor of per-word weights per image (None for a
@@ -101,7 +111,7 @@ def score_sequences(decoder: Decoder, features: Tensor, sequences: list[list[int
 class _Beams:
     """The beams of a batch: scores (B, K), last tokens, each beam's history, its weights, the best finished."""
 
-    def __init__(self, log_probs, K, weights):
+    def __init__(self, log_probs: Tensor, K: int, weights: Tensor | None) -> None:
         B, V = log_probs.shape
         k0 = min(K, V)
         self.scores, self.tokens = log_probs.topk(k0, dim=1)                     # (B, k0)
@@ -110,9 +120,10 @@ class _Beams:
             self.tokens = torch.cat([self.tokens, self.tokens.new_zeros(B, K - k0)], 1)
         self.history = self.tokens.unsqueeze(2)                                  # (B, K, t)
         self.weights = None if weights is None else weights.unsqueeze(1).unsqueeze(2).expand(-1, K, 1, -1)
-        self.best = [(float("-inf"), None, None)] * B                             # (normalised score, ids, weights)
+        # (normalised score, ids, weights)
+        self.best: list[tuple[float, list[int] | None, Tensor | None]] = [(float("-inf"), None, None)] * B
 
-    def finish(self, t, end_id, last, length_penalty):
+    def finish(self, t: int, end_id: int, last: bool, length_penalty: float) -> None:
         ended = (self.tokens == end_id) | last
         for b, k in ended.logical_and(self.scores > float("-inf")).nonzero().tolist():
             norm = self.scores[b, k].item() / t ** length_penalty
@@ -121,7 +132,7 @@ class _Beams:
                 self.best[b] = (norm, self.history[b, k].tolist(), weights)
         self.scores = self.scores.masked_fill(self.tokens == end_id, float("-inf"))
 
-    def grow(self, log_probs, K):
+    def grow(self, log_probs: Tensor, K: int) -> Tensor:
         """Keep the K best continuations; returns the flat index of each one's parent row, (B*K,)."""
         B = self.scores.size(0)
         V = log_probs.size(1)
@@ -136,14 +147,20 @@ class _Beams:
             self.weights = self.weights.gather(1, index)
         return (parent + torch.arange(B, device=parent.device).unsqueeze(1) * K).view(-1)
 
-    def add_weights(self, weights, K):
+    def add_weights(self, weights: Tensor | None, K: int) -> None:
         if self.weights is not None and weights is not None:
             self.weights = torch.cat([self.weights, weights.view(-1, K, 1, weights.size(-1))], 2)
 
 
+@overload
+def beam_search(decoder: Decoder, features: Tensor, beam_size: int = ..., length_penalty: float = ...,
+                end_id: int = ..., return_weights: Literal[False] = ...) -> Ids: ...
+@overload
+def beam_search(decoder: Decoder, features: Tensor, beam_size: int = ..., length_penalty: float = ...,
+                end_id: int = ..., *, return_weights: Literal[True]) -> tuple[Ids, StepWeights]: ...
 @torch.no_grad()
 def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, length_penalty: float = LENGTH_PENALTY,
-                end_id: int = END_ID, return_weights: bool = False):
+                end_id: int = END_ID, return_weights: bool = False) -> Ids | tuple[Ids, StepWeights]:
     """Batched beam search over any Decoder. Returns one token-id list per image, cut after <end>.
 
     Beams are ranked by their summed log-probability while they grow; finished captions are
@@ -173,5 +190,5 @@ def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, length_p
         greedy_scores = score_sequences(decoder, features, greedy[0], length_penalty)
         results = [(gs, g, gw) if gs > bs + 1e-6 else (bs, ids, w)
                    for g, gw, gs, (bs, ids, w) in zip(*greedy, greedy_scores, results)]
-    ids = [r[1] for r in results]
+    ids = cast(Ids, [r[1] for r in results])        # not None: every row is finished at max_seq_len (last=True)
     return (ids, [r[2] for r in results]) if return_weights else ids

@@ -7,45 +7,57 @@ index.html to open in a browser; notebooks/ itself is never modified.
 """
 import argparse
 import glob
+import html
 import json
 import os
 import re
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import nbformat
+import papermill as pm
+from nbconvert import HTMLExporter
+from nbformat import NotebookNode
+from traitlets.config import Config
+
+from .config import assigned_names
+from .diagnostics import format_diagnostics, format_intervals, format_signature
+from .evaluation import format_table
+from .progress import TEXT_PROGRESS
+from .semantics import format_semantic_table
 
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-def notebooks(folder=NOTEBOOK_DIR):
+def notebooks(folder: str = NOTEBOOK_DIR) -> list[str]:
     """The numbered notebooks, in order (01_..., 02_..., ...)."""
     return sorted(glob.glob(os.path.join(folder, "[0-9][0-9]_*.ipynb")))
 
 
-def kernel_options():
+def kernel_options() -> dict[str, Any]:
     """papermill keyword arguments for the kernels it starts: on Linux and macOS they talk over
     Unix sockets (IPC) instead of TCP ports on localhost, which nothing else can listen in on
     and which ipykernel does not warn about on every start. The sockets go in a private temporary
     folder (jupyter_client's default, `kernel-ipc-*` in the current folder, litters the project)."""
     if os.name != "posix":
         return {}
-    from traitlets.config import Config
-
     return {"config": Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(_ipc_folder(), "kernel")}})}
 
 
-_ipc = []
+_ipc: list[str] = []
 
 
-def _ipc_folder():
+def _ipc_folder() -> str:
     """This process's folder for kernel sockets (0700, in the system's temp folder), made once."""
     if not _ipc or not os.path.isdir(_ipc[0]):
-        import tempfile
-
         _ipc[:] = [tempfile.mkdtemp(prefix="captioning-kernels-")]
     return _ipc[0]
 
 
-def _last_frames(text):
+def _last_frames(text: str) -> str:
     """Terminal semantics for saved stream text: of each line, only what follows its last carriage return."""
     lines = []
     for line in text.split("\n"):
@@ -58,15 +70,15 @@ def _last_frames(text):
 _BAR = re.compile(r"^(?:(.*?): *)? *(?:\d+%\||\d+(?:\.\d+)?[a-zA-Z/]* \[\d+:\d\d)")
 
 
-def _bar_name(line):
+def _bar_name(line: str) -> str | None:
     """The progress bar a line is a frame of (its description), or None for any other line."""
     match = _BAR.match(line)
     return None if match is None else (match.group(1) or "")
 
 
-def _merge_streams(outputs):
+def _merge_streams(outputs: list[NotebookNode]) -> list[NotebookNode]:
     """Consecutive stream outputs of the same name joined into one."""
-    merged = []
+    merged: list[NotebookNode] = []
     for output in outputs:
         if output.output_type == "stream" and merged and merged[-1].output_type == "stream" \
                 and merged[-1].name == output.name:
@@ -76,13 +88,11 @@ def _merge_streams(outputs):
     return merged
 
 
-def _bars_to_stdout(output):
+def _bars_to_stdout(output: NotebookNode) -> list[NotebookNode]:
     """A stderr stream output split into runs of lines: a progress bar's frames become stdout (a
     finished bar is not an error, and a reader should not see it in the error colour), anything
     else (a warning) stays stderr. Blank lines between frames are dropped."""
-    import nbformat
-
-    runs = []
+    runs: list[tuple[str, list[str]]] = []
     for line in output.text.split("\n"):
         if not line.strip():
             continue
@@ -94,7 +104,7 @@ def _bars_to_stdout(output):
     return [nbformat.v4.new_output("stream", name=name, text="\n".join(lines) + "\n") for name, lines in runs]
 
 
-def tidy_streams(nb):
+def tidy_streams(nb: NotebookNode) -> NotebookNode:
     """Merge each cell's consecutive stream outputs and keep each progress bar's final frame only,
     as stdout: the executed notebooks carry no stderr output but real warnings.
 
@@ -105,7 +115,7 @@ def tidy_streams(nb):
         if cell.cell_type != "code":
             continue
         merged = _merge_streams(cell.outputs)
-        last = {}                                        # bar description -> (output, line) of its last frame
+        last: dict[str | None, tuple[int, int]] = {}    # bar description -> (output, line) of its last frame
         for k, output in enumerate(merged):
             if output.output_type == "stream":
                 output.text = _last_frames(output.text)
@@ -117,7 +127,7 @@ def tidy_streams(nb):
                 lines = output.text.split("\n")
                 output.text = "\n".join(line for n, line in enumerate(lines)
                                         if _bar_name(line) is None or last[_bar_name(line)] == (k, n))
-        split = []
+        split: list[NotebookNode] = []
         for output in merged:
             is_stderr = output.output_type == "stream" and output.name == "stderr"
             split += _bars_to_stdout(output) if is_stderr else [output]
@@ -128,17 +138,13 @@ def tidy_streams(nb):
     return nb
 
 
-def declared_parameters(path):
+def declared_parameters(path: str) -> list[str]:
     """The names a notebook's parameters cell (its first code cell, tagged `parameters`) assigns."""
-    import nbformat
-
-    from .config import assigned_names
-
     cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     return assigned_names(cell.source)
 
 
-def parameters_for(parameters):
+def parameters_for(parameters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{notebook path: the parameters it declares}; a name that no notebook declares is a ValueError
     naming it, raised before any notebook runs."""
     declared = {path: declared_parameters(path) for path in notebooks()}
@@ -150,16 +156,14 @@ def parameters_for(parameters):
     return {path: {k: v for k, v in parameters.items() if k in names} for path, names in declared.items()}
 
 
-def merge_injected_parameters(nb):
+def merge_injected_parameters(nb: NotebookNode) -> NotebookNode:
     """Show one parameters cell in an executed copy: papermill's injected values written into the
     notebook's own parameters cell (each line keeps its comment), and the injected cell dropped."""
-    from .config import assigned_names
-
     injected = next((c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])), None)
     params = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
     if injected is None or params is None:
         return nb
-    values = {}
+    values: dict[str, str] = {}
     for line in injected.source.splitlines():
         name, sep, value = line.partition(" = ")
         if sep and name in assigned_names(line):
@@ -177,17 +181,13 @@ def merge_injected_parameters(nb):
     return nb
 
 
-def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
+def run_notebooks(out_dir: str, parameters: Mapping[str, Any] | None = None, cwd: str | None = None,
+                  log: Callable[[str], object] = print) -> None:
     """Execute every notebook in order; stops at the first failure (papermill raises, naming the cell).
 
     Each notebook gets the parameters it declares (a name none declares is refused first). The
     kernels get text progress bars (captioning.progress), tidied to their final frame.
     """
-    import nbformat
-    import papermill as pm
-
-    from .progress import TEXT_PROGRESS
-
     given = parameters_for(parameters or {})
     os.makedirs(out_dir, exist_ok=True)
     cwd = cwd or os.path.dirname(NOTEBOOK_DIR)
@@ -213,17 +213,12 @@ def run_notebooks(out_dir, parameters=None, cwd=None, log=print):
             os.environ[TEXT_PROGRESS] = before
 
 
-def report_text(report):
+def report_text(report: Mapping[str, Any]) -> str:
     """The demo's closing summary (sample captions, metrics, semantic accuracy) from evaluation.json."""
-    from .evaluation import format_table
-    from .semantics import format_semantic_table
-
     lines = ["sample captions (tiny val split, beam 3):"]
     lines += [f"  {os.path.basename(s['image'])}: {s['caption']}" for s in report["samples"]]
     lines += ["", format_table(report["table"])]
     if report.get("intervals"):
-        from .diagnostics import format_diagnostics, format_intervals, format_signature
-
         beam = next(iter(report["table"].values()))
         lines += [format_intervals(beam, report["intervals"]), format_signature(report["signature"]),
                   format_diagnostics(report["diagnostics"])]
@@ -233,15 +228,10 @@ def report_text(report):
     return "\n".join(lines)
 
 
-def write_html(out_dir, report=None):
+def write_html(out_dir: str, report: Mapping[str, Any] | None = None) -> str:
     """Render every executed notebook in out_dir to HTML beside it, and an index.html that links
     them under the demo's summary: the results read in any browser, with no Jupyter running.
     Images are embedded in the pages. Returns the index's path."""
-    import html
-
-    import nbformat
-    from nbconvert import HTMLExporter
-
     exporter = HTMLExporter()
     items = []
     for path in notebooks(out_dir):
@@ -269,13 +259,13 @@ pre {{background: #f6f8fa; padding: 1em; overflow-x: auto}}</style></head>
     return index
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> str | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/notebooks")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="notebook parameter (JSON value), e.g. -p EPOCHS 1")
     args = parser.parse_args(argv)
-    params = {"PRESET": "tiny"}
+    params: dict[str, Any] = {"PRESET": "tiny"}
     for name, value in args.p:
         try:
             params[name] = json.loads(value)
@@ -296,6 +286,7 @@ def main(argv=None):
     index = write_html(args.out, report)
     print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {args.out}/, "
           f"and {index} shows them in a browser")
+    return None
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ import contextlib
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 from .atomic import _umask
 
 
 @contextlib.contextmanager
-def build_lock(path, what, log=print):
+def build_lock(path: str, what: str, log: Callable[[str], object] = print) -> Iterator[None]:
     """Hold an exclusive flock for the block: on `path` itself when it is a folder (no file is added to
     it), else on `path + ".lock"`, created beside it if needed.
 
@@ -60,7 +62,7 @@ def build_lock(path, what, log=print):
 
 
 @contextlib.contextmanager
-def write_derived(path, mode="wb"):
+def write_derived(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Yield a file open in `mode`; on success rename it over `path` (no fsync: see the module's note).
 
     The temp file is `<name>.<random>.tmp` in the same folder, as atomic_write's, so that the

@@ -22,9 +22,13 @@ Too few images give numbers that look sure and mean nothing, so below a minimum 
   one image the interval is [x, x], a certainty it does not have. (collapse_warning waits for 5 too.)
 """
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from statistics import mean
+from typing import Any
 
 import numpy as np
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
 
 from .vocabulary import tokenize
 
@@ -34,11 +38,12 @@ CIDER_MIN_IMAGES = 2     # fewer: CIDEr's idf is 0 for every n-gram (see above)
 INTERVAL_MIN_IMAGES = 5  # fewer: no bootstrap intervals, no paired comparison (see above)
 
 
-def _words(caption):
+def _words(caption: str) -> str:
     return " ".join(tokenize(caption))
 
 
-def caption_diagnostics(predictions, references, training_captions=()):
+def caption_diagnostics(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]],
+                        training_captions: Iterable[str] = ()) -> dict[str, Any]:
     """predictions {image_id: caption}, references {image_id: [captions]}, training_captions: strings.
 
     Returns a dict: images, distinct (share of distinct captions), top_caption and top_share (the
@@ -62,7 +67,7 @@ def caption_diagnostics(predictions, references, training_captions=()):
     }
 
 
-def collapse_warning(diagnostics):
+def collapse_warning(diagnostics: Mapping[str, Any]) -> str | None:
     """A warning (str) when the captions look collapsed, else None."""
     d = diagnostics
     if d["images"] < 5:  # too few images to tell
@@ -77,7 +82,7 @@ def collapse_warning(diagnostics):
             f"the decoder, or an untrained or collapsed checkpoint (check the training log's loss).")
 
 
-def format_diagnostics(d):
+def format_diagnostics(d: Mapping[str, Any]) -> str:
     copied = f"{d['copied']:.0%}" if d["copied"] is not None else "n/a"
     ref = f"{d['reference_mean_length']:.1f}" if d["reference_mean_length"] is not None else "n/a"
     return (f"captions: {d['distinct']:.0%} distinct over {d['images']} images (most frequent: {d['top_share']:.0%}), "
@@ -90,10 +95,9 @@ def format_diagnostics(d):
 _TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's smoothing constants
 
 
-def bleu_statistics(tokenized_references, tokenized_predictions, ids):
+def bleu_statistics(tokenized_references: Mapping[Any, list[str]], tokenized_predictions: Mapping[Any, list[str]],
+                    ids: Iterable[Any]) -> np.ndarray:
     """(len(ids), 10) array of each image's BLEU counts, from already tokenized captions (as scored)."""
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
-
     rows = []
     for i in ids:
         refs = cook_refs(tokenized_references[i])
@@ -103,7 +107,7 @@ def bleu_statistics(tokenized_references, tokenized_predictions, ids):
     return np.asarray(rows, dtype=np.float64)
 
 
-def corpus_bleu4(sums):
+def corpus_bleu4(sums: np.ndarray) -> float | np.ndarray:
     """BLEU-4 from summed statistics: (10,) or (R, 10) -> float or (R,)."""
     sums = np.atleast_2d(sums)
     precision = np.prod((sums[:, 6:10] + _TINY) / (sums[:, 2:6] + _SMALL), axis=1) ** 0.25
@@ -113,13 +117,13 @@ def corpus_bleu4(sums):
     return out if out.size > 1 else float(out[0])
 
 
-def _resample_weights(n, resamples, seed):
+def _resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples, n) counts: how often each image is drawn in each bootstrap resample."""
     rng = np.random.default_rng(seed)
     return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(np.float64)
 
 
-def too_few_images(n):
+def too_few_images(n: int) -> str | None:
     """A warning (str) when n images are too few for the bootstrap intervals, else None. (score_captions
     warns about CIDEr itself.)"""
     if n >= INTERVAL_MIN_IMAGES:
@@ -128,7 +132,8 @@ def too_few_images(n):
             f"{INTERVAL_MIN_IMAGES} and are n/a")
 
 
-def bootstrap_intervals(bleu_stats, cider, resamples=1000, seed=0, level=0.95):
+def bootstrap_intervals(bleu_stats: np.ndarray, cider: Sequence[float] | np.ndarray, resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float] | None]:
     """95% intervals over images: {"Bleu_4": (low, high), "CIDEr": (low, high)}; both None on fewer
     than INTERVAL_MIN_IMAGES images (see the module's docstring)."""
     if len(bleu_stats) != len(cider) or not len(cider):
@@ -144,7 +149,8 @@ def bootstrap_intervals(bleu_stats, cider, resamples=1000, seed=0, level=0.95):
             "CIDEr": tuple(np.percentile(cid, [tail, 100 - tail]))}
 
 
-def compare_results(a, b, resamples=1000, seed=0, level=0.95):
+def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], resamples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict[str, dict[str, Any]]:
     """Paired bootstrap of two evaluations of the same images (dicts as `evaluate --out` writes them).
 
     Returns {metric: {"a", "b", "difference" (b - a), "interval", "b_better" (share of resamples)}}.
@@ -172,11 +178,11 @@ def compare_results(a, b, resamples=1000, seed=0, level=0.95):
             ("CIDEr", lambda k: float(cider[k].mean()), lambda k: w @ cider[k] / len(ids))):
         diff = boot("b") - boot("a")
         out[metric] = {"a": full("a"), "b": full("b"), "difference": full("b") - full("a"),
-                       "interval": tuple(np.percentile(diff, [tail, 100 - tail])), "b_better": float((diff > 0).mean())}
+                       "interval": tuple(np.percentile(diff, [tail, 100 - tail])), "b_better": float(np.mean(diff > 0))}
     return out
 
 
-def format_comparison(result, name_a="A", name_b="B"):
+def format_comparison(result: Mapping[str, Mapping[str, Any]], name_a: str = "A", name_b: str = "B") -> str:
     lines = [f"{'':<8}{name_a:>10}{name_b:>10}{'B - A':>10}   95% interval        B better in"]
     for metric, r in result.items():
         lo, hi = r["interval"]
@@ -185,10 +191,9 @@ def format_comparison(result, name_a="A", name_b="B"):
     return "\n".join(lines)
 
 
-def signature(tokenizer, references, split, images, beam_size, length_penalty):
+def signature(tokenizer: str, references: Mapping[Any, Sequence[str]], split: str, images: int, beam_size: int,
+              length_penalty: float) -> dict[str, Any]:
     """How the scores were computed, as a dict; format_signature prints it in one line."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         scorer = f"pycocoevalcap {version('pycocoevalcap')}"
     except PackageNotFoundError:
@@ -199,15 +204,16 @@ def signature(tokenizer, references, split, images, beam_size, length_penalty):
             "beam": beam_size, "length_penalty": length_penalty if beam_size > 1 else None, "scale": "0-1"}
 
 
-def format_signature(sig):
+def format_signature(sig: Mapping[str, Any]) -> str:
     lp = "none" if sig["length_penalty"] is None else f"{sig['length_penalty']:g}"
     return (f"signature: {sig['scorer']} | tok:{sig['tokenizer']} | refs:{sig['refs']} | split:{sig['split']} | "
             f"beam:{sig['beam']} | lp:{lp} | scale:{sig['scale']}")
 
 
-def format_intervals(metrics, intervals, resamples=1000):
+def format_intervals(metrics: Mapping[str, float | None], intervals: Mapping[str, Sequence[float] | None],
+                     resamples: int = 1000) -> str:
     """One line: each metric with its interval; n/a for a score or interval that is None (too few images)."""
-    def number(value):
+    def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     parts = [f"{m} {number(metrics.get(m))} " + ("[n/a]" if span is None else f"[{span[0]:.3f}, {span[1]:.3f}]")

@@ -99,13 +99,13 @@ def ptb_tokenize(captions_for_image: Mapping[_K, list[str]], timeout: float | No
             process = java.JavaProcess(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
                                         "-preserveLines", "-lowerCase", path], folder)
             try:
-                process.p.stdin.close()
+                process.stdin.close()
                 lines = [process.read(timeout) for _ in asked]
                 process.finish(timeout)
             finally:
                 process.close()
     answers = iter(lines)
-    out = {}
+    out: dict[_K, list[str]] = {}
     for key, sentence in zip(keys, sentences):
         line = next(answers) if sentence else ""
         out.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w and w not in ptb.PUNCTUATIONS))
@@ -159,7 +159,7 @@ def spice_score(gts: Tokenized, res: Tokenized,
         process = java.JavaProcess(["java", "-jar", "-Xmx8G", spice.SPICE_JAR, in_path, *cached, "-out", out_path,
                                     "-subset", "-silent"], home)
         try:
-            process.p.stdin.close()
+            process.stdin.close()
             process.finish(timeout)
         except java.JavaFailed:
             if process.p.poll() is None:
@@ -386,7 +386,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "val", beam_size: int = 3,
     predictions, failed = _caption_heldout((encoder, decoder, vocab, config), paths, folder, device, beam_size,
                                            batch_size, progress)
     references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in predictions}
-    details = {}
+    details: dict[str, Any] = {}
     metrics, per_image = score_captions(references, predictions, details=details, spice_timeout=spice_timeout)
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
     semantic = semantic_accuracy(predictions, truth) if truth and predictions else None

@@ -544,7 +544,7 @@ def list_feature_caches(features_dir: str | os.PathLike[str]) -> list[dict]:
     extracted, or open in a trainer. Folders without a readable meta.json are not caches this code
     wrote, and are left out.
     """
-    caches = []
+    caches: list[dict] = []
     if not os.path.isdir(features_dir):
         return caches
     for name in os.listdir(features_dir):
@@ -590,7 +590,9 @@ def prune_feature_caches(features_dir: str | os.PathLike[str], keep: int = 1) ->
     """
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
-    kept, removed, in_use = {}, [], []
+    kept: dict[str, int] = {}
+    removed: list[dict] = []
+    in_use: list[dict] = []
     for cache in list_feature_caches(features_dir):
         kept[cache["split"]] = kept.get(cache["split"], 0) + 1
         if kept[cache["split"]] <= keep:

@@ -14,12 +14,15 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 from PIL import Image, ImageOps
 
 from .atomic import fsync_dir
 from .derived import build_lock, write_derived
+from .progress import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -27,11 +30,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 class ImageReadError(ValueError):
     """An image file that cannot be decoded; the message names the file, `reason` says why."""
 
-    def __init__(self, path, reason=None):       # one argument: a whole message (as DataLoader re-raises it)
+    # one argument: a whole message (as DataLoader re-raises it)
+    def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
         super().__init__(path if reason is None else f"cannot read image {path}: {reason}")
         self.path, self.reason = path, reason
 
-    def __reduce__(self):                     # raised in a DataLoader worker, rebuilt in the main process
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:   # raised in a DataLoader worker, rebuilt in the main process
         return type(self), (self.path, self.reason)
 
 
@@ -40,7 +44,7 @@ class ImageReadError(ValueError):
 _DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "F")
 
 
-def deep_grey_to_l(image):
+def deep_grey_to_l(image: Image.Image) -> Image.Image:
     """An 8-bit "L" image from 16/32-bit integer or floating greyscale (modes I;16*, I, F), scaled, not clipped.
 
     The rule, one for all these modes: the values are read in the smallest of the ranges 0..1 (mode F
@@ -51,7 +55,7 @@ def deep_grey_to_l(image):
     their minimum to their maximum. NaN and infinities become 0. (A picture so dark that all its 16-bit
     values are <= 255 is read as 8-bit: from the values alone the two cannot be told apart.)
     """
-    import numpy as np
+    import numpy as np  # lazy: only deep greyscale needs it; the CLI's resize and its workers start without it
 
     values = np.asarray(image, dtype=np.float64)
     finite = np.isfinite(values)
@@ -71,7 +75,7 @@ def deep_grey_to_l(image):
 _ORIENTATION = 0x0112     # the EXIF tag
 
 
-def to_rgb(image):
+def to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB from any mode Pillow reads: EXIF rotation applied, alpha composited on white,
     CMYK/L/P/LAB... converted, 16-bit and 32-bit greyscale (I;16, I, F) scaled by deep_grey_to_l."""
     if image.getexif().get(_ORIENTATION, 1) != 1:   # exif_transpose copies even an upright image: 4% of a resize
@@ -86,7 +90,7 @@ def to_rgb(image):
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(path, draft_size=None):
+def load_image(path: str | os.PathLike[str], draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Open an image as upright RGB. `draft_size` lets JPEGs decode at a reduced scale >= that size.
 
     A file that cannot be decoded raises ImageReadError, naming it (a missing one FileNotFoundError)."""
@@ -102,14 +106,14 @@ def load_image(path, draft_size=None):
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
 
 
-def list_images(folder):
+def list_images(folder: str | os.PathLike[str]) -> list[str]:
     """The image files of a folder, sorted: regular files with an image extension (a FIFO or a
     device named x.jpg would block whoever opens it)."""
     with os.scandir(folder) as entries:          # is_file() from the directory entry: no stat per file
         return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 
-def draft_size(size):
+def draft_size(size: int) -> tuple[int, int]:
     """The smallest decode size resize_images accepts for a size x size output (90% per axis)."""
     return (size * 9 // 10, size * 9 // 10)
 
@@ -117,12 +121,12 @@ def draft_size(size):
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 
 
-def _resize_one(args):
+def _resize_one(args: tuple[str, str, int]) -> tuple[str, str] | None:
     """None, or ("read", what) for a source that cannot be decoded, ("write", what) for a failed write."""
     src, dst, size = args
     try:
         image = load_image(src, draft_size=draft_size(size))
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
     except Exception as e:  # a corrupt file must not stop a 100k-image run
         return "read", f"{os.path.basename(src)}: {e.reason if isinstance(e, ImageReadError) else e}"
     try:
@@ -142,7 +146,7 @@ SIZE_STAMP = ".resized-size"  # in the output folder: the size its images were m
 _TEMP_FILE = re.compile(r"\.[a-z0-9_]{8}\.tmp$|\.part$")    # atomic_write's temp files (".part": older versions)
 
 
-def _check_writable(folder):
+def _check_writable(folder: str) -> None:
     """Create `folder` if needed, prove a file can be written there, and remove temporary files
     that a killed run left (older than 10 minutes: a running resize's are seconds old)."""
     try:
@@ -161,7 +165,7 @@ def _check_writable(folder):
             pass
 
 
-def _read_size_stamp(folder):
+def _read_size_stamp(folder: str) -> int | None:
     try:
         with open(os.path.join(folder, SIZE_STAMP)) as f:
             return int(f.read())
@@ -173,7 +177,7 @@ def _read_size_stamp(folder):
 _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
 
 
-def _complete(path, size):
+def _complete(path: str, size: int) -> bool:
     """Not empty, and ends as a whole JPEG/PNG does (a file cut short by a crash or a full disk does not)."""
     if size == 0:
         return False
@@ -188,7 +192,7 @@ def _complete(path, size):
         return False
 
 
-def _up_to_date(src, dst, check_size=None):
+def _up_to_date(src: str, dst: str, check_size: int | None = None) -> bool:
     """dst exists, is complete, is newer than src and, when `check_size` is given, really is that size."""
     try:
         stat = os.stat(dst)
@@ -205,7 +209,8 @@ def _up_to_date(src, dst, check_size=None):
         return False
 
 
-def resize_images(src, dst, size=256, workers=None, progress=True, log=print):
+def resize_images(src: str, dst: str, size: int = 256, workers: int | None = None, progress: bool = True,
+                  log: Callable[[str], object] = print) -> dict[str, Any]:
     """Resize every image in `src` to size x size into `dst`, keeping file names.
 
     Up-to-date outputs of the same size are skipped. Returns a dict with the counts and the list of
@@ -224,9 +229,8 @@ def resize_images(src, dst, size=256, workers=None, progress=True, log=print):
         return _resize_all(src, dst, size, workers, progress, log)
 
 
-def _resize_all(src, dst, size, workers, progress, log=print):
-    from .progress import tqdm
-
+def _resize_all(src: str, dst: str, size: int, workers: int | None, progress: bool,
+                log: Callable[[str], object] = print) -> dict[str, Any]:
     names = list_images(src)
     # The stamp says which size the folder holds. A different size redoes everything; no stamp
     # (an interrupted or older run) means each existing file's header is checked.
@@ -237,12 +241,12 @@ def _resize_all(src, dst, size, workers, progress, log=print):
     check_size = None if done_size == size else size
     jobs = [(os.path.join(src, n), os.path.join(dst, n), size) for n in names
             if done_size not in (None, size) or not _up_to_date(os.path.join(src, n), os.path.join(dst, n), check_size)]
-    failed = []
+    failed: list[str] = []
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"resizing {os.path.basename(src.rstrip('/'))}", unit="img",
                disable=not progress or not jobs)   # nothing to do: no "0img" bar
     if workers == 1 or len(jobs) < 64:
-        results = map(_resize_one, jobs)
+        results: Iterator[tuple[str, str] | None] = map(_resize_one, jobs)
         pool = None
     else:
         Image.preinit()       # the common format plugins, imported once here rather than in each worker

@@ -58,16 +58,21 @@ class JavaProcess:
                                       stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             raise JavaFailed(f"cannot start {cmd[0]}: {e}") from None
+        if self.p.stdin is None or self.p.stdout is None or self.p.stderr is None:   # never: all three are PIPEs
+            raise JavaFailed(f"cannot talk to {cmd[0]}: a pipe is missing")
+        self.stdin, self.stdout, self.stderr = self.p.stdin, self.p.stdout, self.p.stderr
         self.lines: queue.Queue[bytes | None] = queue.Queue()
-        self.said = collections.deque(maxlen=3), collections.deque(maxlen=3)    # last lines of stdout, stderr
+        # the last lines of stdout, stderr
+        self.said: tuple[collections.deque[bytes], collections.deque[bytes]] = \
+            (collections.deque(maxlen=3), collections.deque(maxlen=3))
         self.readers = [threading.Thread(target=self._read, args=(pipe, put, said), daemon=True)
-                        for pipe, put, said in ((self.p.stdout, self.lines.put, self.said[0]),
-                                                (self.p.stderr, None, self.said[1]))]
+                        for pipe, put, said in ((self.stdout, self.lines.put, self.said[0]),
+                                                (self.stderr, None, self.said[1]))]
         for reader in self.readers:
             reader.start()
 
     @staticmethod
-    def _read(pipe: IO[bytes], put: Callable[[bytes | None], None] | None, said: collections.deque) -> None:
+    def _read(pipe: IO[bytes], put: Callable[[bytes | None], None] | None, said: collections.deque[bytes]) -> None:
         for line in pipe:
             said.append(line)
             if put:
@@ -95,8 +100,8 @@ class JavaProcess:
     def ask(self, text: str, answers: int, timeout: float) -> list[str]:
         """Send one line; return the next `answers` lines of output."""
         try:
-            self.p.stdin.write(text.encode() + b"\n")
-            self.p.stdin.flush()
+            self.stdin.write(text.encode() + b"\n")
+            self.stdin.flush()
         except OSError:                             # BrokenPipeError: the JVM is gone
             self.p.wait()
             raise JavaFailed(self.why(f"java exited with code {self.p.returncode}")) from None
@@ -120,7 +125,7 @@ class JavaProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.p.wait()
-        for pipe in (self.p.stdin, self.p.stdout, self.p.stderr):
+        for pipe in (self.stdin, self.stdout, self.stderr):
             try:
                 pipe.close()
             except OSError:

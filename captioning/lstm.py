@@ -18,6 +18,8 @@ CUDA keeps cuDNN, and inference keeps nn.LSTM's C++ loop. `use_packed_cpu_lstm(d
 it under a decoder from outside, so that the chapter's LSTMModel reads as it does in the book.
 benchmarks/decoder_speed.py times both.
 """
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
@@ -27,7 +29,8 @@ class _PackedLSTMLayer(torch.autograd.Function):
     """One LSTM layer over packed data (N, I) with per-step batch sizes, from zero states -> (N, H)."""
 
     @staticmethod
-    def forward(ctx, x, batch_sizes, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx: Any, x: torch.Tensor, batch_sizes: list[int], w_ih: torch.Tensor, w_hh: torch.Tensor,
+                b_ih: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
         H = w_hh.size(1)
         gates = torch.addmm(b_ih + b_hh, x, w_ih.t())             # (N, 4H): every input projection at once
         hs, cs = x.new_empty(x.size(0), H), x.new_empty(x.size(0), H)
@@ -50,7 +53,7 @@ class _PackedLSTMLayer(torch.autograd.Function):
         return hs
 
     @staticmethod
-    def backward(ctx, grad_hs):
+    def backward(ctx: Any, grad_hs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w_ih, w_hh, gates, hs, cs = ctx.saved_tensors
         sizes = ctx.batch_sizes
         starts = [0]
@@ -87,12 +90,12 @@ class _PackedLSTMLayer(torch.autograd.Function):
         return grad_x, None, grad_w_ih, grad_w_hh, grad_b, grad_b
 
 
-def _applies(lstm, data):
+def _applies(lstm: nn.LSTM, data: torch.Tensor) -> bool:
     return (data.device.type == "cpu" and torch.is_grad_enabled() and lstm.bias and not lstm.bidirectional
             and lstm.proj_size == 0 and (lstm.dropout == 0 or lstm.num_layers == 1 or not lstm.training))
 
 
-def packed_lstm(lstm, packed: PackedSequence):
+def packed_lstm(lstm: nn.LSTM, packed: PackedSequence) -> torch.Tensor:
     """lstm(packed)[0].data from zero initial states: the last layer's hidden states, (N, H)."""
     if not _applies(lstm, packed.data):
         return lstm(packed)[0].data
@@ -111,19 +114,24 @@ class PackedCPULSTM(nn.LSTM):
     reads them), so it returns None for them.
     """
 
-    def forward(self, input, hx=None):
+    # ignore[override]: on the packed path the final (h, c) are None, unlike nn.LSTM's (see the docstring)
+    def forward(self, input: torch.Tensor | PackedSequence,  # type: ignore[override]
+                hx: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor | PackedSequence, tuple[torch.Tensor, torch.Tensor] | None]:
         if isinstance(input, PackedSequence) and hx is None and _applies(self, input.data):
             out = packed_lstm(self, input)
             return PackedSequence(out, input.batch_sizes, input.sorted_indices, input.unsorted_indices), None
         return super().forward(input, hx)
 
 
-def use_packed_cpu_lstm(decoder, enabled=True):
+def use_packed_cpu_lstm(decoder: nn.Module, enabled: bool = True) -> nn.Module:
     """Give the decoder's LSTM (`decoder.lstm_layer`, an nn.LSTM) PackedCPULSTM's forward, or nn.LSTM's back.
 
     The module stays the same object with the same tensors: only its class changes, so
-    optimizers, DDP and checkpoints see no difference.
+    optimizers, DDP and checkpoints see no difference. A decoder whose recurrent layer is not an
+    nn.LSTM (a GRU, a module of a reader's own) is left as it is.
     """
-    decoder.lstm_layer.__class__ = PackedCPULSTM if enabled else nn.LSTM
+    if type(getattr(decoder, "lstm_layer", None)) in (nn.LSTM, PackedCPULSTM):
+        decoder.lstm_layer.__class__ = PackedCPULSTM if enabled else nn.LSTM
     return decoder
 

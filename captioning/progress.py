@@ -5,12 +5,15 @@ A notebook executed by papermill (`make demo`, the tests) saves a widget as its 
 environment the bars are text instead, and `captioning.demo` keeps each bar's last frame.
 """
 import os
+from typing import Any
 
 TEXT_PROGRESS = "CAPTIONING_TEXT_PROGRESS"
 
 
-def tqdm(*args, **kwargs):
+def tqdm(*args: Any, **kwargs: Any) -> Any:
     """tqdm.auto.tqdm, or the plain text tqdm when CAPTIONING_TEXT_PROGRESS is set."""
+    # lazy: tqdm.auto takes 50 ms to import (asyncio), more than the whole CLI's --help, which
+    # imports this module (through karpathy) and draws no bar
     if os.environ.get(TEXT_PROGRESS):
         from tqdm.std import tqdm as bar
     else:

@@ -14,11 +14,16 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
-from .atomic import move_aside
+from .atomic import atomic_write, move_aside
+from .checkpoint import data_identity, load_checkpoint
+from .config import Config, resumed_config
 
 RUN_FILES = ("last.ckpt", "best.ckpt", "train_log.jsonl")   # a folder holding any of these holds a run
 OLD_RUN_FILES = RUN_FILES + ("early.ckpt", "evaluation.json", "val_results.json", "tb")   # what --overwrite moves
@@ -32,7 +37,7 @@ class RunInUse(RuntimeError):
     """Another trainer holds the run folder."""
 
 
-def _process_start(pid):
+def _process_start(pid: int) -> int | None:
     """When `pid` started (clock ticks since boot, Linux), to tell a reused PID from the lock's owner."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -41,7 +46,7 @@ def _process_start(pid):
         return None
 
 
-def _alive(pid, start):
+def _alive(pid: int, start: int | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,15 +60,16 @@ def _alive(pid, start):
 class RunLock:
     """`with RunLock(folder):` or acquire()/release(). Only the process that took it removes it."""
 
-    def __init__(self, folder):
+    def __init__(self, folder: str) -> None:
         self.folder = folder
         self.path = os.path.join(folder, LOCK_NAME)
-        self.token = None
+        self.token: str | None = None
 
-    def acquire(self, log=print):
+    def acquire(self, log: Callable[[str], object] = print) -> "RunLock":
         os.makedirs(self.folder, exist_ok=True)
+        token = uuid.uuid4().hex
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-              "token": uuid.uuid4().hex, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "token": token, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -74,11 +80,11 @@ class RunLock:
                 json.dump(me, f)
                 f.flush()
                 os.fsync(f.fileno())
-            self.token = me["token"]
+            self.token = token
             return self
         raise RunInUse(f"could not take the lock {self.path}: other processes keep taking it")
 
-    def _remove_if_stale(self, log):
+    def _remove_if_stale(self, log: Callable[[str], object]) -> None:
         try:
             f = open(self.path)
         except FileNotFoundError:
@@ -110,7 +116,7 @@ class RunLock:
             log(f"warning: taking over the stale lock {self.path}: its process {pid} is no longer running")
             os.remove(self.path)
 
-    def release(self):
+    def release(self) -> None:
         """Remove the lock file if it is still ours."""
         if self.token is None:
             return
@@ -123,14 +129,14 @@ class RunLock:
             pass
         self.token = None
 
-    def __enter__(self):
+    def __enter__(self) -> "RunLock":
         return self if self.token else self.acquire()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def remove_temp_files(folder, log=print):
+def remove_temp_files(folder: str, log: Callable[[str], object] = print) -> list[str]:
     """Delete the temporary files of checkpoint writes that a kill -9 interrupted (only ours, by name).
     Call it while holding the lock: then no write of another trainer can be under way."""
     removed = []
@@ -147,7 +153,8 @@ def remove_temp_files(folder, log=print):
     return removed
 
 
-def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
+def prepare_run_dir(models_dir: str, resume: bool = False, overwrite: bool | str = False,
+                    log: Callable[[str], object] = print) -> None:
     """What a start finds in the run folder, checked before any expensive work (call it holding the lock).
 
     A fresh run into a folder that holds a run refuses, unless `overwrite`: True (or "move") moves
@@ -171,8 +178,6 @@ def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
                               f"with --resume (resume=True), move it aside and start afresh with --overwrite "
                               f"(overwrite=True), or train into another --models-dir")
     if overwrite == "delete":
-        import shutil
-
         removed = [n for n in OLD_RUN_FILES if os.path.lexists(os.path.join(models_dir, n))]
         for name in removed:
             path = os.path.join(models_dir, name)
@@ -186,15 +191,12 @@ def prepare_run_dir(models_dir, resume=False, overwrite=False, log=print):
 RESUME_KEYS = ("optimizer", "epoch", "batch", "step", "rng")
 
 
-def resume_config(path, config, world_size=1):
+def resume_config(path: str, config: Config, world_size: int = 1) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """Before a resume's expensive setup: the config that continues the run in `path`, and the
     optimisation fields that change ({field: (was, now)}); see config.resumed_config.
 
     The checkpoint must hold a training state. Mid-epoch, another batch size or number of
     processes would skip the wrong captions: refused (from an epoch's end any batch size is fine)."""
-    from .checkpoint import load_checkpoint
-    from .config import resumed_config
-
     ckpt = load_checkpoint(path)
     missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
     if missing:
@@ -205,8 +207,6 @@ def resume_config(path, config, world_size=1):
         raise ValueError(f"{path}: {e}") from None
     was = (ckpt.get("data") or {}).get("train_captions_sha1")
     if was and os.path.isfile(config.captions_json("train")):
-        from .checkpoint import data_identity
-
         if data_identity(config)["train_captions_sha1"] != was:
             raise ValueError(f"{path} was trained on other data: {config.captions_json('train')} is not the "
                              f"captions file it was trained with (another data set, or the file changed); "
@@ -225,10 +225,11 @@ def resume_config(path, config, world_size=1):
     return config, changes
 
 
-def read_log(path, warn=None):
+def read_log(path: str, warn: Callable[[str], object] | None = None) -> list[dict[str, Any]]:
     """The rows of a train_log.jsonl. A line that is not JSON (a torn last line after a kill) is
     skipped, with `warn(message)` called when given."""
-    rows, bad = [], 0
+    rows: list[dict[str, Any]] = []
+    bad = 0
     with open(path) as f:
         for line in f:
             if not line.strip():
@@ -247,12 +248,10 @@ def read_log(path, warn=None):
     return rows
 
 
-def trim_log(path, step, log=print):
+def trim_log(path: str, step: int, log: Callable[[str], object] = print) -> None:
     """On resume: keep the rows logged up to the checkpoint's `step`, drop later and torn ones."""
     if not os.path.exists(path):
         return
     rows = [r for r in read_log(path, warn=log) if isinstance(r.get("step"), int) and r["step"] <= step]
-    from .atomic import atomic_write
-
     with atomic_write(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

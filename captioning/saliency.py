@@ -18,18 +18,28 @@ and the words before it):
 Neither needs training-time support: the backbone runs on the image here, frozen or not,
 whether the model was trained on cached features or not.
 """
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from .vocabulary import END
+from .config import Config
+from .data import eval_transform
+from .images import load_image
+from .inference import generate
+from .model import CNNModel, LSTMModel
+from .progress import tqdm
+from .vocabulary import END, Vocab
 
 
-def _split_index(encoder, image, min_cells=4):
+def _split_index(encoder: CNNModel, image: torch.Tensor, min_cells: int = 4) -> int:
     """Where to cut resnet_module: after its last stage whose map is at least min_cells wide."""
     stages = [i for i, m in enumerate(encoder.resnet_module) if type(m).__name__ == "Sequential"]  # layer1..4
     with torch.no_grad():
         x = image[None]
-        sizes = {}
+        sizes: dict[int, int] = {}
         for i, module in enumerate(encoder.resnet_module[:-1]):
             x = module(x)
             sizes[i] = x.shape[-1]
@@ -42,7 +52,7 @@ def _split_index(encoder, image, min_cells=4):
 METHODS = ("occlusion", "gradcam")
 
 
-def _word_log_probs(encoder, decoder, images, token_ids):
+def _word_log_probs(encoder: CNNModel, decoder: LSTMModel, images: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """(N, 3, H, W) images, one caption -> (N, T-1): each token's log-probability after <start>."""
     n, length = len(images), len(token_ids)
     captions = torch.tensor([token_ids] * n, device=images.device)
@@ -53,7 +63,8 @@ def _word_log_probs(encoder, decoder, images, token_ids):
 
 
 @torch.no_grad()
-def occlusion_saliency(encoder, decoder, image, token_ids, window=None, stride=None, batch_size=64):
+def occlusion_saliency(encoder: CNNModel, decoder: LSTMModel, image: torch.Tensor, token_ids: list[int],
+                       window: int | None = None, stride: int | None = None, batch_size: int = 64) -> torch.Tensor:
     """One occlusion map per token after <start>: (T-1, H, W) in [0, 1].
 
     A square window (default: 35% of the image's side, about one tiny-set object) slides with
@@ -91,7 +102,8 @@ def occlusion_saliency(encoder, decoder, image, token_ids, window=None, stride=N
     return (maps / maps.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]).cpu()
 
 
-def word_saliency(encoder, decoder, image, token_ids, method="occlusion", min_cells=4):
+def word_saliency(encoder: CNNModel, decoder: LSTMModel, image: torch.Tensor, token_ids: list[int],
+                  method: str = "occlusion", min_cells: int = 4) -> tuple[torch.Tensor, str]:
     """One map per token after <start>: (maps (T-1, H, W) in [0, 1], note).
 
     image: (3, H, W), normalised as for captioning; token_ids: the caption's ids, <start> first
@@ -107,7 +119,8 @@ def word_saliency(encoder, decoder, image, token_ids, method="occlusion", min_ce
     return maps, f"Grad-CAM on a {cells[0]}x{cells[1]} feature map"
 
 
-def gradcam_saliency(encoder, decoder, image, token_ids, min_cells=4):
+def gradcam_saliency(encoder: CNNModel, decoder: LSTMModel, image: torch.Tensor, token_ids: list[int],
+                     min_cells: int = 4) -> tuple[torch.Tensor, tuple[int, ...]]:
     """One Grad-CAM map per token after <start>: ((T-1, H, W) in [0, 1], (h, w) of the feature map used)."""
     encoder.eval(), decoder.eval()
     device = next(decoder.parameters()).device
@@ -122,19 +135,19 @@ def gradcam_saliency(encoder, decoder, image, token_ids, min_cells=4):
         captions = torch.tensor([token_ids], device=device)
         logits = decoder(features, captions, [len(token_ids)])                    # (T, V): step t predicts token t
         log_probs = logits.float().log_softmax(-1)
-        maps = []
+        steps: list[torch.Tensor] = []
         for t in range(1, len(token_ids)):
             (grad,) = torch.autograd.grad(log_probs[t, token_ids[t]], lower, retain_graph=True)
             weights = grad.mean((2, 3), keepdim=True)                            # one per channel
-            maps.append(F.relu((weights * lower).sum(1)))                        # (1, h, w)
-    maps = torch.cat(maps).detach()                                               # (T-1, h, w)
+            steps.append(F.relu((weights * lower).sum(1)))                       # (1, h, w)
+    maps = torch.cat(steps).detach()                                              # (T-1, h, w)
     cells = tuple(maps.shape[1:])
     peak = maps.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]
     maps = F.interpolate((maps / peak)[:, None], size=image.shape[1:], mode="bilinear", align_corners=False)[:, 0]
     return maps.clamp(0, 1).cpu(), cells
 
 
-def crop_box(box, image_size, resize_size, crop_size):
+def crop_box(box: Sequence[float], image_size: tuple[int, int], resize_size: int, crop_size: int) -> list[int]:
     """A box (x0, y0, x1, y1) in an original image of image_size (width, height) -> the same box in
     the pixels of what captioning sees: the image squashed to resize_size, then centre-cropped."""
     (w, h), margin = image_size, (resize_size - crop_size) / 2
@@ -143,17 +156,19 @@ def crop_box(box, image_size, resize_size, crop_size):
                                                        x1 * resize_size / w - margin, y1 * resize_size / h - margin)]
 
 
-def points_at_objects(words, maps, objects, image_size, resize_size, crop_size):
+def points_at_objects(words: Sequence[str], maps: Sequence[Any], objects: Sequence[Mapping[str, Any]],
+                      image_size: tuple[int, int], resize_size: int, crop_size: int) -> list[tuple[str, bool]]:
     """The pointing game on the tiny set: for the first mention of each colour word that names one
     object of the ground truth, is its map denser inside that object's box than inside the other
     objects' boxes? Returns [(word, True/False)]."""
     boxes = [crop_box(o["box"], image_size, resize_size, crop_size) for o in objects]
 
-    def density(heat, box):
+    def density(heat: Any, box: Sequence[int]) -> float:
         x0, y0, x1, y1 = box
         return float(heat[y0:y1, x0:x1].mean()) if x1 > x0 and y1 > y0 else 0.0
 
-    out, seen = [], set()
+    out: list[tuple[str, bool]] = []
+    seen: set[str] = set()
     for word, heat in zip(words, maps):
         owners = [k for k, o in enumerate(objects) if o["colour"] == word]
         if len(owners) != 1 or word in seen:
@@ -164,12 +179,9 @@ def points_at_objects(words, maps, objects, image_size, resize_size, crop_size):
     return out
 
 
-def explain_image(path, encoder, decoder, vocab, config, beam_size=1, method="occlusion"):
+def explain_image(path: str, encoder: CNNModel, decoder: LSTMModel, vocab: Vocab, config: Config, beam_size: int = 1,
+                  method: str = "occlusion") -> tuple[torch.Tensor, list[str], torch.Tensor, str]:
     """Caption one image file and explain each word: (image tensor, words, maps, note)."""
-    from .data import eval_transform
-    from .images import load_image
-    from .inference import generate
-
     device = next(decoder.parameters()).device
     image = eval_transform(config.resize_size, config.crop_size)(load_image(path))
     ids = generate(encoder, decoder, image[None].to(device), beam_size)[0]
@@ -180,21 +192,21 @@ def explain_image(path, encoder, decoder, vocab, config, beam_size=1, method="oc
     return image, words, maps, note
 
 
-def save_explanations(paths, out_dir, encoder, decoder, vocab, config, beam_size=1, method="occlusion"):
+def save_explanations(paths: Sequence[str], out_dir: str, encoder: CNNModel, decoder: LSTMModel, vocab: Vocab,
+                      config: Config, beam_size: int = 1, method: str = "occlusion") -> list[str]:
     """explain_image + viz.show_saliency for each image, saved as out_dir/<image name>.png; returns the paths."""
-    import os
-
+    # lazy, all three: matplotlib (viz draws with it), which the CLI's caption, importing this module, needs
+    # only with --explain; pyplot once the backend is chosen
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         matplotlib.use("Agg")                                                     # files only: no display needed
     import matplotlib.pyplot as plt
 
-    from .progress import tqdm
     from .viz import show_saliency
 
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    written: list[str] = []
     for path in tqdm(paths, desc="explaining", unit="img", disable=len(paths) < 4):
         image, words, maps, note = explain_image(path, encoder, decoder, vocab, config, beam_size, method)
         fig = show_saliency(image, words, maps, title=f"{os.path.basename(path)}: {' '.join(words)}  ({note})")

@@ -13,12 +13,26 @@ A colour named without a shape, or a shape without a colour, is an object with a
 so it is never right.
 """
 import json
+import os
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
 from .vocabulary import tokenize
 
+Object = tuple[str | None, str | None]                     # (colour, shape) as a caption names it
+Relation = tuple[Object | None, str, Object | None]        # (subject, phrase, object)
 
-def ground_truth_from_coco(data, source="captions file"):
+
+class Verdict(TypedDict):
+    """One caption judged: each part right or not (relation None where it is not judged)."""
+    objects: bool
+    colours: bool
+    shapes: bool
+    relation: bool | None
+
+
+def ground_truth_from_coco(data: Mapping[str, Any], source: str = "captions file") -> dict[str, Any] | None:
     """A loaded COCO captions dict -> the ground truth (see load_ground_truth), or None without one."""
     images = [img for img in data.get("images", []) if "objects" in img]
     if not images:
@@ -26,7 +40,7 @@ def ground_truth_from_coco(data, source="captions file"):
     relations = data.get("relations")
     if relations is None:
         raise ValueError(f"{source}: images have 'objects' but the file has no top-level 'relations' map")
-    truth = {}
+    truth: dict[int, dict[str, Any]] = {}
     for img in images:
         objects = [(o["colour"], o["shape"]) for o in img["objects"]]
         relation = img.get("relation")
@@ -42,7 +56,7 @@ def ground_truth_from_coco(data, source="captions file"):
     return {"images": truth, "relations": dict(relations), "colours": tuple(colours), "shapes": tuple(shapes)}
 
 
-def load_ground_truth(coco_json_path):
+def load_ground_truth(coco_json_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """COCO captions JSON -> {"images": {image_id: {"objects": [(colour, shape)], "relation": (i, phrase, j)
     or None, "boxes": [(x0, y0, x1, y1)], "file_name"}}, "relations": {phrase: inverse}, "colours", "shapes"}.
 
@@ -52,9 +66,10 @@ def load_ground_truth(coco_json_path):
         return ground_truth_from_coco(json.load(f), source=str(coco_json_path))
 
 
-def _lexicon(colours, shapes, relations):
+def _lexicon(colours: Iterable[str], shapes: Iterable[str],
+             relations: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
     """Phrase (tuple of tokens) -> (kind, name), for every colour, shape and relation phrase."""
-    lexicon = {}
+    lexicon: dict[tuple[str, ...], tuple[str, str]] = {}
     for kind, names in (("colour", colours), ("shape", shapes),
                         ("relation", set(relations) | set(relations.values()))):
         for name in names:
@@ -62,10 +77,11 @@ def _lexicon(colours, shapes, relations):
     return lexicon
 
 
-def _mentions(tokens, lexicon):
+def _mentions(tokens: Sequence[str], lexicon: Mapping[tuple[str, ...], tuple[str, str]]) -> list[tuple[str, str]]:
     """The caption's colour, shape and relation mentions in order; the longest phrase wins at each word."""
     longest = max(len(p) for p in lexicon)
-    found, k = [], 0
+    found: list[tuple[str, str]] = []
+    k = 0
     while k < len(tokens):
         for n in range(min(longest, len(tokens) - k), 0, -1):
             if tuple(tokens[k:k + n]) in lexicon:
@@ -77,7 +93,7 @@ def _mentions(tokens, lexicon):
     return found
 
 
-def _same_relation(a, b, relations):
+def _same_relation(a: Relation | None, b: Relation | None, relations: Mapping[str, str]) -> bool:
     """True when triples a and b say the same thing: equal, or b is a said the other way round."""
     if a is None or b is None or None in (a[0], a[2]):
         return False
@@ -85,7 +101,8 @@ def _same_relation(a, b, relations):
     return a == b or (obj, relations.get(phrase), subject) == b
 
 
-def parse_caption(caption, colours, shapes, relations):
+def parse_caption(caption: str, colours: Iterable[str], shapes: Iterable[str],
+                  relations: Mapping[str, str]) -> tuple[list[Object], Relation | None]:
     """caption -> (objects, relation) as the caption states them.
 
     objects: the distinct (colour, shape) pairs named, in order of first mention; a colour named
@@ -94,9 +111,12 @@ def parse_caption(caption, colours, shapes, relations):
     relation phrase to the one just after it (None on a side with no object), or None when the
     caption states no relation, or states several that contradict each other.
     """
-    objects, triples, pending_colour, pending_relation = [], [], None, None
+    objects: list[Object] = []
+    triples: list[Relation] = []
+    pending_colour: str | None = None
+    pending_relation: tuple[Object | None, str] | None = None
 
-    def add(obj):
+    def add(obj: Object) -> None:
         nonlocal pending_relation
         if pending_relation is not None:
             triples.append((pending_relation[0], pending_relation[1], obj))
@@ -128,12 +148,12 @@ def parse_caption(caption, colours, shapes, relations):
     return list(dict.fromkeys(objects)), relation
 
 
-def _judge(caption, truth, ground_truth):
+def _judge(caption: str, truth: Mapping[str, Any], ground_truth: Mapping[str, Any]) -> Verdict:
     """One image: {"objects", "colours", "shapes", "relation"} booleans (relation None where not judged)."""
     named, stated = parse_caption(caption, ground_truth["colours"], ground_truth["shapes"],
                                   ground_truth["relations"])
     true_objects = truth["objects"]
-    verdict = {
+    verdict: Verdict = {
         "objects": set(named) == set(true_objects),
         "colours": Counter(c for c, _ in named) == Counter(c for c, _ in true_objects),
         "shapes": Counter(s for _, s in named) == Counter(s for _, s in true_objects),
@@ -146,7 +166,7 @@ def _judge(caption, truth, ground_truth):
     return verdict
 
 
-def semantic_accuracy(predictions, ground_truth):
+def semantic_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[str, Any]) -> dict[str, Any]:
     """predictions {image_id: caption}, ground truth from load_ground_truth -> a dict:
 
     "objects", "colours", "shapes", "relation": fractions right (relation None when no two-object
@@ -165,7 +185,7 @@ def semantic_accuracy(predictions, ground_truth):
     counts = {"images": n, "two_object_images": sum(ground_truth["images"][i]["relation"] is not None
                                                     for i in per_image),
               "relation_judged": len(judged), "relation": sum(judged)}
-    result = {}
+    result: dict[str, float | None] = {}
     for key in ("objects", "colours", "shapes"):
         counts[key] = sum(v[key] for v in per_image.values())
         result[key] = counts[key] / n
@@ -173,7 +193,7 @@ def semantic_accuracy(predictions, ground_truth):
     return {**result, "counts": counts, "per_image": per_image}
 
 
-def objects_right_by_file(captions, ground_truth):
+def objects_right_by_file(captions: Mapping[str, str], ground_truth: Mapping[str, Any]) -> dict[str, bool]:
     """{image file name: caption} -> {file name: whether the caption names the right objects}.
 
     For figures that colour captions by correctness; files the truth does not know are left out.
@@ -183,7 +203,7 @@ def objects_right_by_file(captions, ground_truth):
             for name, caption in captions.items() if name in ids}
 
 
-def format_semantic(acc):
+def format_semantic(acc: Mapping[str, Any]) -> str:
     """The summary of semantic_accuracy() as a short block of text for printing."""
     c = acc["counts"]
     lines = [f"semantic accuracy ({c['images']} images, captions parsed against the generator's truth)"]
@@ -199,7 +219,7 @@ def format_semantic(acc):
     return "\n".join(lines)
 
 
-def format_semantic_table(rows):
+def format_semantic_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """rows {name: semantic_accuracy() result or its summary} -> a fixed-width table, one row per name."""
     keys = ("objects", "colours", "shapes", "relation")
     width = max(len(n) for n in rows) + 2

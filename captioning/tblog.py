@@ -23,6 +23,15 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .config import Config
+from .inference import caption_images
+from .model import CNNModel, LSTMModel
+from .vocabulary import Vocab, load_coco
 
 SAMPLE_IMAGES = 4
 FLUSH_SECONDS = 10
@@ -32,7 +41,8 @@ _file_numbers = itertools.count()           # two files in one second from one p
 class EventFile:
     """One TensorBoard event file, written synchronously: no thread, one buffered append per event."""
 
-    def __init__(self, folder, purge_step=None):
+    def __init__(self, folder: str, purge_step: int | None = None) -> None:
+        # lazy, here and below: tensorboard is optional (open_board trains on without it)
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -46,43 +56,42 @@ class EventFile:
             self.add(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
         self.flush()
 
-    def add(self, event):
+    def add(self, event: Any) -> None:
         self.records.write(event.SerializeToString())
         if time.monotonic() - self.flushed > FLUSH_SECONDS:
             self.flush()
 
-    def summary(self, step, summary):
+    def summary(self, step: int, summary: Any) -> None:
         self.add(self.Event(wall_time=time.time(), step=step, summary=summary))
 
-    def scalars(self, step, values):
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """{tag: float} as one event."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         self.summary(step, Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()]))
 
-    def flush(self):
+    def flush(self) -> None:
         self.file.flush()
         self.flushed = time.monotonic()
 
-    def close(self):
+    def close(self) -> None:
         self.file.close()
 
 
 class TrainingBoard:
-    def __init__(self, config, vocab, device, resume_step=0, log=print):
+    def __init__(self, config: Config, vocab: Vocab, device: str | torch.device, resume_step: int = 0,
+                 log: Callable[[str], object] = print) -> None:
         self.config, self.vocab, self.device = config, vocab, device
         self.dir = os.path.join(config.models_dir, "tb")
         self.events = EventFile(self.dir, purge_step=resume_step + 1 if resume_step else None)
         self.samples = self._sample_images()
         log(f"TensorBoard events in {self.dir} (make tensorboard)")
 
-    def _sample_images(self):
+    def _sample_images(self) -> list[tuple[str, str]]:
         """(path, a reference caption) of the val images with the smallest ids: the same at every epoch."""
-        from .vocabulary import load_coco
-
         coco = load_coco(self.config.captions_json("val"))
         folder = self.config.resized_images("val")
-        samples = []
+        samples: list[tuple[str, str]] = []
         for i in sorted(coco.imgs):
             path = os.path.join(folder, coco.imgs[i]["file_name"])
             if os.path.isfile(path) and coco.imgToAnns.get(i):
@@ -91,25 +100,23 @@ class TrainingBoard:
                 break
         return samples
 
-    def training(self, step, loss, optimizer):
+    def training(self, step: int, loss: float, optimizer: torch.optim.Optimizer) -> None:
         """The training loss (a float already read), its perplexity, and each parameter group's learning rate."""
         values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50))}
         for name, group in zip(("head", "backbone"), optimizer.param_groups):
             values[f"lr/{name}"] = group["lr"]
         self.events.scalars(step, values)
 
-    def note(self, step, tag, message):
+    def note(self, step: int, tag: str, message: str) -> None:
         """A line of text (e.g. "changed on resume: lr 0.001 -> 0.0005") under `tag`, at `step`."""
         from torch.utils.tensorboard.summary import text
 
         self.events.summary(step, text(tag, message))
         self.events.flush()
 
-    def validation(self, step, val_loss, encoder, decoder):
+    def validation(self, step: int, val_loss: float, encoder: CNNModel, decoder: LSTMModel) -> None:
         """The validation loss, and greedy captions of the sample images (the models are left in eval mode)."""
         from torch.utils.tensorboard.summary import text
-
-        from .inference import caption_images
 
         self.events.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
         if not self.samples:
@@ -123,11 +130,12 @@ class TrainingBoard:
         self.events.summary(step, text("samples", table))
         self.events.flush()                  # an epoch's results show now
 
-    def close(self):
+    def close(self) -> None:
         self.events.close()
 
 
-def open_board(config, vocab, device, resume_step=0, log=print):
+def open_board(config: Config, vocab: Vocab, device: str | torch.device, resume_step: int = 0,
+               log: Callable[[str], object] = print) -> TrainingBoard | None:
     """A TrainingBoard, or None (with a warning) where the tensorboard package is not installed."""
     try:
         return TrainingBoard(config, vocab, device, resume_step, log)

@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,6 @@ import torch.utils.data as data
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .atomic import interrupts_deferred
-from .backbone import STANDIN
 from .checkpoint import (
     atomic_copy,
     atomic_save,
@@ -48,9 +48,9 @@ from .data import (
     skipped_line,
     too_many_unreadable,
 )
-from .derived import build_lock
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .lstm import use_packed_cpu_lstm
+from .prepare import ensure_prerequisites
 from .rundir import RunLock, prepare_run_dir, resume_config, trim_log
 from .vocabulary import load_vocabulary
 
@@ -69,7 +69,7 @@ class EncoderDecoder(nn.Module):
         return self.decoder(features, captions, lengths)
 
 
-def caption_loss(logits, captions, lengths):
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Cross-entropy over the real tokens only: packing drops the <pad> positions."""
     targets = pack_padded_sequence(captions, lengths, batch_first=True)[0]
     return nn.functional.cross_entropy(logits.float(), targets)
@@ -91,43 +91,6 @@ class _SkipSampler(data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def ensure_prerequisites(config, log=print):
-    """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
-    the resized images, the stand-in backbone."""
-    from .backbone import ensure_standin
-    from .images import resize_images
-    from .karpathy import ensure_coco_layout
-    from .vocabulary import build_vocabulary, save_vocabulary
-
-    ensure_coco_layout(config.data_dir, log, config.progress)   # a Karpathy-format folder: once, in place
-    for split in ("train", "val"):
-        for path in (config.captions_json(split), config.split_images(split)):
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found: {config.data_dir} must be a COCO-layout folder "
-                                        f"(train2014/, val2014/, annotations/captions_{{train,val}}2014.json) or "
-                                        f"hold a Karpathy dataset_*.json and its images; "
-                                        f"run notebook 01 or download_coco.sh first")
-    # the vocabulary of these captions at this threshold (cheap once the tokens are cached): an
-    # existing vocabulary.pkl built otherwise would be used while the checkpoint records this threshold.
-    # Under a lock (vocabulary.pkl.lock): a second run on this data waits, then finds it built and uses it.
-    with build_lock(config.vocabulary_path, "the vocabulary", log):
-        vocab = build_vocabulary(config.captions_json("train"), config.vocab_threshold, progress=config.progress)
-        if not os.path.exists(config.vocabulary_path):
-            log(f"building the vocabulary: {config.vocabulary_path}")
-            save_vocabulary(vocab, config.vocabulary_path)
-        elif load_vocabulary(config.vocabulary_path).words() != vocab.words():
-            log(f"{config.vocabulary_path} is not the vocabulary of these captions at vocab_threshold="
-                f"{config.vocab_threshold}: rebuilding it ({len(vocab)} words)")
-            save_vocabulary(vocab, config.vocabulary_path)
-    for split in ("train", "val"):
-        dst = config.resized_images(split)  # resize_images skips what is already done, at this size
-        report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
-        if report["resized"]:
-            log(f"resized {report['resized']} {split} images to {config.resize_size}x{config.resize_size}: {dst}")
-    if config.weights == STANDIN:
-        ensure_standin(config, log)
-
-
 def _loader(dataset, sampler, config, device, persistent=False):
     """Images: `num_workers` processes decode and augment; so do maps (a batch of maps is 32 MB at
     COCO's size, and pooling it takes a while). Cached views: the main process, since a batch is
@@ -143,7 +106,8 @@ def _loader(dataset, sampler, config, device, persistent=False):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, device, amp_dtype=None, channels_last=False):
+def evaluate_loss(model: nn.Module, loader: Any, device: torch.device, amp_dtype: torch.dtype | None = None,
+                  channels_last: bool = False) -> float:
     """Mean per-token cross-entropy over a loader (model in eval mode)."""
     model.eval()
     total, tokens = 0.0, 0
@@ -208,10 +172,10 @@ class Run:
     log_file: object = None
     board: object = None              # tblog.TrainingBoard on rank 0 (None: no TensorBoard events)
     changes: str = ""                 # what a resume changed ("lr 0.001 -> 0.0005"), for TensorBoard
-    stop: StopRequest = None          # a stop signal received (Ctrl-C, SIGTERM)
+    stop: StopRequest | None = None   # a stop signal received (Ctrl-C, SIGTERM)
     bar: object = None                # the progress bar, which shows the latest validation loss
     last_val: float | None = None
-    data: dict = None                 # checkpoint.data_identity: what a resume must find again
+    data: dict | None = None          # checkpoint.data_identity: what a resume must find again
 
     def __post_init__(self):
         self.stop = self.stop or StopRequest()
@@ -318,14 +282,42 @@ def set_learning_rates(optimizer, config):
         group["lr"] = lr
 
 
-def setup_run(config, resume, rank, world, device, master, log, changes=None):
+def check_prebuilt(config, vocab, encoder, decoder, log):
+    """Prebuilt modules must fit the run's vocabulary; a checkpoint the library's classes cannot load is said.
+
+    Training and captioning in the notebook work either way; 07, 08 and the CLI rebuild the models
+    from captioning/model.py and the checkpoint's config, so there the change must be in model.py."""
+    with torch.no_grad():
+        was = decoder.training
+        logits = decoder.eval()(torch.zeros(1, encoder.linear_layer.out_features), torch.ones(1, 2, dtype=torch.long),
+                                [2])
+        decoder.train(was)
+    size = (logits.data if hasattr(logits, "data") else logits).shape[-1]
+    if size != len(vocab):
+        raise ValueError(f"the prebuilt decoder predicts {size} words, but the vocabulary {config.vocabulary_path} "
+                         f"has {len(vocab)}: build it with vocab_size=len(vocab)")
+    library = build_models(config, len(vocab), weights=None)
+    for name, built, ours in (("encoder", encoder, library[0]), ("decoder", decoder, library[1])):
+        theirs = {k: v.shape for k, v in built.state_dict().items()}
+        if theirs != {k: v.shape for k, v in ours.state_dict().items()}:
+            log(f"note: this {name} is not what captioning/model.py builds from this config, so its checkpoints "
+                f"load here (load_state_dict) but not in 07, 08 or the CLI until the change is in "
+                f"captioning/model.py")
+
+
+def setup_run(config, resume, rank, world, device, master, log, changes=None, prebuilt=None):
     """Build the models, data and optimizer of a run, and restore last.ckpt when resuming.
 
     `changes`: the optimisation fields a resume changes ({field: (was, now)}): the learning rates are
-    set after the optimizer's state is restored, and each change is printed and logged."""
+    set after the optimizer's state is restored, and each change is printed and logged.
+    `prebuilt`: (encoder, decoder) to train instead of the ones build_models makes from config."""
     torch.manual_seed(config.seed)
     vocab = load_vocabulary(config.vocabulary_path)
-    encoder, decoder = build_models(config, len(vocab))
+    if prebuilt:
+        encoder, decoder = prebuilt
+        check_prebuilt(config, vocab, encoder, decoder, log)
+    else:
+        encoder, decoder = build_models(config, len(vocab))
     use_packed_cpu_lstm(decoder, device.type == "cpu")     # lstm.py's faster backward; CUDA keeps cuDNN
     amp_dtype = amp_dtype_for(device, config.amp)
     # channels_last: on CUDA always; on a CPU only for a frozen backbone (a CNN's forward is faster
@@ -466,20 +458,28 @@ def validate(run):
             atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
 
 
-def train(config: Config, resume=False, overwrite=False):
+def train(config: Config, resume: bool = False, overwrite: bool | str = False, encoder: nn.Module | None = None,
+          decoder: nn.Module | None = None) -> dict[str, Any]:
     """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt.
 
     A models_dir that holds a run is refused unless `resume` (continue it) or `overwrite` (start afresh:
     True moves the old run into models_dir/previous-<timestamp>/, "delete" deletes it).
+
+    `encoder` / `decoder`: modules to train instead of the ones captioning/model.py builds from
+    config, such as a notebook's edited CNNModel or LSTMModel (give both, or the decoder alone).
+    The encoder keeps the library's interface (linear_layer, batch_norm, resnet_module); the
+    decoder takes forward(features, captions, lengths) and predicts one score per vocabulary word.
     """
+    if encoder is not None and decoder is None:
+        raise ValueError("a prebuilt encoder needs its decoder too: train(config, encoder=..., decoder=...)")
     rank, world, ddp_device = setup_distributed()
     master = rank == 0
     device = ddp_device or pick_device(config.device)
     log = print if master else (lambda *a, **k: None)
     lock = RunLock(config.models_dir) if master else None
-    changes = {}
+    changes: dict[str, tuple[Any, Any]] = {}
     try:
-        if master:  # the cheap checks first: one trainer per folder, no run replaced unasked, resumable
+        if lock:  # rank 0, the cheap checks first: one trainer per folder, no run replaced unasked, resumable
             lock.acquire(log)
             prepare_run_dir(config.models_dir, resume, overwrite, log)
             if resume:     # the run's own config, from its checkpoint: refused here if it would change
@@ -489,7 +489,11 @@ def train(config: Config, resume=False, overwrite=False):
             dist.barrier()
             if resume and not master:
                 config, changes = resume_config(os.path.join(config.models_dir, "last.ckpt"), config, world)
-        return _fit(setup_run(config, resume, rank, world, device, master, log, changes))
+        if decoder is not None and encoder is None:
+            vocab_size = len(load_vocabulary(config.vocabulary_path))
+            encoder = build_models(config, vocab_size)[0]
+        prebuilt = (encoder, decoder) if decoder is not None else None
+        return _fit(setup_run(config, resume, rank, world, device, master, log, changes, prebuilt))
     finally:
         if lock:
             lock.release()

@@ -1,17 +1,31 @@
 """Matplotlib helpers for the notebooks: the model's diagram, image grids with captions, length histogram,
 training curves."""
+import inspect
 import math
 import os
 import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+from PIL import Image
+
+from .images import load_image
+
+# viz imports no torch: notebooks 01 and 03 draw with it and never load torch (2 s). The functions
+# that take tensors import it (or the modules that do) when they run.
+if TYPE_CHECKING:          # for the annotations only
+    import torch
 
 
-def denormalize(tensor):
+def denormalize(tensor: "torch.Tensor") -> np.ndarray:
     """A normalised (3, H, W) image tensor -> an (H, W, 3) array in [0, 1] for imshow."""
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .data import IMAGENET_MEAN, IMAGENET_STD  # lazy: torch (see the note at the top)
 
     image = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
     return np.clip(image * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
@@ -20,7 +34,7 @@ def denormalize(tensor):
 RIGHT, WRONG = "#1a7f37", "#cf222e"          # caption colours where the truth is known
 
 
-def _caption_lines(caption, colour, wrap):
+def _caption_lines(caption: str | Sequence[str], colour: str | Sequence[str], wrap: int) -> list[tuple[str, str]]:
     """One caption (a string, or a list of strings) -> [(line, colour)]. Each string is a block: its
     own lines (split at "\\n") are kept apart and each is wrapped to `wrap` characters."""
     parts = [caption] if isinstance(caption, str) else list(caption)
@@ -29,12 +43,10 @@ def _caption_lines(caption, colour, wrap):
             for line in (textwrap.wrap(text, wrap) or [""])]
 
 
-def original_size(path):
+def original_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """(width, height) of the original of an image in a `resized_images/<split>/` folder (the
     data layout: `<data>/<split>/<name>` beside `<data>/resized_images/<split>/<name>`), or None
     for any other path or when the original is not there."""
-    from PIL import Image
-
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     resized, split = os.path.split(folder)
     if os.path.basename(resized) != "resized_images":
@@ -49,8 +61,9 @@ def original_size(path):
 CHAR_WIDTH = 0.6           # a caption character's mean width, in ems of its font (DejaVu Sans, with some room)
 
 
-def show_images(images, captions, ncols=4, width=3.2, wrap=None, colours=None, fontsize=12,
-                proportions="original"):
+def show_images(images: Sequence[Any], captions: Sequence[str | Sequence[str]], ncols: int = 4, width: float = 3.2,
+                wrap: int | None = None, colours: Sequence[str | Sequence[str]] | None = None, fontsize: float = 12,
+                proportions: str = "original") -> Figure:
     """A grid of images (paths, PIL images, arrays or normalised tensors), each with its caption below.
 
     A caption is a string or a list of strings (one block each; a "\\n" in a string starts a new
@@ -63,8 +76,6 @@ def show_images(images, captions, ncols=4, width=3.2, wrap=None, colours=None, f
     folder (squashed to a square by notebook 03) is drawn at its original's proportions, as the
     picture was taken, unless `proportions="pixels"` (what the CNN is given, squashed).
     """
-    from .images import load_image
-
     if proportions not in ("original", "pixels"):
         raise ValueError(f"proportions must be 'original' or 'pixels', got {proportions!r}")
     wrap = wrap or max(8, int(width * 72 / (CHAR_WIDTH * fontsize)))
@@ -93,7 +104,7 @@ def show_images(images, captions, ncols=4, width=3.2, wrap=None, colours=None, f
     for row, h, t in zip(rows, image_h, text_h):
         for col, i in enumerate(row):
             x = margin + col * (width + gap)
-            ax = fig.add_axes([x / fig_w, (top - h) / fig_h, width / fig_w, h / fig_h], anchor="SW")
+            ax = fig.add_axes((x / fig_w, (top - h) / fig_h, width / fig_w, h / fig_h), anchor="SW")
             ax.axis("off")
             picture, (w_shown, h_shown) = pictures[i], shapes[i]
             # data aspect: pixel height / pixel width on screen, so the picture shows at w_shown:h_shown
@@ -106,7 +117,7 @@ def show_images(images, captions, ncols=4, width=3.2, wrap=None, colours=None, f
     return fig
 
 
-def show_scored(result, image_ids, metric="CIDEr", ncols=4):
+def show_scored(result: Mapping[str, Any], image_ids: Sequence[int], metric: str = "CIDEr", ncols: int = 4) -> Figure:
     """Images from an evaluate_checkpoint() result: score, the model's caption (green if it names the
     right objects, red if not, where the truth is known) and one human reference."""
     semantic = (result.get("semantic") or {}).get("per_image", {})
@@ -119,7 +130,8 @@ def show_scored(result, image_ids, metric="CIDEr", ncols=4):
     return show_images([result["paths"][i] for i in image_ids], captions, ncols=ncols, colours=colours)
 
 
-def show_saliency(image, words, maps, width=1.6, per_row=8, title=None):
+def show_saliency(image: Any, words: Sequence[str], maps: Iterable[Any], width: float = 1.6, per_row: int = 8,
+                  title: str | None = None) -> Figure:
     """A strip: the image, then one heat map per word over a faded copy of it (saliency.explain_image)."""
     picture = denormalize(image) if hasattr(image, "detach") else np.asarray(image)
     n = len(words) + 1
@@ -142,18 +154,17 @@ def show_saliency(image, words, maps, width=1.6, per_row=8, title=None):
     return fig
 
 
-def plot_length_histogram(lengths, max_seq_len=20):
+def plot_length_histogram(lengths: Sequence[int] | np.ndarray, max_seq_len: int = 20) -> Figure:
     """Histogram of caption lengths in tokens (with <start> and <end>), the max_seq_len cut marked.
 
     The title says how many captions get truncated; the captions exactly max_seq_len long, which
     fit whole, are labelled, so a tall bar at the limit is not mistaken for cut captions.
     """
-    from matplotlib.patches import Patch
-
     lengths = np.asarray(lengths) + 2
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    _, _, bars = ax.hist(lengths, bins=np.arange(lengths.min(), max(lengths.max(), max_seq_len) + 2) - 0.5,
-                         color="tab:blue")
+    edges = np.arange(lengths.min(), max(lengths.max(), max_seq_len) + 2) - 0.5
+    # ignore: matplotlib's stubs want a Sequence for bins, where its docs (and it) take an array
+    _, _, bars = ax.hist(lengths, bins=edges, color="tab:blue")  # type: ignore[arg-type]
     ax.axvline(max_seq_len + 0.5, color="tab:red", linestyle="--", label=f"max_seq_len = {max_seq_len}")
     cut, at_limit = int((lengths > max_seq_len).sum()), int((lengths == max_seq_len).sum())
     if cut:
@@ -162,7 +173,8 @@ def plot_length_histogram(lengths, max_seq_len=20):
         title = f"{len(lengths)} captions; none is longer than max_seq_len, so none is truncated"
     handles = []
     if at_limit:
-        for bar in bars:                              # the bar of captions exactly max_seq_len long
+        assert isinstance(bars, BarContainer)         # one data set, histtype="bar": one Rectangle per bin
+        for bar in bars.patches:                      # the bar of captions exactly max_seq_len long
             if bar.get_x() < max_seq_len < bar.get_x() + bar.get_width():
                 bar.set_facecolor("tab:green")
         handles = [Patch(color="tab:green", label=f"{at_limit} captions exactly {max_seq_len} tokens: they fit whole")]
@@ -172,14 +184,14 @@ def plot_length_histogram(lengths, max_seq_len=20):
     return fig
 
 
-def read_log(path):
+def read_log(path: str) -> list[dict[str, Any]]:
     """The rows of a train_log.jsonl; a torn line (a kill during a write) is skipped with a warning."""
-    from .rundir import read_log as read_rows
+    from .rundir import read_log as read_rows  # lazy: torch (rundir imports the checkpoint code)
 
     return read_rows(path, warn=print)
 
 
-def plot_training_log(path):
+def plot_training_log(path: str) -> Figure:
     """Training loss and perplexity per logged step, validation loss per epoch."""
     rows = read_log(path)
     train = [r for r in rows if "loss" in r]
@@ -199,9 +211,9 @@ def plot_training_log(path):
     return fig
 
 
-def nearest_neighbour_accuracy(features, labels, k=5):
+def nearest_neighbour_accuracy(features: "torch.Tensor", labels: Sequence[Any], k: int = 5) -> float:
     """Leave-one-out k-nearest-neighbour accuracy (cosine) of `labels` from (N, D) `features`."""
-    import torch
+    import torch  # lazy: see the note at the top
 
     x = torch.nn.functional.normalize(features.float(), dim=1)
     similarity = x @ x.T
@@ -214,10 +226,10 @@ def nearest_neighbour_accuracy(features, labels, k=5):
     return right / len(labels)
 
 
-def plot_feature_pca(features, labels):
+def plot_feature_pca(features: "Mapping[str, torch.Tensor]", labels: Sequence[Any]) -> Figure:
     """One scatter per feature set: its first two principal components, coloured by label, with the
     labels' nearest-neighbour accuracy in the title (how well the features alone tell them apart)."""
-    import torch
+    import torch  # lazy: see the note at the top
 
     names = sorted(set(labels))
     fig, axes = plt.subplots(1, len(features), figsize=(5.2 * len(features), 4.4), squeeze=False)
@@ -235,13 +247,11 @@ def plot_feature_pca(features, labels):
     return fig
 
 
-def plot_architecture(words=("a", "red", "circle"), embedding_size=256, hidden_size=512, feature_size=2048,
-                      crop_size=224):
+def plot_architecture(words: Sequence[str] = ("a", "red", "circle"), embedding_size: int = 256, hidden_size: int = 512,
+                      feature_size: int = 2048, crop_size: int = 224) -> Figure:
     """The chapter's model as a diagram: image -> ResNet -> Linear + BatchNorm -> image embedding, then
     the LSTM unrolled, the image embedding first and each word's embedding after it, each step's
     hidden state -> Linear -> scores over the vocabulary, whose likeliest word is the next input."""
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
     steps = ["<start>", *words, "<end>"]
     n, gap = len(steps), 1.8
     x0 = 4.9                                          # step 0 sits under the encoder's last box
@@ -250,12 +260,12 @@ def plot_architecture(words=("a", "red", "circle"), embedding_size=256, hidden_s
     ax.set(xlim=(0, width), ylim=(0.2, 6.2))
     ax.axis("off")
 
-    def box(x, y, w, h, text, colour, size=10):
+    def box(x: float, y: float, w: float, h: float, text: str, colour: str, size: float = 10) -> None:
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=colour,
                                     ec="#444444", lw=1))
         ax.text(x, y, text, ha="center", va="center", fontsize=size)
 
-    def arrow(a, b, colour="#444444", style="solid"):
+    def arrow(a: tuple[float, float], b: tuple[float, float], colour: str = "#444444", style: str = "solid") -> None:
         ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color=colour, lw=1.2,
                                      linestyle=style))
 
@@ -288,11 +298,9 @@ def plot_architecture(words=("a", "red", "circle"), embedding_size=256, hidden_s
     return fig
 
 
-def show_source(*objects):
+def show_source(*objects: Any) -> Any:
     """The source code of functions, classes or methods, syntax-highlighted in a notebook:
     the library's pieces, read where they are used."""
-    import inspect
-
-    from IPython.display import Code
+    from IPython.display import Code  # lazy: notebooks only, and IPython takes 70 ms (the CLI draws with viz)
 
     return Code("\n\n".join(textwrap.dedent(inspect.getsource(o)) for o in objects), language="python")

@@ -42,8 +42,8 @@ class Vocab:
     """Maps words to ids and back; unknown words map to <unk>."""
 
     def __init__(self) -> None:
-        self.w2i = {}
-        self.i2w = {}
+        self.w2i: dict[str, int] = {}
+        self.i2w: dict[int, str] = {}
         self.index = 0
 
     def add_token(self, token: str) -> None:
@@ -71,7 +71,7 @@ class Vocab:
             raise ValueError(f"a vocabulary must start with {SPECIAL_TOKENS}, got {vocab.words()[:4]}")
         return vocab
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Vocab({len(self)} words)"
 
 
@@ -94,7 +94,8 @@ def _read_token_cache(path, source):
     return None
 
 
-_warned = set()   # (path, size, mtime) of the captions files whose skipped entries were reported
+# (path, size, mtime) of the captions files whose skipped entries were reported
+_warned: set[tuple[str, int, int]] = set()
 
 
 def read_captions_json(json_path: str | os.PathLike[str], log: Callable[[str], object] = print) -> dict:
@@ -256,7 +257,8 @@ def caption_tokens(json_path: str, coco: COCO | None = None, progress: bool = Tr
 
 def count_tokens(json_path: str, progress: bool = True) -> tuple[Counter[str], list[int]]:
     """Tokenize every caption of a COCO captions file: (Counter of tokens, list of caption lengths)."""
-    counter, lengths = Counter(), []
+    counter: Counter[str] = Counter()
+    lengths: list[int] = []
     for joined in caption_tokens(json_path, progress=progress).values():
         tokens = joined.split()
         counter.update(tokens)

@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 import random
@@ -8,8 +9,11 @@ import torch
 import torchvision
 from conftest import SMALL
 
-from captioning.backbone import (
-    build_resnet,
+from captioning.backbone import build_resnet
+from captioning.checkpoint import load_captioner
+from captioning.config import get_config
+from captioning.standin import (
+    PRETRAINING_SHAPES,
     ensure_standin,
     pretrain_standin,
     resolution_schedule,
@@ -17,8 +21,6 @@ from captioning.backbone import (
     standin_path,
     synthetic_scene,
 )
-from captioning.checkpoint import load_captioner
-from captioning.config import get_config
 from captioning.tinyset import DRAWABLE_SHAPES
 from captioning.training import train
 
@@ -53,9 +55,33 @@ def test_standin_pretraining_is_deterministic_and_learns():
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not any(k.startswith("fc.") for k in state_a)
     assert 0 <= report["heldout_shape_accuracy"] <= 1 and report["heldout_scenes"] == 512
+    assert 0 <= report["heldout_single_shape_accuracy"] <= 1 and report["shapes"] == list(PRETRAINING_SHAPES)
+    state_c, _ = pretrain_standin("resnet18", steps=3, seed=3, workers=1, **kwargs)   # scenes drawn in a worker
+    assert all(torch.equal(state_a[k], state_c[k]) for k in state_a)
     _, longer = pretrain_standin("resnet18", steps=40, seed=3, **kwargs)
     # colours are learned first: after 40 steps the held-out colour error has clearly fallen
     assert longer["heldout_colour_error"] < report["heldout_colour_error"] - 0.05
+
+
+def test_the_standin_is_pretrained_without_the_heldout_shapes_and_named_by_its_recipe(tmp_path, monkeypatch):
+    import captioning.standin as standin
+    from captioning.tinyset import HELDOUT_SHAPES
+
+    assert set(HELDOUT_SHAPES) <= set(DRAWABLE_SHAPES) and not set(HELDOUT_SHAPES) & set(PRETRAINING_SHAPES)
+    config = get_config("tiny", models_dir=str(tmp_path / "m"))
+    name = os.path.basename(standin_path(config))
+    assert name.startswith(f"standin-resnet18-64to56px-{config.standin_steps}steps-seed0-")
+    names = list(inspect.signature(standin.pretrain_standin).parameters)
+    for parameter, value in (("lr", 9e-3), ("radius", (0.1, 0.3)), ("shapes", PRETRAINING_SHAPES[:-1]),
+                             ("label_smoothing", 0.1), ("bf16", True), ("workers", 1)):
+        defaults = list(standin.pretrain_standin.__defaults__)
+        defaults[names.index(parameter)] = value
+        with monkeypatch.context() as m:
+            m.setattr(standin.pretrain_standin, "__defaults__", tuple(defaults))
+            renamed = os.path.basename(standin_path(config)) != name
+            assert renamed == (parameter != "workers"), f"{parameter}: the recipe renames the file; drawing in a " \
+                                                         f"worker does not"
+    assert os.path.basename(standin_path(config)) == name
 
 
 def test_weights_files_load_whatever_their_classifier(tmp_path):
@@ -95,6 +121,7 @@ def test_training_builds_the_standin_once_and_checkpoints_carry_it(tiny_copy, tm
 
 def test_resolution_schedule_ends_at_the_captioners_size():
     assert resolution_schedule(1400, 64, 56, 64) == [(600, 36, 32, 128), (800, 64, 56, 64)]
+    assert resolution_schedule(800, 64, 56, 64, low_share=0.7) == [(560, 36, 32, 128), (240, 64, 56, 64)]
     assert resolution_schedule(700, 256, 224, 32) == [(300, 146, 128, 64), (400, 256, 224, 32)]
     assert resolution_schedule(7, 36, 32, 64) == [(7, 36, 32, 64)]           # already small: one phase
     assert sum(s for s, *_ in resolution_schedule(5, 64, 56, 64)) == 5

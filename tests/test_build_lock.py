@@ -82,15 +82,15 @@ def test_build_lock_does_not_wait_or_talk_when_free(tmp_path):
 def test_a_second_standin_pretraining_waits_and_reuses_the_first(tmp_path, monkeypatch):
     import torch
 
-    import captioning.backbone as backbone
+    import captioning.standin as standin
 
     config = get_config("tiny", data_dir=str(tmp_path / "data"), models_dir=str(tmp_path / "models"), **SMALL)
     calls = []
-    monkeypatch.setattr(backbone, "pretrain_standin", lambda *a, **k: calls.append(1) or ({}, {}))
-    path = backbone.standin_path(config)
+    monkeypatch.setattr(standin, "pretrain_standin", lambda *a, **k: calls.append(1) or ({}, {}))
+    path = standin.standin_path(config)
     os.makedirs(os.path.dirname(path))
     fd = hold(path + ".lock")
-    t = Second(lambda log: backbone.ensure_standin(config, log))
+    t = Second(lambda log: standin.ensure_standin(config, log))
     t.start()
     t.wait_for(WAITING)
     torch.save({"first": torch.ones(1)}, path)          # the first run saves its stand-in, then lets go
@@ -102,14 +102,13 @@ def test_a_second_standin_pretraining_waits_and_reuses_the_first(tmp_path, monke
 
 
 def test_a_second_run_waits_for_the_vocabulary_and_uses_it(tiny_copy, tmp_path, monkeypatch):
-    import captioning.backbone as backbone
-    from captioning.training import ensure_prerequisites
+    import captioning.prepare as prepare
     from captioning.vocabulary import build_vocabulary, load_vocabulary, save_vocabulary
 
-    monkeypatch.setattr(backbone, "ensure_standin", lambda config, log: None)   # not what this test is about
+    monkeypatch.setattr(prepare, "ensure_standin", lambda config, log: None)   # not what this test is about
     config = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "models"), **SMALL)
     fd = hold(config.vocabulary_path + ".lock")
-    t = Second(lambda log: ensure_prerequisites(config, log))
+    t = Second(lambda log: prepare.ensure_prerequisites(config, log))
     t.start()
     t.wait_for(WAITING)
     assert not os.path.exists(config.vocabulary_path)

@@ -264,12 +264,12 @@ def test_collapse_warning_on_a_decoder_that_says_one_thing(trained, tmp_path):
 def _backbone_features(data, state):
     """The checkpoint's frozen-backbone features of the 16 val images, as evaluate computes them."""
     from captioning.checkpoint import load_encoder_state
-    from captioning.config import Config
+    from captioning.config import get_config
     from captioning.data import eval_transform
     from captioning.images import load_image
     from captioning.model import CNNModel
 
-    config = Config.from_checkpoint(state["config"])
+    config = get_config(saved=state["config"])
     encoder = CNNModel(config.embedding_size, config.backbone, None).eval()
     load_encoder_state(encoder, state)
     transform = eval_transform(config.resize_size, config.crop_size)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, SMALL
 
 from captioning.__main__ import main
-from captioning.config import get_config, notebook_config
+from captioning.config import get_config
 from captioning.data import TrainTransform, get_loader
 from captioning.evaluation import evaluate_checkpoint, heldout_split
 from captioning.karpathy import ensure_coco_layout, karpathy_folder, karpathy_test_images
@@ -161,7 +161,7 @@ def test_vocabulary_notebooks_training_and_evaluation_run_on_a_karpathy_folder(f
                         progress_bar=False)
     text = out.read_text()
     assert "Karpathy-format data, nothing to generate or download" in text and "60 training images" in text
-    config = notebook_config("tiny", str(folder), str(tmp_path / "m"), **SMALL)
+    config = get_config("tiny", notebook=True, data_dir=str(folder), models_dir=str(tmp_path / "m"), **SMALL)
     assert config.captions_json("train") == str(folder / "annotations" / "captions_train2014.json")
     # training builds the vocabulary and resized images from it; evaluation scores Karpathy's test images
     summary = train(get_config("tiny", data_dir=str(folder), models_dir=str(tmp_path / "m"), max_steps=3,

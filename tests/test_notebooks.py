@@ -37,7 +37,7 @@ def executed(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     params = {"PRESET": "tiny", "DATA_DIR": str(root / "data" / "tiny"), "MODELS_DIR": str(root / "models"),
               "TINY_TRAIN": 48, "TINY_VAL": 8, "EPOCHS": 12, "MAX_STEPS": 12, "N_IMAGES": 4, "BATCH_SIZE": 4,
-              "STANDIN_STEPS": 3, "CHAPTER_STEPS": 20}
+              "STANDIN_STEPS": 3, "CHAPTER_STEPS": 20, "EDITED_STEPS": 3}
     out = root / "executed"
     run_notebooks(str(out), params, log=lambda *a: None)
     return root, out
@@ -64,7 +64,7 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     assert len(_images(executed_07)) >= 3  # the captioned images are shown inline, and a saliency strip
     # the pretraining scenes and the random-vs-stand-in feature map
     assert len(_images(nbformat.read(out / "05_model.ipynb", as_version=4))) >= 2
-    assert (root / "pretrained" / "standin-resnet18-64to56px-3steps-seed0.pth").exists()
+    assert len(list((root / "pretrained").glob("standin-resnet18-64to56px-3steps-seed0-*.pth"))) == 1
     for path in out.iterdir():      # progress bars are saved at their last frame, not at 0%
         text = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
                        if c.cell_type == "code" for o in c.outputs)
@@ -129,6 +129,8 @@ def test_the_chapter_is_on_screen_and_runs(executed):
     assert len(losses) >= 3 and losses[-1] < losses[0]          # the chapter's loop learns
     variants = _text(out / "05_model.ipynb")
     assert all(name in variants for name in ("chapter LSTM", "2-layer LSTM", "GRU"))   # the decoder variants ran
+    # the notebook's own LSTMModel, trained by train(decoder=...) and captioning four val images
+    assert "saved" in variants and len(re.findall(r"COCO_val2014_\d+\.jpg: ", variants)) == 4
     steps = re.findall(r"step +\d+: ", _text(out / "07_inference.ipynb"))
     assert len(steps) >= 2 and "beam 3:" in _text(out / "07_inference.ipynb")          # greedy, step by step
 

@@ -321,3 +321,70 @@ def test_bad_data_dir_and_bad_overrides_are_clear_errors(tmp_path):
         proc = run_cli("train", "--data-dir", tmp_path / "nowhere", *args, check=False)
         assert proc.returncode == 1 and proc.stderr.startswith(f"error: {field} must be"), (args, proc.stderr)
         assert "Traceback" not in proc.stderr and not (tmp_path / "nowhere").exists()
+
+
+class _GRUDecoder(torch.nn.Module):
+    """A decoder of the reader's own: not what captioning/model.py builds, with the chapter's interface."""
+
+    def __init__(self, embedding_size, hidden_size, vocab_size, max_seq_len=20):
+        super().__init__()
+        self.embedding_layer = torch.nn.Embedding(vocab_size, embedding_size)
+        self.lstm_layer = torch.nn.GRU(embedding_size, hidden_size, batch_first=True)
+        self.linear_layer = torch.nn.Linear(hidden_size, vocab_size)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, features, captions, lengths):
+        inputs = torch.cat((features.unsqueeze(1), self.embedding_layer(captions)), 1)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(inputs, lengths, batch_first=True)
+        return self.linear_layer(self.lstm_layer(packed)[0].data)
+
+    def sample(self, features):
+        ids, inputs, state = [], features.unsqueeze(1), None
+        for _ in range(self.max_seq_len):
+            out, state = self.lstm_layer(inputs, state)
+            ids.append(self.linear_layer(out.squeeze(1)).argmax(-1))
+            inputs = self.embedding_layer(ids[-1]).unsqueeze(1)
+        return torch.stack(ids, 1)
+
+
+def test_train_trains_prebuilt_modules_in_place_and_says_when_the_library_cannot_rebuild_them(tiny_copy, tmp_path,
+                                                                                               capsys):
+    from captioning.checkpoint import build_models
+    from captioning.inference import caption_images
+    from captioning.vocabulary import load_vocabulary
+
+    config = small_config(tiny_copy, tmp_path / "m", epochs=1, **FROZEN)
+    train(small_config(tiny_copy, tmp_path / "first", epochs=1, max_steps=1, **FROZEN))   # the vocabulary
+    vocab = load_vocabulary(config.vocabulary_path)
+    torch.manual_seed(0)
+    decoder = _GRUDecoder(config.embedding_size, 24, len(vocab))
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    encoder = build_models(config, len(vocab))[0]
+    capsys.readouterr()
+    summary = train(config, encoder=encoder, decoder=decoder)
+    out = capsys.readouterr().out
+    saved = torch.load(summary["last"], weights_only=True)["decoder"]
+    assert saved.keys() == before.keys() and saved["lstm_layer.weight_hh_l0"].shape == (72, 24)   # a GRU's gates
+    assert all(torch.equal(saved[k], v) for k, v in decoder.state_dict().items())   # trained in place, saved
+    assert not torch.equal(saved["linear_layer.weight"], before["linear_layer.weight"])
+    assert "not what captioning/model.py builds" in out and "07, 08 or the CLI" in out
+    images = sorted((tiny_copy / "val2014").iterdir())[:2]
+    results = caption_images(images, encoder, decoder, vocab, config)      # greedy needs only sample()
+    assert [error for _, _, error in results] == [None, None] and all(isinstance(c, str) for _, c, _ in results)
+    # the library's own classes, prebuilt: no note
+    capsys.readouterr()
+    train(config, overwrite="delete", decoder=build_models(config, len(vocab))[1])
+    assert "not what captioning/model.py builds" not in capsys.readouterr().out
+
+
+def test_train_refuses_prebuilt_modules_that_do_not_fit(tiny_copy, tmp_path):
+    from captioning.vocabulary import load_vocabulary
+
+    config = small_config(tiny_copy, tmp_path / "m", epochs=1, **FROZEN)
+    with pytest.raises(ValueError, match="needs its decoder too"):
+        train(config, encoder=torch.nn.Linear(2, 2))
+    train(small_config(tiny_copy, tmp_path / "first", epochs=1, max_steps=1, **FROZEN))   # the vocabulary
+    words = len(load_vocabulary(config.vocabulary_path))
+    with pytest.raises(ValueError, match=f"predicts {words + 5} words, but the vocabulary .* has {words}"):
+        train(config, decoder=_GRUDecoder(config.embedding_size, 24, words + 5))
+    assert not os.path.exists(tmp_path / "m" / "last.ckpt")
