@@ -11,7 +11,7 @@ two rank recipes alike, so it is the quick way to compare pretraining recipes.
 
 A recipe is "default" (pretrain_standin's defaults) or NAME=VALUE,... overriding them: steps,
 low_share (the share of steps on small images), low_batch (how many times the batch those take),
-lr, label_smoothing, radius=LOW-HIGH, aspect=LOW-HIGH, shapes=NAME/NAME/... or shapes=tiny11
+lr, label_smoothing, bf16=1 (bfloat16 autocast), radius=LOW-HIGH, aspect=LOW-HIGH, shapes=NAME/NAME/... or shapes=tiny11
 (the eleven shapes of the recipe before the thin ones were added).
 """
 import argparse
@@ -87,6 +87,8 @@ def parse_recipe(text):
             kwargs[name] = tuple(float(v) for v in value.split("-"))
         elif name == "shapes":
             kwargs[name] = ELEVEN if value == "tiny11" else tuple(value.split("/"))
+        elif name == "bf16":
+            kwargs[name] = value.lower() in ("1", "true", "yes")
         else:
             kwargs[name] = int(value) if name in ("steps", "low_batch") else float(value)
     return kwargs

@@ -116,6 +116,20 @@ def _check_vocabulary(vocab: Any, path: str) -> "Vocab":
     return Vocab.from_words([vocab.i2w[i] for i in range(n)])
 
 
+def _check_given_sizes(given: dict[str, Any], found: dict[str, Any], encoder_path: str, decoder_path: str,
+                       log: Callable[[str], object]) -> None:
+    """A size flag that disagrees with the weights is an error; sizes that differ from the book's are said."""
+    for name, value in given.items():
+        if value is not None and value != found[name]:
+            source = encoder_path if name in ("backbone", "embedding_size") else decoder_path
+            raise ValueError(f"--{name.replace('_', '-')} {value} disagrees with the weights, which say "
+                             f"{found[name]} ({source}); leave the flag out to use what the weights say")
+    differ = [f"{name.replace('_', ' ')} {found[name]} (the book: {BOOK[name]})" for name in given
+              if given[name] is None and found[name] != BOOK[name]]
+    if differ:
+        log("inferred from the weights: " + ", ".join(differ))
+
+
 def import_chapter(encoder_path: str, decoder_path: str, vocabulary_path: str, out: str, backbone: str | None = None,
                    embedding_size: int | None = None, hidden_size: int | None = None, num_layers: int | None = None,
                    max_seq_len: int | None = None, log: Callable[[str], object] = print,
@@ -146,15 +160,7 @@ def import_chapter(encoder_path: str, decoder_path: str, vocabulary_path: str, o
                          f"{found['vocabulary_size']}: not the vocabulary of these weights")
     given = {"backbone": backbone, "embedding_size": embedding_size, "hidden_size": hidden_size,
              "num_layers": num_layers}
-    for name, value in given.items():
-        if value is not None and value != found[name]:
-            source = encoder_path if name in ("backbone", "embedding_size") else decoder_path
-            raise ValueError(f"--{name.replace('_', '-')} {value} disagrees with the weights, which say "
-                             f"{found[name]} ({source}); leave the flag out to use what the weights say")
-    differ = [f"{name.replace('_', ' ')} {found[name]} (the book: {BOOK[name]})" for name in given
-              if given[name] is None and found[name] != BOOK[name]]
-    if differ:
-        log("inferred from the weights: " + ", ".join(differ))
+    _check_given_sizes(given, found, encoder_path, decoder_path, log)
     sizes = {**{k: found[k] for k in given}, "max_seq_len": max_seq_len or BOOK["max_seq_len"],
              "vocabulary_size": len(vocab)}
     # The book's backbone is in the encoder file, with BatchNorm statistics that drifted while
