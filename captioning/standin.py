@@ -330,7 +330,7 @@ def ensure_standin(config: Config, log: Callable[[str], Any] = print) -> str:
             log(f"using the stand-in backbone another process just pretrained: {path}")
             return path
         log(f"pretraining the stand-in backbone ({config.backbone}, {config.standin_steps} steps on synthetic "
-            f"scenes); it is saved to {path} and reused")
+            f"scenes), saved for reuse as {os.path.basename(path)} in {os.path.dirname(path)}")
         state, report = pretrain_standin(config.backbone, config.resize_size, config.crop_size,
                                          config.standin_steps, seed=config.standin_seed, progress=config.progress)
         log(f"stand-in backbone, on {report['heldout_scenes']} scenes it never saw: the shape of a lone object "
