@@ -282,20 +282,21 @@ def set_learning_rates(optimizer, config):
         group["lr"] = lr
 
 
-def check_prebuilt(config, vocab, encoder, decoder, log):
+def check_prebuilt(config: Config, vocab: Any, encoder: Any, decoder: nn.Module, log: Any) -> None:
     """Prebuilt modules must fit the run's vocabulary; a checkpoint the library's classes cannot load is said.
 
     Training and captioning in the notebook work either way; 07, 08 and the CLI rebuild the models
     from captioning/model.py and the checkpoint's config, so there the change must be in model.py."""
+    device = next(decoder.parameters()).device
     with torch.no_grad():
         was = decoder.training
-        logits = decoder.eval()(torch.zeros(1, encoder.linear_layer.out_features), torch.ones(1, 2, dtype=torch.long),
-                                [2])
+        logits = decoder.eval()(torch.zeros(1, encoder.linear_layer.out_features, device=device),
+                                torch.ones(1, 2, dtype=torch.long, device=device), [2])
         decoder.train(was)
-    size = (logits.data if hasattr(logits, "data") else logits).shape[-1]
+    size = logits.shape[-1]
     if size != len(vocab):
         raise ValueError(f"the prebuilt decoder predicts {size} words, but the vocabulary {config.vocabulary_path} "
-                         f"has {len(vocab)}: build it with vocab_size=len(vocab)")
+                         f"has {len(vocab)}: build it for len(vocab) words")
     library = build_models(config, len(vocab), weights=None)
     for name, built, ours in (("encoder", encoder, library[0]), ("decoder", decoder, library[1])):
         theirs = {k: v.shape for k, v in built.state_dict().items()}
