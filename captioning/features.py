@@ -42,11 +42,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.data as data
 
 from .atomic import atomic_write
 from .checkpoint import os_error, write_failed
-from .data import CocoCaptionDataset, TrainTransform, Unreadable, seeded_generator, too_many_unreadable
+from .config import Config
+from .data import (
+    CocoCaptionDataset,
+    TrainTransform,
+    Unreadable,
+    eval_transform,
+    seeded_generator,
+    skipped_line,
+    too_many_unreadable,
+)
 from .images import ImageReadError, load_image
 from .progress import tqdm
 
@@ -705,3 +715,44 @@ class CachedCaptionDataset(data.Dataset):
         others = torch.from_numpy(np.asarray(self.cache[others], dtype=np.float32))                       # (B, K, D)
         deviation = others[torch.arange(len(picks)), torch.tensor([p % k for p in picks])] - others.mean(1)
         return views.mean(1) + self.jitter * deviation
+
+
+# ---- the cache as training uses it ----------------------------------------------------------------
+
+def cached_datasets(config: "Config", encoder: "CNNModel", train_ds: CocoCaptionDataset, val_ds: CocoCaptionDataset,
+                    train_tf: Callable, val_tf: Callable, device: torch.device, master: bool,
+                    amp_dtype: torch.dtype | None, channels_last: bool, log: Callable[[str], object]
+                    ) -> tuple["CachedCaptionDataset", "CachedCaptionDataset"]:
+    """Training's datasets over the frozen backbone's cached features: K augmented views per training
+    image ("views"), or the whole image's map and its mirror to crop from ("maps"); one view per val image."""
+    if config.cache_kind == "maps":
+        train_cache = ("train", train_ds, eval_transform(config.resize_size, config.resize_size),
+                       2 if config.hflip else 1, "maps")
+    else:
+        train_cache = ("train", train_ds, train_tf, config.cache_views, "views")
+    caches = {split: _open_cache(config, encoder, ds, tf, views, kind, split, device, master, amp_dtype,
+                                 channels_last, log)
+              for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, "views"))}
+    return (CachedCaptionDataset(train_ds, caches["train"], config.seed,
+                                 crop_fraction=config.crop_size / config.resize_size, jitter=config.cache_jitter),
+            CachedCaptionDataset(val_ds, caches["val"], config.seed))
+
+
+def _open_cache(config, encoder, ds, transform, views, kind, split, device, master, amp_dtype, channels_last, log):
+    """Rank 0 extracts (or finds) the cache; under torchrun the other ranks wait, then open what it wrote."""
+    cache = None
+    if master:
+        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
+                                    batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed,
+                                    amp_dtype=amp_dtype, channels_last=channels_last, progress=config.progress,
+                                    kind=kind, log=log)
+        log(f"{split} features: {os.path.dirname(cache.filename)}")
+        if cache.unreadable:        # extraction skipped them (more than 1% would have stopped it)
+            log(f"{skipped_line(dict(cache.unreadable.values()))} ({ds.data_path}: no features, "
+                f"their captions are left out)")
+    if dist.is_initialized():
+        dist.barrier()
+    if not master:
+        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
+                                    seed=config.seed, progress=False, kind=kind, log=log)
+    return cache

@@ -45,10 +45,10 @@ from .data import (
     collate_function,
     eval_transform,
     skipped_images,
-    skipped_line,
     too_many_unreadable,
 )
 from .device import amp_dtype_for, pick_device, setup_distributed
+from .features import cached_datasets
 from .lstm import use_packed_cpu_lstm
 from .prepare import ensure_prerequisites
 from .rundir import RunLock, prepare_run_dir, resume_config, trim_log
@@ -222,46 +222,11 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
 
         encoder.calibrate_batchnorm(batches())
     if config.use_cache:
-        from .features import CachedCaptionDataset
-
-        if config.cache_kind == "maps":  # the whole image (and its mirror): crops are taken from its map
-            train_cache = ("train", train_ds, eval_transform(config.resize_size, config.resize_size),
-                           2 if config.hflip else 1, "maps")
-        else:
-            train_cache = ("train", train_ds, train_tf, config.cache_views, "views")
-        caches = {split: _open_cache(config, encoder, ds, tf, views, kind, split, device, master, amp_dtype,
-                                     channels_last, log)
-                  for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, "views"))}
-        train_ds = CachedCaptionDataset(train_ds, caches["train"], config.seed,
-                                        crop_fraction=config.crop_size / config.resize_size,
-                                        jitter=config.cache_jitter)
-        val_ds = CachedCaptionDataset(val_ds, caches["val"], config.seed)
+        train_ds, val_ds = cached_datasets(config, encoder, train_ds, val_ds, train_tf, val_tf, device, master,
+                                           amp_dtype, channels_last, log)
     # grouped items are whole images, already only those that hold val_captions captions
     val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))
     return train_ds, _loader(val_subset, None, config, device, persistent=True), group  # workers kept
-
-
-def _open_cache(config, encoder, ds, transform, views, kind, split, device, master, amp_dtype, channels_last, log):
-    """Rank 0 extracts (or finds) the cache; the other ranks wait, then open what it wrote."""
-    from .features import build_feature_cache
-
-    cache = None
-    if master:
-        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
-                                    batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed,
-                                    amp_dtype=amp_dtype, channels_last=channels_last, progress=config.progress,
-                                    kind=kind, log=log)
-        log(f"{split} features: {os.path.dirname(cache.filename)}")
-        if cache.unreadable:        # extraction skipped them (more than 1% would have stopped it)
-
-            log(f"{skipped_line(dict(cache.unreadable.values()))} ({ds.data_path}: no features, "
-                f"their captions are left out)")
-    if dist.is_initialized():
-        dist.barrier()
-    if not master:
-        cache = build_feature_cache(encoder, ds, transform, views, config.features_dir, split, device,
-                                    seed=config.seed, progress=False, kind=kind, log=log)
-    return cache
 
 
 def make_optimizer(config, encoder, decoder):
