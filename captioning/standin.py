@@ -4,20 +4,19 @@ On COCO the chapter's frozen encoder works because ImageNet taught it to see. Th
 no ImageNet, so this module makes one:
 
 - `synthetic_scene`: one to three shapes of any colour on a light, dark, coloured or graded
-  background, drawn at any aspect ratio and squashed to a square, as `resize_images` squashes
-  a photo, then cropped like a training image;
+  background, drawn at aspect ratios from 3:4 to 9:5 and squashed to a square, as
+  `resize_images` squashes a photo, then cropped like a training image;
 - `scene_targets` / `StandinHead` / `standin_loss`: from the pooled features alone, a linear head
   says which shapes are present, and the shape and colour of each object from left to right and
   from top to bottom;
-- `pretrain_standin`: the training loop, small images first (`resolution_schedule`), the scenes
-  drawn in a worker process while the network trains;
+- `pretrain_standin`: the training loop, small images first (`resolution_schedule`);
 - `ensure_standin(config)`: pretrain once, save an ordinary weights file under
   `models_dir/pretrained/` (loaded through the same `weights=<path>` route as a user's own ImageNet
   file), reuse it afterwards.
 
-It pretrains on every drawable shape but `tinyset.HELDOUT_SHAPES`, which stay unseen so that
-benchmarks can measure how well the features carry over to a user's own shapes. The file name
-carries a fingerprint of the recipe, so a changed recipe never loads an old file.
+It pretrains on eleven of tinyset's shapes and never on `tinyset.HELDOUT_SHAPES`, which stay
+unseen so that benchmarks can measure how well the features carry over to a user's own shapes.
+The file name carries a fingerprint of the recipe, so a changed recipe never loads an old file.
 """
 import colorsys
 import hashlib
@@ -54,7 +53,8 @@ RADIUS = (0.15, 0.23)              # an object's radius, as a fraction of the im
 ROTATION = 20                      # polygons are turned by up to this many degrees either way
 ASPECT = (0.75, 1.8)               # width / height before the squash to a square, as photos and the tiny set
 LABEL_SMOOTHING = 0.0
-# everything above, and the loop's defaults, go into the stand-in's file name (recipe_fingerprint)
+# these ranges (through pretrain_standin's defaults) and the loop's defaults go into the stand-in's
+# file name (recipe_fingerprint)
 RECIPE_VERSION = 3
 
 
