@@ -262,7 +262,8 @@ def check_prebuilt(config: Config, vocab: Any, encoder: Any, decoder: nn.Module,
     if size != len(vocab):
         raise ValueError(f"the prebuilt decoder predicts {size} words, but the vocabulary {config.vocabulary_path} "
                          f"has {len(vocab)}: build it for len(vocab) words")
-    library = build_models(config, len(vocab), weights=None)
+    with torch.device("meta"):                     # shapes only: no memory, no initialisation
+        library = build_models(config, len(vocab), weights=None)
     for name, built, ours in (("encoder", encoder, library[0]), ("decoder", decoder, library[1])):
         theirs = {k: v.shape for k, v in built.state_dict().items()}
         if theirs != {k: v.shape for k, v in ours.state_dict().items()}:
