@@ -1,6 +1,6 @@
 """Command line interface: the same functions the notebooks call.
 
-    python -m captioning tinyset  --out DIR [--train N] [--val N] [--seed S]
+    python -m captioning tinyset  --out DIR [--train N] [--val N] [--seed S] [--world shapes|relations]
                                   [--colours pink,navy=#1f3a93] [--shapes star,ring] [--background white]
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
@@ -30,14 +30,18 @@ from .karpathy import coco_captions_file, ensure_coco_layout
 
 
 def cmd_tinyset(args: argparse.Namespace) -> None:
-    from .tinyset import BACKGROUND, make_tinyset, parse_colours, parse_rgb, parse_shapes  # lazy: PIL
+    """Write a synthetic set: the tiny set (--world shapes) or the relations world (--world relations)."""
+    from .relworld import make_relations_world  # lazy, both: PIL
+    from .tinyset import BACKGROUND, make_tinyset, parse_colours, parse_rgb, parse_shapes
 
     colours = parse_colours(args.colours) if args.colours else None
     shapes = parse_shapes(args.shapes) if args.shapes else None
     background = parse_rgb(args.background) if args.background else BACKGROUND
-    make_tinyset(args.out, train=args.train, val=args.val, seed=args.seed, colours=colours, shapes=shapes,
-                 background=background)
-    print(f"wrote the tiny dataset ({args.train} train / {args.val} val images) to {args.out}")
+    make = make_relations_world if args.world == "relations" else make_tinyset
+    make(args.out, train=args.train, val=args.val, seed=args.seed, colours=colours, shapes=shapes,
+         background=background)
+    what = "the relations world" if args.world == "relations" else "the tiny dataset"
+    print(f"wrote {what} ({args.train} train / {args.val} val images) to {args.out}")
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -259,8 +263,14 @@ def _count(text):
 
 
 def _add_tinyset_command(sub):
-    p = sub.add_parser("tinyset", help="write the bundled synthetic dataset in COCO 2014 layout")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("tinyset", help="write the bundled synthetic dataset (or the relations world) in COCO 2014 "
+                                       "layout")
+    p.add_argument("--out", required=True,
+                   help="the folder to write; by convention data_dir/tiny, or data_dir/relations for --world relations")
+    p.add_argument("--world", choices=("shapes", "relations"), default="shapes",
+                   help="shapes (default): the tiny set, one or two shapes and at most one relation per image; "
+                        "relations: three shapes per image, each caption stating the relations that connect them "
+                        "(captioning.relworld), conventionally in data_dir/relations")
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)

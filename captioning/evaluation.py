@@ -389,7 +389,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "val", beam_size: int = 3,
     details: dict[str, Any] = {}
     metrics, per_image = score_captions(references, predictions, details=details, spice_timeout=spice_timeout)
     truth = ground_truth_from_coco(coco.dataset, source=config.captions_json(split))
-    semantic = semantic_accuracy(predictions, truth) if truth and predictions else None
+    semantic = semantic_accuracy(predictions, truth, intervals=True) if truth and predictions else None
     warning = too_few_images(len(per_image))
     if warning:
         print(warning)

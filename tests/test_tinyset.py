@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
+from conftest import cli_main, run_cli
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
@@ -83,6 +83,15 @@ def test_cli(tmp_path):
     run_cli("tinyset", "--out", tmp_path / "t", "--train", 4, "--val", 2, "--seed", 3)
     assert len(os.listdir(tmp_path / "t" / "train2014")) == 4
     assert len(os.listdir(tmp_path / "t" / "val2014")) == 2
+
+
+def test_cli_world_shapes_is_the_tiny_set(tmp_path):
+    """--world shapes, the default, writes what make_tinyset writes; --world relations something else."""
+    make_tinyset(str(tmp_path / "lib"), train=3, val=2, seed=4)
+    for world in ("shapes", "relations"):
+        cli_main("tinyset", "--world", world, "--out", tmp_path / world, "--train", 3, "--val", 2, "--seed", 4)
+    assert _digest(tmp_path / "shapes") == _digest(tmp_path / "lib") != _digest(tmp_path / "relations")
+    assert "world" not in json.load(open(tmp_path / "shapes" / "annotations" / "captions_val2014.json"))
 
 
 def test_default_generation_is_unchanged(tmp_path):
