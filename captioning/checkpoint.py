@@ -176,8 +176,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 _FROM_CONFIG = object()
 
 
-def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -> tuple[CNNModel, LSTMModel]:
-    """(CNNModel, LSTMModel) with every size from `config`: training and loading build the same shapes.
+def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -> tuple[CNNModel, Any]:
+    """(encoder, decoder) with every size from `config`: training and loading build the same shapes.
+
+    config.decoder "lstm": the chapter's (CNNModel, LSTMModel); "attention": (GridCNNModel,
+    AttentionDecoder) from captioning.attention.
 
     `weights` defaults to config.weights; weights="standin" needs ensure_standin first.
     """
@@ -187,6 +190,14 @@ def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
                                     f"captioning.standin.ensure_standin(config), or train() which builds it")
+    if config.decoder == "attention":
+        from .attention import AttentionDecoder, GridCNNModel
+        encoder: CNNModel = GridCNNModel(config.embedding_size, config.backbone, weights, config.train_backbone,
+                                         config.resolved_grid_layer)
+        decoder: Any = AttentionDecoder(config.embedding_size, config.hidden_layer_size, vocab_size,
+                                              config.attention_size, config.max_seq_len, config.dropout,
+                                              config.alpha_c)
+        return encoder, decoder
     encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
     decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,
                         config.max_seq_len)

@@ -34,6 +34,12 @@ class Config:
     embedding_size: int = 256
     hidden_layer_size: int = 512
     num_layers: int = 1
+    decoder: str = "lstm"                  # "lstm": the chapter's; "attention": Show, Attend and Tell (attention.py)
+    grid_layer: int = 0                    # attention: the ResNet stage whose map it reads; 0 = the deepest
+                                           # at least 4 x 4 at crop_size (layer4's 7 x 7 at 224 px)
+    attention_size: int = 512              # attention: the additive attention MLP's width
+    alpha_c: float = 1.0                   # attention: weight of the doubly stochastic regularisation
+    dropout: float = 0.5                   # attention: dropout before the word layer
     # optimisation
     batch_size: int = 128
     lr: float = 1e-3
@@ -70,7 +76,8 @@ class Config:
     MINIMUMS = {"epochs": 1, "batch_size": 1, "log_every": 1, "max_seq_len": 3, "embedding_size": 1,
                 "hidden_layer_size": 1, "num_layers": 1, "resize_size": 1, "crop_size": 1, "cache_views": 1,
                 "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
-                "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0}
+                "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0, "grid_layer": 0,
+                "attention_size": 1}
 
     def check(self) -> None:
         """Range-check the fields, naming the one that is wrong: before any expensive work starts."""
@@ -85,6 +92,15 @@ class Config:
         if not isinstance(self.cache_jitter, (int, float)) or isinstance(self.cache_jitter, bool) \
                 or not 0 <= self.cache_jitter <= 10:
             raise ValueError(f"cache_jitter must be a number from 0 to 10, got {self.cache_jitter!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.grid_layer > 4:
+            raise ValueError(f"grid_layer must be a ResNet stage 1..4 (or 0: the deepest at least 4 x 4), "
+                             f"got {self.grid_layer!r}")
+        for name, top in (("alpha_c", 100), ("dropout", 0.99)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= top:
+                raise ValueError(f"{name} must be a number from 0 to {top}, got {value!r}")
         if self.cache_kind not in ("maps", "views"):
             raise ValueError(f"cache_kind must be 'maps' or 'views', got {self.cache_kind!r}")
         if self.crop_size > self.resize_size:
@@ -109,12 +125,21 @@ class Config:
         return os.path.join(self.data_dir, "features")
 
     @property
+    def resolved_grid_layer(self) -> int:
+        """grid_layer, with 0 resolved: the deepest ResNet stage at least 4 x 4 at crop_size."""
+        from .attention import pick_grid_layer
+        return self.grid_layer or pick_grid_layer(self.crop_size)
+
+    @property
     def use_cache(self) -> bool:
         return self.cache and not self.train_backbone
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every field but the runtime knobs: what a checkpoint keeps of its run."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+
+
+DECODERS = ("lstm", "attention")
 
 
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
@@ -126,7 +151,8 @@ RUNTIME_FIELDS = ("device", "progress", "num_workers", "tensorboard")
 #   is refused, before any work. (batch_size shapes the epoch's order too: mid-epoch it must stay.)
 SHAPING_FIELDS = ("vocab_threshold", "max_seq_len", "resize_size", "crop_size", "hflip", "backbone", "weights",
                   "standin_steps", "standin_seed", "train_backbone", "embedding_size", "hidden_layer_size",
-                  "num_layers", "group_by_image", "seed", "cache", "cache_kind", "cache_views", "cache_jitter",
+                  "num_layers", "decoder", "grid_layer", "attention_size", "alpha_c", "dropout", "group_by_image",
+                  "seed", "cache", "cache_kind", "cache_views", "cache_jitter",
                   "val_max_captions", "heldout_images")
 # - optimisation: how the rest of the run goes. A new value is applied (the learning rates after the
 #   optimizer's state is restored), printed and logged; the checkpoint then holds the latest.
@@ -144,9 +170,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # stand-in, built once), then frozen and cached as for COCO.
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     "tiny": dict(
-        preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, resize_size=64, crop_size=56,
+        preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, max_seq_len=32, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
-        embedding_size=128, hidden_layer_size=256, batch_size=128, lr=5e-3, backbone_lr=2e-3,
+        embedding_size=128, hidden_layer_size=256, attention_size=128, batch_size=128, lr=5e-3,
+        backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }
@@ -167,7 +194,7 @@ WHY = {
     "embedding_size": "tiny: a few dozen words need a smaller model",
     "hidden_layer_size": "",
     "num_layers": "",
-    "max_seq_len": "",
+    "max_seq_len": "tiny: the relations world's captions (notebook 09) run to 26 tokens",
     "batch_size": "",
     "lr": "tiny: a smaller model on cached features takes a larger step",
     "epochs": "tiny: 3,000 images give few steps per epoch",

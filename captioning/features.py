@@ -13,9 +13,13 @@ top, exactly as in the chapter. Two kinds of cache:
   feature space: the crop's window is average-pooled from the map (pool_window). One or two
   encoder passes per image give a continuous family of crops, at K=1 or 2's extraction cost, but
   a map takes h x w times a pooled vector's space (8 x 8 for ResNet at 256 px).
+- "grids": for the attention decoder (captioning.attention), the K augmented views as a views cache
+  makes them, each kept as the chosen stage's grid (D, h, w) instead of its average: h x w times a
+  views cache's space (4 x 4 x 256 per view for the tiny preset's ResNet-18 layer3, 7 x 7 x 2048 for
+  COCO's ResNet-152 layer4).
 
 Layout: features_dir/<split>-<backbone>-<kind>-<key>/features.npy  (fp16: (images, K, D) or
-                                                        (images, flips, D, h, w))
+                                                        (images, flips or K, D, h, w))
                                                     /meta.json  (what the key was made of, rows done,
                                                                  "complete" once every row is written)
                                                     /lock       (flock: extraction, readers, prune)
@@ -74,7 +78,7 @@ def backbone_fingerprint(encoder: "CNNModel") -> str:
     return h.hexdigest()
 
 
-KINDS = ("maps", "views")
+KINDS = ("maps", "views", "grids")
 
 
 class _ImageViews(data.Dataset):
@@ -187,7 +191,7 @@ def build_feature_cache(encoder: "CNNModel", caption_dataset: CocoCaptionDataset
     folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{kind}-{cache_key(meta)}")
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     shape = (meta["images"], views, encoder.feature_size)
-    if kind == "maps":
+    if kind in ("maps", "grids"):
         meta["map"] = _map_size(encoder, views_of[0][0], device)
         shape += meta["map"]
 
@@ -214,6 +218,7 @@ def build_feature_cache(encoder: "CNNModel", caption_dataset: CocoCaptionDataset
         raise
     cache.lock = lock                           # released when the memmap is garbage collected
     cache.unreadable = unreadable               # {row: (file name, reason)}: images without features
+    cache.kind = kind
     return cache
 
 
@@ -455,6 +460,8 @@ def _frozen_extractor(encoder, kind, channels_last):
 
 def _extraction_label(kind, shape):
     """What the progress bar says is extracted: "K=2", or "maps 8x8, flipped too"."""
+    if kind == "grids":
+        return f"grids {'x'.join(map(str, shape[3:]))}, K={shape[1]}"
     return f"maps {'x'.join(map(str, shape[3:]))}{', flipped too' if shape[1] == 2 else ''}" \
         if kind == "maps" else f"K={shape[1]}"
 
@@ -568,13 +575,15 @@ def list_feature_caches(features_dir: str | os.PathLike[str]) -> list[dict]:
                        if os.path.isfile(os.path.join(folder, n)))
         except (OSError, ValueError):
             continue
-        kind = meta.get("kind", "views")
+        kind = raw_kind = meta.get("kind", "views")
         if kind == "maps":
             kind = f"maps {'x'.join(map(str, meta.get('map', '?')))}{' +flip' if meta.get('views') == 2 else ''}"
+        elif kind == "grids":
+            kind = f"grids {'x'.join(map(str, meta.get('map', '?')))}"
         done, images = meta.get("done", 0), meta.get("images", 0)
         complete = bool(meta.get("complete", done >= images)) and done >= images and \
             os.path.isfile(os.path.join(folder, "features.npy"))
-        caches.append({"folder": folder, "split": meta.get("split", "?"), "kind": kind,
+        caches.append({"folder": folder, "split": meta.get("split", "?"), "kind": kind, "cache_kind": raw_kind,
                        "backbone": meta.get("backbone", "?"),
                        "views": meta.get("views"), "seed": meta.get("seed"), "images": images,
                        "done": done, "complete": complete, "in_use": _in_use(folder), "bytes": size, "used": used})
@@ -593,19 +602,21 @@ def _in_use(folder):
 
 
 def prune_feature_caches(features_dir: str | os.PathLike[str], keep: int = 1) -> tuple[list[dict], list[dict]]:
-    """Delete all but the `keep` most recently used caches of each split; returns (deleted, in use).
+    """Delete all but the `keep` most recently used caches of each split and use (pooled views or maps for
+    the chapter's decoder, grids for attention); returns (deleted, in use).
 
     A cache that a process is extracting, or that a trainer has open (build_feature_cache holds a
     lock on it for as long as its memmap lives), is never deleted: it is returned as in use instead.
     """
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
-    kept: dict[str, int] = {}
+    kept: dict[tuple[str, bool], int] = {}
     removed: list[dict] = []
     in_use: list[dict] = []
     for cache in list_feature_caches(features_dir):
-        kept[cache["split"]] = kept.get(cache["split"], 0) + 1
-        if kept[cache["split"]] <= keep:
+        use = (cache["split"], cache["cache_kind"] == "grids")
+        kept[use] = kept.get(use, 0) + 1
+        if kept[use] <= keep:
             continue
         lock = _lock(cache["folder"], fcntl.LOCK_EX | fcntl.LOCK_NB, make_folder=False)
         if lock is None:
@@ -635,7 +646,8 @@ def format_caches(caches: list[dict]) -> str:
 
 
 class CachedCaptionDataset(data.Dataset):
-    """Items of a CocoCaptionDataset with the image replaced by cached features: (D,) float32.
+    """Items of a CocoCaptionDataset with the image replaced by cached features: (D,) float32, or (D, h, w)
+    from a grids cache (one of the image's K stored views, as a views cache without jitter gives).
 
     A views cache gives one of the image's K stored views; with `jitter` > 0 it gives instead the
     mean of the K views plus `jitter` times a crop deviation borrowed from a random other image
@@ -660,7 +672,8 @@ class CachedCaptionDataset(data.Dataset):
         self.items = [i for i in range(len(caption_dataset)) if caption_dataset.image_index(i) not in bad] \
             if bad else None                                      # None: every item, as they are
         self.rows = [r for r in range(len(cache)) if r not in bad] if bad else None   # rows to borrow from
-        self.maps = cache.ndim == 5
+        self.grids = getattr(cache, "kind", None) == "grids"
+        self.maps = cache.ndim == 5 and not self.grids
         if not (isinstance(jitter, (int, float)) and jitter >= 0):
             raise ValueError(f"jitter must be a number >= 0, got {jitter!r}")
         self.jitter = float(jitter)
@@ -697,11 +710,11 @@ class CachedCaptionDataset(data.Dataset):
             size = torch.full((len(indices),), self.crop_fraction * h)              # square images: h == w
             room = h - size
             features = pool_window(maps, torch.tensor(tops) * room, torch.tensor(lefts) * room, size)
-        elif self.jitter and self.cache.shape[1] > 1:
+        elif self.jitter and self.cache.shape[1] > 1 and not self.grids:
             features = self._jittered(rows, indices)
         else:
             features = torch.from_numpy(np.asarray(self.cache[rows, [self._view(i) for i in indices]],
-                                                   dtype=np.float32))               # (B, D)
+                                                   dtype=np.float32))               # (B, D[, h, w])
         return [(f, self.ds.target(i)) for f, i in zip(features, indices)]
 
     def _jittered(self, rows, indices):
@@ -724,15 +737,19 @@ def cached_datasets(config: "Config", encoder: "CNNModel", train_ds: CocoCaption
                     amp_dtype: torch.dtype | None, channels_last: bool, log: Callable[[str], object]
                     ) -> tuple["CachedCaptionDataset", "CachedCaptionDataset"]:
     """Training's datasets over the frozen backbone's cached features: K augmented views per training
-    image ("views"), or the whole image's map and its mirror to crop from ("maps"); one view per val image."""
-    if config.cache_kind == "maps":
+    image ("views"), or the whole image's map and its mirror to crop from ("maps"); one view per val image.
+    The attention decoder reads grids: K augmented views' grids per training image, one per val image."""
+    if config.decoder == "attention":
+        train_cache = ("train", train_ds, train_tf, config.cache_views, "grids")
+    elif config.cache_kind == "maps":
         train_cache = ("train", train_ds, eval_transform(config.resize_size, config.resize_size),
                        2 if config.hflip else 1, "maps")
     else:
         train_cache = ("train", train_ds, train_tf, config.cache_views, "views")
+    val_kind = "grids" if config.decoder == "attention" else "views"
     caches = {split: _open_cache(config, encoder, ds, tf, views, kind, split, device, master, amp_dtype,
                                  channels_last, log)
-              for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, "views"))}
+              for split, ds, tf, views, kind in (train_cache, ("val", val_ds, val_tf, 1, val_kind))}
     return (CachedCaptionDataset(train_ds, caches["train"], config.seed,
                                  crop_fraction=config.crop_size / config.resize_size, jitter=config.cache_jitter),
             CachedCaptionDataset(val_ds, caches["val"], config.seed))

@@ -75,6 +75,13 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, lengths: list[int
     return nn.functional.cross_entropy(logits.float(), targets)
 
 
+def decoder_penalty(decoder: nn.Module) -> torch.Tensor | float:
+    """A decoder's own regularisation term from its last forward pass (the attention decoder's doubly
+    stochastic alpha_c term), 0 for the chapter's LSTM."""
+    penalty = getattr(decoder, "penalty", None)
+    return 0.0 if penalty is None else penalty
+
+
 class _SkipSampler(data.Sampler):
     """Wraps a sampler and drops its first `skip` indices (resuming mid-epoch)."""
 
@@ -255,8 +262,10 @@ def check_prebuilt(config: Config, vocab: Any, encoder: Any, decoder: nn.Module,
     device = next(decoder.parameters()).device
     with torch.no_grad():
         was = decoder.training
-        logits = decoder.eval()(torch.zeros(1, encoder.linear_layer.out_features, device=device),
-                                torch.ones(1, 2, dtype=torch.long, device=device), [2])
+        size = encoder.linear_layer.out_features
+        features = torch.zeros((1, 4, size) if getattr(decoder, "feature_kind", "pooled") == "grid" else (1, size),
+                               device=device)
+        logits = decoder.eval()(features, torch.ones(1, 2, dtype=torch.long, device=device), [2])
         decoder.train(was)
     size = logits.shape[-1]
     if size != len(vocab):
@@ -378,7 +387,7 @@ def train_one_epoch(run, bar, t0):
         captions = captions.to(device, non_blocking=True)
         with autocast:
             logits = run.ddp_model(inputs, captions, lengths, *[i.to(device) for i in image_index])
-        loss = run.loss = caption_loss(logits, captions, lengths)
+        loss = run.loss = caption_loss(logits, captions, lengths) + decoder_penalty(run.decoder)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)

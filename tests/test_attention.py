@@ -1,0 +1,130 @@
+"""The attention decoder (captioning.attention): its grid encoder, its decoding, and training it end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+
+from captioning.attention import AttentionDecoder, GridCNNModel, grid_cells, pick_grid_layer
+from captioning.checkpoint import build_models, load_captioner
+from captioning.config import get_config
+from captioning.decoding import beam_search, greedy_search, score_sequences
+from captioning.inference import caption_images
+from captioning.training import train
+from captioning.vocabulary import SPECIAL_TOKENS, START
+
+START_ID = SPECIAL_TOKENS.index(START)
+
+
+def test_the_grid_is_the_deepest_stage_at_least_4_by_4():
+    assert pick_grid_layer(224) == 4 and grid_cells(224, 4) == 7         # COCO: layer4's 7 x 7
+    assert pick_grid_layer(56) == 3 and grid_cells(56, 3) == 4           # tiny: layer3's 4 x 4 (layer4 is 2 x 2)
+    assert pick_grid_layer(32) == 2
+    assert get_config("tiny").resolved_grid_layer == 3 and get_config("coco").resolved_grid_layer == 4
+    assert get_config("tiny", grid_layer=2).resolved_grid_layer == 2
+
+
+@pytest.mark.parametrize("field, value", [("decoder", "transformer"), ("grid_layer", 5), ("dropout", 1.5),
+                                          ("alpha_c", -1), ("attention_size", 0)])
+def test_bad_attention_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        get_config("tiny", **{field: value})
+
+
+def test_grid_encoder_keeps_the_map_and_embeds_every_cell():
+    torch.manual_seed(0)
+    encoder = GridCNNModel(16, "resnet18", None, grid_layer=3).eval()
+    images = torch.randn(2, 3, 56, 56)
+    grid = encoder.extract(images)
+    assert grid.shape == (2, 256, 4, 4) and encoder.feature_size == 256
+    cells = encoder.head(grid)
+    assert cells.shape == (2, 16, 16)
+    assert torch.allclose(encoder(images), cells)
+    # the feature cache's extractor (BatchNorm folded) gives the same grid
+    assert torch.allclose(encoder.frozen_extractor()(images), grid, atol=1e-4)
+
+
+def _decoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    return AttentionDecoder(16, 32, 30, 24, max_seq_len=9, **kw).eval()
+
+
+def test_teacher_forcing_and_step_by_step_decoding_agree():
+    decoder = _decoder()
+    features = torch.randn(3, 16, 16)
+    sequences = [[START_ID, 5, 7, 9, 2], [START_ID, 4, 2], [START_ID, 8, 2]]
+    scores = score_sequences(decoder, features, sequences, length_penalty=0.0)
+    with torch.no_grad():
+        for b, seq in enumerate(sequences):
+            log_probs, state = decoder.init_state(features[b:b + 1])
+            total = log_probs[0, seq[0]]
+            for prev, word in zip(seq, seq[1:]):
+                log_probs, state = decoder.step(torch.tensor([prev]), state)
+                total += log_probs[0, word]
+            assert abs(float(total) - scores[b]) < 1e-4
+
+
+def test_beam_1_is_greedy_and_every_word_carries_attention_weights():
+    decoder = _decoder(1)
+    features = torch.randn(4, 16, 16)
+    greedy, greedy_weights = greedy_search(decoder, features, return_weights=True)
+    beam, beam_weights = beam_search(decoder, features, 1, return_weights=True)
+    assert beam == greedy
+    assert [cut for cut in greedy] == [[int(i) for i in row][:len(cut)] for row, cut in
+                                       zip(decoder.sample(features), greedy)]
+    for ids, w, bw in zip(greedy, greedy_weights, beam_weights):
+        assert w.shape == (len(ids), 16) and torch.allclose(w.sum(1), torch.ones(len(ids)), atol=1e-5)
+        assert torch.allclose(w, bw)
+    three, weights = beam_search(decoder, features, 3, return_weights=True)
+    assert [w.shape[0] for w in weights] == [len(ids) for ids in three]
+
+
+def test_the_doubly_stochastic_penalty_follows_alpha_c():
+    features, captions = torch.randn(2, 16, 16), torch.randint(3, 30, (2, 6))
+    decoder = _decoder(alpha_c=1.0).train()
+    decoder(features, captions, [6, 4])
+    assert decoder.penalty is not None and float(decoder.penalty.detach()) > 0
+    decoder.alpha_c = 0.0
+    decoder(features, captions, [6, 4])
+    assert float(decoder.penalty.detach()) == 0.0
+
+
+ATTENTION = dict(SMALL, decoder="attention", attention_size=16, train_backbone=False, weights=None, cache=True,
+                 cache_views=2, log_every=1, epochs=2)
+
+
+def test_training_reads_cached_grids_and_the_checkpoint_says_attention(tiny_copy, tmp_path):
+    config = get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "m"), max_steps=12, **ATTENTION)
+    summary = train(config)
+    grids = [f for f in os.listdir(tiny_copy / "features") if "-grids-" in f]
+    assert sorted(f.split("-")[0] for f in grids) == ["train", "val"]
+    train_folder = tiny_copy / "features" / next(f for f in grids if f.startswith("train"))
+    meta = json.load(open(train_folder / "meta.json"))
+    feats = np.load(train_folder / "features.npy", mmap_mode="r")
+    assert feats.shape == (60, 2, 128, 4, 4) and meta["map"] == [4, 4]   # resnet18 layer2 at 32 px
+    losses = [json.loads(line)["loss"] for line in open(summary["log"]) if '"loss"' in line]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    encoder, decoder, vocab, loaded = load_captioner(summary["last"])          # no flag: the checkpoint says
+    assert isinstance(decoder, AttentionDecoder) and isinstance(encoder, GridCNNModel)
+    assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 2
+    images = sorted(str(p) for p in (tiny_copy / "val2014").glob("*.jpg"))[:3]
+    for beam in (1, 3):
+        results = caption_images(images, encoder, decoder, vocab, loaded, beam_size=beam)
+        assert all(caption is not None and error is None for _, caption, error in results)
+    # a resume continues the same run: another decoder is refused, the checkpoint's is kept without a flag
+    with pytest.raises(ValueError, match="decoder"):
+        train(get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "m"),
+                         **{**ATTENTION, "decoder": "lstm"}), resume=True)
+    resumed = train(get_config("tiny", data_dir=str(tiny_copy), models_dir=str(tmp_path / "m"), max_steps=14,
+                               **{k: v for k, v in ATTENTION.items() if k != "decoder"}), resume=True)
+    assert resumed["step"] == 14
+
+
+def test_build_models_gives_the_chapters_pair_by_default():
+    encoder, decoder = build_models(get_config("tiny", weights=None), 20)
+    assert type(encoder).__name__ == "CNNModel" and type(decoder).__name__ == "LSTMModel"
+    encoder, decoder = build_models(get_config("tiny", weights=None, decoder="attention"), 20)
+    assert isinstance(encoder, GridCNNModel) and isinstance(decoder, AttentionDecoder)
+    assert decoder.linear_layer.out_features == 20 and decoder.attention.encoder_att.out_features == 128
