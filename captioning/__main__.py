@@ -8,6 +8,7 @@
                                   [--resume | --overwrite [delete]]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
+                                  [--explain OUT_DIR [--explain-method attention|occlusion|gradcam]]
     python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
     python -m captioning import-chapter --encoder ENC.ckpt --decoder DEC.ckpt --vocabulary VOCAB.pkl --out CKPT
     python -m captioning export-chapter --checkpoint CKPT --out DIR
@@ -151,14 +152,17 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from .checkpoint import load_captioner
     from .device import pick_device
     from .inference import caption_images, expand_paths
-    from .saliency import save_explanations
+    from .saliency import pick_method, save_explanations
 
+    if args.explain_method and not args.explain:
+        raise ValueError("--explain-method says how to draw --explain OUT_DIR's maps: give --explain too")
     device = pick_device(args.device)
     missing: list[str] = []
     paths = expand_paths(args.images, missing)
     for path in missing:
         print(f"error: not an image file or folder: {path}", file=sys.stderr)
     encoder, decoder, vocab, config = load_captioner(args.checkpoint, device, args.weights)
+    method = pick_method(decoder, args.explain_method) if args.explain else None   # before captioning: a clear error
     if not paths:
         sys.exit("error: no images found in " + " ".join(args.images))
     results = caption_images(paths, encoder, decoder, vocab, config, device, args.beam, args.batch_size,
@@ -170,7 +174,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
             print(f"error: cannot read {path}: {error}", file=sys.stderr)
     ok = [(p, c) for p, c, e in results if e is None]
     if args.explain:
-        for path in save_explanations([p for p, _ in ok], args.explain, encoder, decoder, vocab, config, args.beam):
+        for path in save_explanations([p for p, _ in ok], args.explain, encoder, decoder, vocab, config, args.beam,
+                                      method):
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": p, "caption": c} for p, c in ok], indent=1))
@@ -326,12 +331,22 @@ def _add_features_command(sub):
     p.set_defaults(func=cmd_features)
 
 
+# saliency.METHODS, written out: importing saliency here would import torch for --help
+# (tests/test_attention_maps.py checks that the two agree)
+EXPLAIN_METHODS = ("attention", "occlusion", "gradcam")
+
+
 def _add_caption_command(sub):
     p = sub.add_parser("caption", help="caption image files or folders")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
     p.add_argument("--explain", metavar="OUT_DIR",
-                   help="also write OUT_DIR/<image>.png: which part of the image drove each word (Grad-CAM)")
+                   help="also write OUT_DIR/<image>.png: which part of the image drove each word; an attention "
+                        "model's own attention, one panel per word (Show, Attend and Tell), or occlusion for the "
+                        "chapter's pooled model")
+    p.add_argument("--explain-method", choices=EXPLAIN_METHODS,
+                   help="how --explain makes each word's map (default: attention for an attention model, occlusion "
+                        "otherwise); the chapter's pooled model has no attention, so only occlusion or gradcam")
     _add_checkpoint_flags(p, required=True)
     p.set_defaults(func=cmd_caption)
 

@@ -131,8 +131,15 @@ def show_scored(result: Mapping[str, Any], image_ids: Sequence[int], metric: str
 
 
 def show_saliency(image: Any, words: Sequence[str], maps: Iterable[Any], width: float = 1.6, per_row: int = 8,
-                  title: str | None = None) -> Figure:
-    """A strip: the image, then one heat map per word over a faded copy of it (saliency.explain_image)."""
+                  title: str | None = None, style: str = "heat") -> Figure:
+    """A strip: the image, then one map per word (saliency.explain_image), the word above its panel.
+
+    style "heat": a heat map over a faded copy of the image, clear where the map is 0 (how strongly
+    each region raised the word). style "attention": the Show, Attend and Tell figure, the image lit
+    where the map is high and dimmed elsewhere, so that what the decoder looked at keeps its colours.
+    """
+    if style not in ("heat", "attention"):
+        raise ValueError(f"style must be 'heat' or 'attention', got {style!r}")
     picture = denormalize(image) if hasattr(image, "detach") else np.asarray(image)
     n = len(words) + 1
     ncols = min(n, per_row)
@@ -144,9 +151,12 @@ def show_saliency(image: Any, words: Sequence[str], maps: Iterable[Any], width: 
     axes.flat[0].imshow(picture)
     axes.flat[0].set_title("image", fontsize=9)
     for ax, word, heat in zip(axes.flat[1:], words, maps):
-        heat = np.asarray(heat, dtype=np.float32)
-        ax.imshow(picture * 0.5 + 0.5 * picture.mean(-1, keepdims=True))       # faded: the map stands out
-        ax.imshow(heat, cmap="inferno", alpha=np.clip(heat, 0, 1) * 0.85, vmin=0, vmax=1)  # clear where 0
+        heat = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
+        if style == "attention":
+            ax.imshow(picture * (0.15 + 0.85 * heat[..., None]))                # lit where it looked
+        else:
+            ax.imshow(picture * 0.5 + 0.5 * picture.mean(-1, keepdims=True))   # faded: the map stands out
+            ax.imshow(heat, cmap="inferno", alpha=heat * 0.85, vmin=0, vmax=1)  # clear where 0
         ax.set_title(word, fontsize=10)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -73,7 +73,9 @@ SLOW = {
                            "test_a_resume_keeps_the_checkpoints_settings_and_applies_a_new_learning_rate",
                            "test_a_resume_on_other_data_or_from_a_newer_checkpoint_is_refused",
                            "test_an_early_checkpoint_is_kept_for_the_notebooks_and_moved_aside_with_the_run"},
-    "test_attention.py": {"test_training_reads_cached_grids_and_the_checkpoint_says_attention"},
+    "test_attention.py": {"test_training_reads_cached_grids_and_the_checkpoint_says_attention",
+                          "test_the_coco_preset_trains_attention_on_its_own_code_path"},
+    "test_attention_maps.py": {"test_caption_explain_draws_an_attention_checkpoints_own_attention"},
     "test_bad_images.py": "*",                  # trains on 210 images, with and without the cache
     "test_inference_evaluation.py": {
         "test_evaluate_reports_diagnostics_intervals_signature_and_compares_runs", "test_caption_cli_clear_errors",

@@ -53,3 +53,22 @@ def test_the_architecture_diagram_names_each_part_and_the_caption_it_unrolls():
                  "CNNModel", "LSTMModel"):
         assert part in texts, part
     assert texts.count("LSTM\nstep") == 5                       # <start>, a, blue, star, <end>
+
+
+def test_saliency_strip_titles_each_word_and_the_attention_style_lights_where_the_map_is_high():
+    import pytest
+
+    from captioning.viz import show_saliency
+
+    picture = np.full((20, 20, 3), 0.8)
+    heat = np.zeros((20, 20))
+    heat[:10, 10:] = 1.0                                            # the top right quarter
+    fig = show_saliency(picture, ["a", "red"], [heat, heat], style="attention")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["image", "a", "red"]
+    drawn = np.asarray(panels[1].images[-1].get_array())
+    assert drawn[5, 15].mean() > 3 * drawn[15, 5].mean()          # lit where it looked, dimmed elsewhere
+    heat_fig = show_saliency(picture, ["a"], [heat])                # the default: a heat map over a faded image
+    assert len([ax for ax in heat_fig.axes if ax.images][1].images) == 2
+    with pytest.raises(ValueError, match="style"):
+        show_saliency(picture, ["a"], [heat], style="glow")
