@@ -19,10 +19,14 @@ convention: step 0 reads the image alone (a zero word) and predicts <start>, as 
 LSTM does after its image embedding, so teacher forcing, the loss, beam search and scoring are
 the same code for both decoders (captioning.decoding.Decoder).
 
-Which grid: the deepest ResNet stage whose map is at least 4 x 4 at the crop size (grid_layer=0),
-i.e. layer4's 7 x 7 at 224 px (COCO) and layer3's 4 x 4 at the tiny preset's 56 px, where
-layer4 is only 2 x 2. The tiny preset's stand-in backbone is then used as it is, without
-retraining it for another crop size.
+Which grid: the deepest ResNet stage whose map is at least 7 x 7 at the crop size (grid_layer=0),
+i.e. layer4's 7 x 7 at 224 px (COCO) and layer2's 7 x 7 at the tiny preset's 56 px, where layer4
+is only 2 x 2 and layer3 4 x 4. The tiny preset's stand-in backbone is then used as it is, without
+retraining it for another crop size. Why not the coarser grid: a deep cell sees far more than its
+own patch (layer3's receptive field is wider than the whole 56-pixel crop), so the decoder can
+read everything from any cell and its attention need not land on what it names; layer2's cells
+see less, and their attention does point at the objects far more often
+(benchmarks/attention_pointing.py).
 """
 import math
 
@@ -38,10 +42,10 @@ AttentionState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 # (h, c, features (B, P, E), projected features (B, P, A), the last step's alpha (B, P))
 
 
-def pick_grid_layer(crop_size: int, min_cells: int = 4) -> int:
+def pick_grid_layer(crop_size: int, min_cells: int = 7) -> int:
     """The deepest ResNet stage (1..4) whose feature map is at least min_cells wide at crop_size.
 
-    Stage L's stride is 2**(L + 1): layer4 gives 7 x 7 at 224 px, layer3 gives 4 x 4 at 56 px."""
+    Stage L's stride is 2**(L + 1): layer4 gives 7 x 7 at 224 px, layer2 gives 7 x 7 at 56 px."""
     return max([1] + [layer for layer in (1, 2, 3, 4) if math.ceil(crop_size / 2 ** (layer + 1)) >= min_cells])
 
 

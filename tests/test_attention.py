@@ -18,12 +18,13 @@ from captioning.vocabulary import SPECIAL_TOKENS, START
 START_ID = SPECIAL_TOKENS.index(START)
 
 
-def test_the_grid_is_the_deepest_stage_at_least_4_by_4():
+def test_the_grid_is_the_deepest_stage_at_least_7_by_7():
     assert pick_grid_layer(224) == 4 and grid_cells(224, 4) == 7         # COCO: layer4's 7 x 7
-    assert pick_grid_layer(56) == 3 and grid_cells(56, 3) == 4           # tiny: layer3's 4 x 4 (layer4 is 2 x 2)
-    assert pick_grid_layer(32) == 2
-    assert get_config("tiny").resolved_grid_layer == 3 and get_config("coco").resolved_grid_layer == 4
-    assert get_config("tiny", grid_layer=2).resolved_grid_layer == 2
+    assert pick_grid_layer(56) == 2 and grid_cells(56, 2) == 7           # tiny: layer2's (layer3 is 4 x 4)
+    assert grid_cells(56, 3) == 4 and pick_grid_layer(56, min_cells=4) == 3
+    assert pick_grid_layer(32) == 1
+    assert get_config("tiny").resolved_grid_layer == 2 and get_config("coco").resolved_grid_layer == 4
+    assert get_config("tiny", grid_layer=3).resolved_grid_layer == 3
 
 
 @pytest.mark.parametrize("field, value", [("decoder", "transformer"), ("grid_layer", 5), ("dropout", 1.5),
@@ -103,12 +104,12 @@ def test_training_reads_cached_grids_and_the_checkpoint_says_attention(tiny_copy
     train_folder = tiny_copy / "features" / next(f for f in grids if f.startswith("train"))
     meta = json.load(open(train_folder / "meta.json"))
     feats = np.load(train_folder / "features.npy", mmap_mode="r")
-    assert feats.shape == (60, 2, 128, 4, 4) and meta["map"] == [4, 4]   # resnet18 layer2 at 32 px
+    assert feats.shape == (60, 2, 64, 8, 8) and meta["map"] == [8, 8]     # resnet18 layer1 at 32 px
     losses = [json.loads(line)["loss"] for line in open(summary["log"]) if '"loss"' in line]
     assert len(losses) == 12 and losses[-1] < losses[0]
     encoder, decoder, vocab, loaded = load_captioner(summary["last"])          # no flag: the checkpoint says
     assert isinstance(decoder, AttentionDecoder) and isinstance(encoder, GridCNNModel)
-    assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 2
+    assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 1
     images = sorted(str(p) for p in (tiny_copy / "val2014").glob("*.jpg"))[:3]
     for beam in (1, 3):
         results = caption_images(images, encoder, decoder, vocab, loaded, beam_size=beam)
@@ -128,3 +129,17 @@ def test_build_models_gives_the_chapters_pair_by_default():
     encoder, decoder = build_models(get_config("tiny", weights=None, decoder="attention"), 20)
     assert isinstance(encoder, GridCNNModel) and isinstance(decoder, AttentionDecoder)
     assert decoder.linear_layer.out_features == 20 and decoder.attention.encoder_att.out_features == 128
+
+
+def test_the_coco_preset_trains_attention_on_its_own_code_path(tiny_copy, tmp_path):
+    """decoder=attention on the coco preset: flips, K=2 views with jitter (which grids leave out), a random
+    backbone's BatchNorm calibrated on the cut ResNet, layer4's grid (2 x 2 here, at 64 px)."""
+    config = get_config("coco", data_dir=str(tiny_copy), models_dir=str(tmp_path / "m"), decoder="attention",
+                        weights=None, backbone="resnet18", resize_size=72, crop_size=64, batch_size=8, max_steps=3,
+                        vocab_threshold=1, progress=False, num_workers=0, val_max_captions=20, grid_layer=4)
+    summary = train(config)
+    assert summary["step"] == 3
+    encoder, decoder, vocab, loaded = load_captioner(summary["last"])
+    assert loaded.preset == "coco" and loaded.hflip and isinstance(decoder, AttentionDecoder)
+    folder = next(f for f in os.listdir(tiny_copy / "features") if f.startswith("train-resnet18-grids"))
+    assert np.load(tiny_copy / "features" / folder / "features.npy", mmap_mode="r").shape == (60, 2, 512, 2, 2)
