@@ -6,7 +6,8 @@ the encoder keeps the map as a grid of P = h x w cells, each a feature vector fo
 and the decoder chooses, before each word, how much of each cell to read:
 
 - GridCNNModel: the ResNet cut after a stage (`grid_layer`), then the chapter's Linear +
-  BatchNorm applied to every cell: (B, 3, H, W) -> (B, P, E).
+  BatchNorm applied to every cell, plus a learned embedding of the cell's place in the grid:
+  (B, 3, H, W) -> (B, P, E).
 - Attention: the additive ("soft") attention MLP, alpha = softmax(w . relu(W_f f_p + W_h h)).
 - AttentionDecoder: an LSTMCell whose input is the word's embedding and the context, the
   alpha-weighted sum of the cells, scaled by a gate sigmoid(f_beta(h)); h and c start from
@@ -14,19 +15,22 @@ and the decoder chooses, before each word, how much of each cell to read:
   regularisation alpha_c * mean((1 - sum_t alpha_t)^2), which asks every cell to be looked
   at about once over the caption.
 
-It follows the layout of sgrvinod's tutorial, with one difference that keeps the chapter's
-convention: step 0 reads the image alone (a zero word) and predicts <start>, as the chapter's
-LSTM does after its image embedding, so teacher forcing, the loss, beam search and scoring are
-the same code for both decoders (captioning.decoding.Decoder).
+It follows the layout of sgrvinod's tutorial, with two differences. Step 0 reads the image alone
+(a zero word) and predicts <start>, as the chapter's LSTM does after its image embedding, so
+teacher forcing, the loss, beam search and scoring are the same code for both decoders
+(captioning.decoding.Decoder). And each cell carries a position embedding: a convolution's
+features say what is in a patch, not where the patch is, and the context is a weighted mean of
+cells, so without it a decoder reading cells that see only their own patch would know what it
+looked at but not where.
 
-Which grid: the deepest ResNet stage whose map is at least 7 x 7 at the crop size (grid_layer=0),
-i.e. layer4's 7 x 7 at 224 px (COCO) and layer2's 7 x 7 at the tiny preset's 56 px, where layer4
-is only 2 x 2 and layer3 4 x 4. The tiny preset's stand-in backbone is then used as it is, without
-retraining it for another crop size. Why not the coarser grid: a deep cell sees far more than its
-own patch (layer3's receptive field is wider than the whole 56-pixel crop), so the decoder can
-read everything from any cell and its attention need not land on what it names; layer2's cells
-see less, and their attention does point at the objects far more often
-(benchmarks/attention_pointing.py).
+Which grid: the deepest ResNet stage whose map is at least 4 x 4 at the crop size (grid_layer=0),
+i.e. layer4's 7 x 7 at 224 px (COCO) and layer3's 4 x 4 at the tiny preset's 56 px, where layer4
+is only 2 x 2. The tiny preset's stand-in backbone is then used as it is, without retraining it for
+another crop size. The trade-off, measured on the relations world (docs/design_notes.md): a layer3
+cell sees more than the whole crop, so every cell knows the scene's layout and the relations come
+out right, but the attention need not land on what it names; layer2's 7 x 7 cells see little
+beyond their patch, name the objects better and point at them more often, but the decoder did not
+learn to relate two objects it saw in turn.
 """
 import math
 
@@ -42,10 +46,10 @@ AttentionState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 # (h, c, features (B, P, E), projected features (B, P, A), the last step's alpha (B, P))
 
 
-def pick_grid_layer(crop_size: int, min_cells: int = 7) -> int:
+def pick_grid_layer(crop_size: int, min_cells: int = 4) -> int:
     """The deepest ResNet stage (1..4) whose feature map is at least min_cells wide at crop_size.
 
-    Stage L's stride is 2**(L + 1): layer4 gives 7 x 7 at 224 px, layer2 gives 7 x 7 at 56 px."""
+    Stage L's stride is 2**(L + 1): layer4 gives 7 x 7 at 224 px, layer3 gives 4 x 4 at 56 px."""
     return max([1] + [layer for layer in (1, 2, 3, 4) if math.ceil(crop_size / 2 ** (layer + 1)) >= min_cells])
 
 
@@ -63,7 +67,7 @@ class GridCNNModel(CNNModel):
     feature_kind = "grid"
 
     def __init__(self, embedding_size: int, backbone: str = "resnet152", weights=None,
-                 train_backbone: bool = False, grid_layer: int = 4) -> None:
+                 train_backbone: bool = False, grid_layer: int = 4, grid_size: int = 7) -> None:
         super().__init__(embedding_size, backbone, weights, train_backbone)
         if grid_layer not in (1, 2, 3, 4):
             raise ValueError(f"grid_layer must be a ResNet stage 1..4, got {grid_layer!r}")
@@ -74,6 +78,8 @@ class GridCNNModel(CNNModel):
         self.feature_size = [m for m in last_stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
         self.linear_layer = nn.Linear(self.feature_size, embedding_size)
         self.batch_norm = nn.BatchNorm1d(embedding_size, momentum=0.01)
+        self.grid_size = grid_size                     # h = w of the grid at the crop size (grid_cells)
+        self.position_embedding = nn.Parameter(torch.zeros(grid_size * grid_size, embedding_size))
 
     def extract(self, input_images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the stage's feature map (B, D, h, w): what the feature cache stores."""
@@ -88,9 +94,14 @@ class GridCNNModel(CNNModel):
         return fold_batchnorm(self.resnet_module)
 
     def head(self, resnet_features: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order; always trained."""
+        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order, each plus its
+        place's embedding; always trained."""
+        h, w = resnet_features.shape[-2:]
+        if h != self.grid_size or w != self.grid_size:
+            raise ValueError(f"a {h}x{w} grid, but this encoder embeds the places of a {self.grid_size}x"
+                             f"{self.grid_size} one: images must be cropped to the size it was built for")
         cells = self.linear_layer(resnet_features.float().flatten(2).transpose(1, 2))      # (B, P, E)
-        return self.batch_norm(cells.transpose(1, 2)).transpose(1, 2)
+        return self.batch_norm(cells.transpose(1, 2)).transpose(1, 2) + self.position_embedding
 
 
 class Attention(nn.Module):

@@ -36,7 +36,7 @@ class Config:
     num_layers: int = 1
     decoder: str = "lstm"                  # "lstm": the chapter's; "attention": Show, Attend and Tell (attention.py)
     grid_layer: int = 0                    # attention: the ResNet stage whose map it reads; 0 = the deepest
-                                           # at least 7 x 7 at crop_size (layer4 at 224 px, layer2 at 56)
+                                           # at least 4 x 4 at crop_size (layer4 at 224 px, layer3 at 56)
     attention_size: int = 512              # attention: the additive attention MLP's width
     alpha_c: float = 1.0                   # attention: weight of the doubly stochastic regularisation
     dropout: float = 0.5                   # attention: dropout before the word layer
@@ -95,7 +95,7 @@ class Config:
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.grid_layer > 4:
-            raise ValueError(f"grid_layer must be a ResNet stage 1..4 (or 0: the deepest at least 7 x 7), "
+            raise ValueError(f"grid_layer must be a ResNet stage 1..4 (or 0: the deepest at least 4 x 4), "
                              f"got {self.grid_layer!r}")
         for name, top in (("alpha_c", 100), ("dropout", 0.99)):
             value = getattr(self, name)
@@ -126,7 +126,7 @@ class Config:
 
     @property
     def resolved_grid_layer(self) -> int:
-        """grid_layer, with 0 resolved: the deepest ResNet stage at least 7 x 7 at crop_size."""
+        """grid_layer, with 0 resolved: the deepest ResNet stage at least 4 x 4 at crop_size."""
         from .attention import pick_grid_layer
         return self.grid_layer or pick_grid_layer(self.crop_size)
 

@@ -237,9 +237,10 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
 
 
 def make_optimizer(config, encoder, decoder):
-    """The chapter's Adam over the decoder and the encoder's head; the backbone at its own rate when trained."""
-    head_params = list(decoder.parameters()) + list(encoder.linear_layer.parameters()) + \
-        list(encoder.batch_norm.parameters())
+    """The chapter's Adam over the decoder and the encoder's head (its linear_layer and batch_norm, and the
+    attention encoder's position_embedding: everything but the ResNet); the backbone at its own rate when trained."""
+    head_params = list(decoder.parameters()) + [p for name, p in encoder.named_parameters()
+                                                if not name.startswith("resnet_module.")]
     groups = [{"params": head_params, "lr": config.lr}]
     if config.train_backbone:
         groups.append({"params": list(encoder.resnet_module.parameters()), "lr": config.backbone_lr})

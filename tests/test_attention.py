@@ -18,13 +18,13 @@ from captioning.vocabulary import SPECIAL_TOKENS, START
 START_ID = SPECIAL_TOKENS.index(START)
 
 
-def test_the_grid_is_the_deepest_stage_at_least_7_by_7():
+def test_the_grid_is_the_deepest_stage_at_least_4_by_4():
     assert pick_grid_layer(224) == 4 and grid_cells(224, 4) == 7         # COCO: layer4's 7 x 7
-    assert pick_grid_layer(56) == 2 and grid_cells(56, 2) == 7           # tiny: layer2's (layer3 is 4 x 4)
-    assert grid_cells(56, 3) == 4 and pick_grid_layer(56, min_cells=4) == 3
-    assert pick_grid_layer(32) == 1
-    assert get_config("tiny").resolved_grid_layer == 2 and get_config("coco").resolved_grid_layer == 4
-    assert get_config("tiny", grid_layer=3).resolved_grid_layer == 3
+    assert pick_grid_layer(56) == 3 and grid_cells(56, 3) == 4           # tiny: layer3's 4 x 4 (layer4 is 2 x 2)
+    assert grid_cells(56, 2) == 7 and pick_grid_layer(56, min_cells=7) == 2
+    assert pick_grid_layer(32) == 2
+    assert get_config("tiny").resolved_grid_layer == 3 and get_config("coco").resolved_grid_layer == 4
+    assert get_config("tiny", grid_layer=2).resolved_grid_layer == 2
 
 
 @pytest.mark.parametrize("field, value", [("decoder", "transformer"), ("grid_layer", 5), ("dropout", 1.5),
@@ -36,7 +36,7 @@ def test_bad_attention_settings_are_refused_by_name(field, value):
 
 def test_grid_encoder_keeps_the_map_and_embeds_every_cell():
     torch.manual_seed(0)
-    encoder = GridCNNModel(16, "resnet18", None, grid_layer=3).eval()
+    encoder = GridCNNModel(16, "resnet18", None, grid_layer=3, grid_size=4).eval()
     images = torch.randn(2, 3, 56, 56)
     grid = encoder.extract(images)
     assert grid.shape == (2, 256, 4, 4) and encoder.feature_size == 256
@@ -45,6 +45,13 @@ def test_grid_encoder_keeps_the_map_and_embeds_every_cell():
     assert torch.allclose(encoder(images), cells)
     # the feature cache's extractor (BatchNorm folded) gives the same grid
     assert torch.allclose(encoder.frozen_extractor()(images), grid, atol=1e-4)
+    # each cell carries where it is: the same features in two cells embed differently once positions are learned
+    with torch.no_grad():
+        encoder.position_embedding.normal_()
+    same = encoder.head(grid[:, :, :1, :1].expand(-1, -1, 4, 4).contiguous())
+    assert not torch.allclose(same[:, 0], same[:, 5])
+    with pytest.raises(ValueError, match="a 7x7 grid, but this encoder embeds the places of a 4x4"):
+        encoder(torch.randn(1, 3, 112, 112))
 
 
 def _decoder(seed=0, **kw):
@@ -104,12 +111,13 @@ def test_training_reads_cached_grids_and_the_checkpoint_says_attention(tiny_copy
     train_folder = tiny_copy / "features" / next(f for f in grids if f.startswith("train"))
     meta = json.load(open(train_folder / "meta.json"))
     feats = np.load(train_folder / "features.npy", mmap_mode="r")
-    assert feats.shape == (60, 2, 64, 8, 8) and meta["map"] == [8, 8]     # resnet18 layer1 at 32 px
+    assert feats.shape == (60, 2, 128, 4, 4) and meta["map"] == [4, 4]   # resnet18 layer2 at 32 px
     losses = [json.loads(line)["loss"] for line in open(summary["log"]) if '"loss"' in line]
     assert len(losses) == 12 and losses[-1] < losses[0]
     encoder, decoder, vocab, loaded = load_captioner(summary["last"])          # no flag: the checkpoint says
+    assert encoder.position_embedding.abs().sum() > 0                           # trained with the head
     assert isinstance(decoder, AttentionDecoder) and isinstance(encoder, GridCNNModel)
-    assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 1
+    assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 2
     images = sorted(str(p) for p in (tiny_copy / "val2014").glob("*.jpg"))[:3]
     for beam in (1, 3):
         results = caption_images(images, encoder, decoder, vocab, loaded, beam_size=beam)
