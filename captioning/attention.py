@@ -6,8 +6,7 @@ the encoder keeps the map as a grid of P = h x w cells, each a feature vector fo
 and the decoder chooses, before each word, how much of each cell to read:
 
 - GridCNNModel: the ResNet cut after a stage (`grid_layer`), then the chapter's Linear +
-  BatchNorm applied to every cell, plus a learned embedding of the cell's place in the grid:
-  (B, 3, H, W) -> (B, P, E).
+  BatchNorm applied to every cell: (B, 3, H, W) -> (B, P, E).
 - Attention: the additive ("soft") attention MLP, alpha = softmax(w . relu(W_f f_p + W_h h)).
 - AttentionDecoder: an LSTMCell whose input is the word's embedding and the context, the
   alpha-weighted sum of the cells, scaled by a gate sigmoid(f_beta(h)); h and c start from
@@ -15,13 +14,10 @@ and the decoder chooses, before each word, how much of each cell to read:
   regularisation alpha_c * mean((1 - sum_t alpha_t)^2), which asks every cell to be looked
   at about once over the caption.
 
-It follows the layout of sgrvinod's tutorial, with two differences. Step 0 reads the image alone
-(a zero word) and predicts <start>, as the chapter's LSTM does after its image embedding, so
-teacher forcing, the loss, beam search and scoring are the same code for both decoders
-(captioning.decoding.Decoder). And each cell carries a position embedding: a convolution's
-features say what is in a patch, not where the patch is, and the context is a weighted mean of
-cells, so without it a decoder reading cells that see only their own patch would know what it
-looked at but not where.
+It follows the layout of sgrvinod's tutorial, with one difference that keeps the chapter's
+convention: step 0 reads the image alone (a zero word) and predicts <start>, as the chapter's
+LSTM does after its image embedding, so teacher forcing, the loss, beam search and scoring are
+the same code for both decoders (captioning.decoding.Decoder).
 
 Which grid: the deepest ResNet stage whose map is at least 4 x 4 at the crop size (grid_layer=0),
 i.e. layer4's 7 x 7 at 224 px (COCO) and layer3's 4 x 4 at the tiny preset's 56 px, where layer4
@@ -67,7 +63,7 @@ class GridCNNModel(CNNModel):
     feature_kind = "grid"
 
     def __init__(self, embedding_size: int, backbone: str = "resnet152", weights=None,
-                 train_backbone: bool = False, grid_layer: int = 4, grid_size: int = 7) -> None:
+                 train_backbone: bool = False, grid_layer: int = 4) -> None:
         super().__init__(embedding_size, backbone, weights, train_backbone)
         if grid_layer not in (1, 2, 3, 4):
             raise ValueError(f"grid_layer must be a ResNet stage 1..4, got {grid_layer!r}")
@@ -78,8 +74,6 @@ class GridCNNModel(CNNModel):
         self.feature_size = [m for m in last_stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
         self.linear_layer = nn.Linear(self.feature_size, embedding_size)
         self.batch_norm = nn.BatchNorm1d(embedding_size, momentum=0.01)
-        self.grid_size = grid_size                     # h = w of the grid at the crop size (grid_cells)
-        self.position_embedding = nn.Parameter(torch.zeros(grid_size * grid_size, embedding_size))
 
     def extract(self, input_images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the stage's feature map (B, D, h, w): what the feature cache stores."""
@@ -94,14 +88,9 @@ class GridCNNModel(CNNModel):
         return fold_batchnorm(self.resnet_module)
 
     def head(self, resnet_features: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order, each plus its
-        place's embedding; always trained."""
-        h, w = resnet_features.shape[-2:]
-        if h != self.grid_size or w != self.grid_size:
-            raise ValueError(f"a {h}x{w} grid, but this encoder embeds the places of a {self.grid_size}x"
-                             f"{self.grid_size} one: images must be cropped to the size it was built for")
+        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order; always trained."""
         cells = self.linear_layer(resnet_features.float().flatten(2).transpose(1, 2))      # (B, P, E)
-        return self.batch_norm(cells.transpose(1, 2)).transpose(1, 2) + self.position_embedding
+        return self.batch_norm(cells.transpose(1, 2)).transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -237,8 +237,8 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
 
 
 def make_optimizer(config, encoder, decoder):
-    """The chapter's Adam over the decoder and the encoder's head (its linear_layer and batch_norm, and the
-    attention encoder's position_embedding: everything but the ResNet); the backbone at its own rate when trained."""
+    """The chapter's Adam over the decoder and the encoder's head (everything but the ResNet: the chapter's
+    linear_layer and batch_norm, and whatever a subclass adds); the backbone at its own rate when trained."""
     head_params = list(decoder.parameters()) + [p for name, p in encoder.named_parameters()
                                                 if not name.startswith("resnet_module.")]
     groups = [{"params": head_params, "lr": config.lr}]
