@@ -192,8 +192,8 @@ def build_feature_cache(encoder: "CNNModel", caption_dataset: CocoCaptionDataset
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     shape = (meta["images"], views, encoder.feature_size)
     if kind in ("maps", "grids"):
-        meta["map"] = _map_size(encoder, views_of[0][0], device)
-        shape += meta["map"]
+        meta["map"] = list(_map_size(encoder, views_of[0][0], device))   # a list, as meta.json gives it back
+        shape += tuple(meta["map"])
 
     lock, state = _lock_for_extraction(folder, meta_path, array_path, shape, meta, log)
     try:

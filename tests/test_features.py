@@ -344,3 +344,22 @@ def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_pa
     damage(edit_meta, "meta.json does not match its checksum")
     damage(lambda: open(meta_path, "w").write("{not json"),
            "meta.json cannot be read: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
+
+
+@pytest.mark.parametrize("kind", ["maps", "grids"])
+def test_a_map_or_grid_cache_is_opened_again_not_extracted_again(dataset, tmp_path, kind):
+    """meta.json gives its map size back as a list: a reopened cache must match it, not count as another cache."""
+    from captioning.attention import GridCNNModel
+
+    torch.manual_seed(0)
+    encoder = (GridCNNModel(8, "resnet18", None, grid_layer=2) if kind == "grids" else
+               CNNModel(8, "resnet18", weights=None)).eval()
+    tf = eval_transform(64, 64)
+    said = []
+    first = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                progress=False, kind=kind, log=said.append)
+    again = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                progress=False, kind=kind, log=said.append)
+    assert said == [] and np.array_equal(first, again)
+    assert first.shape == ((len(dataset.image_ids), 1, 128, 8, 8) if kind == "grids" else
+                           (len(dataset.image_ids), 1, 512, 2, 2))
