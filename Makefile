@@ -1,4 +1,5 @@
 # make demo  - generate the tiny dataset and run notebooks 01..08 on it (offline, CPU)
+# make further - notebook 09 on (attention on the relations world), after the chapter's: runs/further/
 # make test  - ruff and mypy, then the test suite (includes executing every notebook on the tiny preset); CI runs this
 # make test-fast - ruff and mypy, then the tests not marked slow (no notebooks, torchrun or multi-process runs):
 #              the inner loop while editing, under 2 minutes on 2 cores; `make test` before pushing
@@ -11,7 +12,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lab tensorboard bench clean
+.PHONY: demo further test test-fast lab tensorboard bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m captioning.demo
+
+further: $(STAMP)
+	$(PY) -m captioning.demo --further
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,10 @@
 """`make demo`: run notebooks 01..08 in order with papermill on the tiny preset, then print results.
 
 Executed copies (with outputs) go to runs/notebooks/, with an HTML page of each and an
-index.html to open in a browser; notebooks/ itself is never modified.
+index.html to open in a browser; notebooks/ itself is never modified. `make further` runs the
+notebooks that go beyond the chapter (09 onwards) the same way, into runs/further/.
 
-    python -m captioning.demo [--out runs/notebooks] [-p NAME VALUE ...]
+    python -m captioning.demo [--further] [--out runs/notebooks] [-p NAME VALUE ...]
 """
 import argparse
 import glob
@@ -32,9 +33,15 @@ from .semantics import format_semantic_table
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-def notebooks(folder: str = NOTEBOOK_DIR) -> list[str]:
-    """The numbered notebooks, in order (01_..., 02_..., ...)."""
-    return sorted(glob.glob(os.path.join(folder, "[0-9][0-9]_*.ipynb")))
+SERIES = {"chapter": range(1, 9), "further": range(9, 100)}   # 01..08: the chapter; 09 on: beyond it
+
+
+def notebooks(folder: str = NOTEBOOK_DIR, series: str | None = None) -> list[str]:
+    """The numbered notebooks, in order (01_..., 02_..., ...): all, or one of SERIES."""
+    found = sorted(glob.glob(os.path.join(folder, "[0-9][0-9]_*.ipynb")))
+    if series is None:
+        return found
+    return [p for p in found if int(os.path.basename(p)[:2]) in SERIES[series]]
 
 
 def kernel_options() -> dict[str, Any]:
@@ -144,10 +151,10 @@ def declared_parameters(path: str) -> list[str]:
     return assigned_names(cell.source)
 
 
-def parameters_for(parameters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """{notebook path: the parameters it declares}; a name that no notebook declares is a ValueError
-    naming it, raised before any notebook runs."""
-    declared = {path: declared_parameters(path) for path in notebooks()}
+def parameters_for(parameters: Mapping[str, Any], series: str | None = "chapter") -> dict[str, dict[str, Any]]:
+    """{notebook path: the parameters it declares}, for the notebooks of `series`; a name that none of
+    them declares is a ValueError naming it, raised before any notebook runs."""
+    declared = {path: declared_parameters(path) for path in notebooks(series=series)}
     known = {name for names in declared.values() for name in names}
     unknown = sorted(set(parameters) - known)
     if unknown:
@@ -182,19 +189,20 @@ def merge_injected_parameters(nb: NotebookNode) -> NotebookNode:
 
 
 def run_notebooks(out_dir: str, parameters: Mapping[str, Any] | None = None, cwd: str | None = None,
-                  log: Callable[[str], object] = print) -> None:
-    """Execute every notebook in order; stops at the first failure (papermill raises, naming the cell).
+                  log: Callable[[str], object] = print, series: str = "chapter") -> None:
+    """Execute the notebooks of `series` in order (SERIES: "chapter", 01..08, `make demo`; "further", 09 on,
+    `make further`); stops at the first failure (papermill raises, naming the cell).
 
     Each notebook gets the parameters it declares (a name none declares is refused first). The
     kernels get text progress bars (captioning.progress), tidied to their final frame.
     """
-    given = parameters_for(parameters or {})
+    given = parameters_for(parameters or {}, series)
     os.makedirs(out_dir, exist_ok=True)
     cwd = cwd or os.path.dirname(NOTEBOOK_DIR)
     before = os.environ.get(TEXT_PROGRESS)
     os.environ[TEXT_PROGRESS] = "1"                      # inherited by the kernels papermill starts
     try:
-        for path in notebooks():
+        for path in notebooks(series=series):
             out = os.path.join(out_dir, os.path.basename(path))
             t = time.time()
             log(f"running {os.path.basename(path)} ...")
@@ -261,7 +269,9 @@ pre {{background: #f6f8fa; padding: 1em; overflow-x: auto}}</style></head>
 
 def main(argv: Sequence[str] | None = None) -> str | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/notebooks")
+    parser.add_argument("--further", action="store_true",
+                        help="run the notebooks beyond the chapter (09 on) instead of 01..08")
+    parser.add_argument("--out", help="where the executed copies go (runs/notebooks, or runs/further)")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="notebook parameter (JSON value), e.g. -p EPOCHS 1")
     args = parser.parse_args(argv)
@@ -271,20 +281,27 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
+    series = "further" if args.further else "chapter"
+    out = args.out or ("runs/further" if args.further else "runs/notebooks")
     try:
-        parameters_for(params)                           # a misspelt -p NAME: refused before any notebook runs
+        parameters_for(params, series)                   # a misspelt -p NAME: refused before any notebook runs
     except ValueError as e:
         return f"error: {e}"
     t = time.time()
-    run_notebooks(args.out, params)
+    run_notebooks(out, params, series=series)
+    if args.further:
+        index = write_html(out)
+        print(f"\nmake further finished in {time.time() - t:.0f}s; executed notebooks are in {out}/, "
+              f"and {index} shows them in a browser")
+        return None
     report_path = os.path.join(os.path.dirname(NOTEBOOK_DIR), "models_dir", "tiny", "evaluation.json")
     report = None
     if os.path.exists(report_path):
         with open(report_path) as f:
             report = json.load(f)
         print("\n" + report_text(report))
-    index = write_html(args.out, report)
-    print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {args.out}/, "
+    index = write_html(out, report)
+    print(f"\nmake demo finished in {time.time() - t:.0f}s; executed notebooks are in {out}/, "
           f"and {index} shows them in a browser")
     return None
 

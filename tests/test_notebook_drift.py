@@ -114,3 +114,49 @@ def test_the_readmes_preset_table_is_the_librarys():
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert format_preset_table(markdown=True) in f.read()
+
+
+@pytest.fixture(scope="module")
+def attention_classes():
+    namespace = run_cell(notebook_cell("09_attention", "class Attention("))
+    namespace.pop("__builtins__", None)
+    return run_cell(notebook_cell("09_attention", "class AttentionDecoder"), **namespace)
+
+
+def test_the_notebooks_attention_decoder_is_the_librarys(attention_classes):
+    from captioning import attention as library_attention
+    from captioning.decoding import beam_search
+
+    sizes = (16, 32, 30, 24, 9, 0.5, 1.0)
+    torch.manual_seed(0)
+    ours = attention_classes["AttentionDecoder"](*sizes)
+    torch.manual_seed(0)
+    theirs = library_attention.AttentionDecoder(*sizes)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())   # same init
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.eval(), theirs.eval()
+    features = torch.randn(4, 9, 16)
+    captions, lengths = torch.randint(0, 30, (4, 6)), [6, 5, 3, 2]
+    assert torch.allclose(ours(features, captions, lengths), theirs(features, captions, lengths), atol=1e-6)
+    assert torch.allclose(ours.penalty, theirs.penalty)
+    assert torch.equal(ours.sample(features), theirs.sample(features))
+    ids, weights = beam_search(ours, features, 3, return_weights=True)          # the library's search drives it
+    their_ids, their_weights = beam_search(theirs, features, 3, return_weights=True)
+    assert ids == their_ids and all(torch.allclose(a, b) for a, b in zip(weights, their_weights))
+
+
+def test_the_notebooks_attention_edits_take_effect(attention_classes):
+    """'No gate' from the notebook's Try this: the cell's change shows in what the decoder computes."""
+    changed = notebook_cell("09_attention", "class AttentionDecoder").replace("gate * context", "context", 1)
+    assert changed != notebook_cell("09_attention", "class AttentionDecoder")
+    namespace = {k: v for k, v in attention_classes.items() if k != "AttentionDecoder"}
+    torch.manual_seed(0)
+    ungated = run_cell(changed, **namespace)["AttentionDecoder"](16, 32, 30, 24, 9, 0.0).eval()
+    gated = attention_classes["AttentionDecoder"](16, 32, 30, 24, 9, 0.0).eval()
+    gated.load_state_dict(ungated.state_dict())
+    features, captions = torch.randn(2, 9, 16), torch.randint(0, 30, (2, 5))
+    assert not torch.allclose(gated(features, captions, [5, 4]), ungated(features, captions, [5, 4]))

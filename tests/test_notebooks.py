@@ -7,6 +7,7 @@ import subprocess
 import nbformat
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioning.demo import kernel_options, notebooks, run_notebooks, write_html
@@ -45,7 +46,7 @@ def executed(tmp_path_factory):
 
 def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     root, out = executed
-    assert sorted(p.name for p in out.iterdir()) == [p.split("/")[-1] for p in notebooks()]
+    assert sorted(p.name for p in out.iterdir()) == [p.split("/")[-1] for p in notebooks(series="chapter")]
     for path in out.iterdir():                  # one parameters cell, showing the values it ran with
         cells = nbformat.read(path, as_version=4).cells
         assert not any("injected-parameters" in c.metadata.get("tags", []) for c in cells), path.name
@@ -165,7 +166,8 @@ def test_demo_html_renders_in_a_browser(executed):
     root, out = executed
     index = write_html(str(out), json.load(open(root / "models" / "evaluation.json")))
     pages = sorted(p.name for p in out.glob("*.html"))
-    assert pages == sorted(["index.html"] + [p.split("/")[-1].replace(".ipynb", ".html") for p in notebooks()])
+    chapter = [p.split("/")[-1].replace(".ipynb", ".html") for p in notebooks(series="chapter")]
+    assert pages == sorted(["index.html"] + chapter)
     text = open(index, encoding="utf-8").read()
     assert "Bleu_4" in text and "objects" in text and text.count('<a href="0') == 8
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
@@ -233,3 +235,28 @@ def test_the_training_notebook_runs_on_its_own_into_any_models_dir(tiny_copy, tm
         pm.execute_notebook(notebook, str(tmp_path / "06c.ipynb"), parameters={**again, "CROP_SIZE": 28},
                             kernel_name="python3", progress_bar=False, **kernel_options())
     assert load_checkpoint(str(models / "last.ckpt"))["step"] == 4
+
+
+def test_make_demo_runs_the_chapter_and_make_further_what_follows():
+    chapter, further = notebooks(series="chapter"), notebooks(series="further")
+    assert [p.split("/")[-1][:2] for p in chapter] == [f"{k:02d}" for k in range(1, 9)]
+    assert further and all(int(p.split("/")[-1][:2]) >= 9 for p in further)
+    assert sorted(chapter + further) == notebooks()
+
+
+def test_the_attention_notebook_runs_on_a_small_relations_world(tmp_path):
+    """Notebook 09 with reduced settings: it makes the world, trains both models, compares them, draws maps."""
+    params = {"PRESET": "tiny", "DATA_DIR": str(tmp_path / "data" / "relations"),
+              "POOLED_DIR": str(tmp_path / "models" / "pooled"), "ATTENTION_DIR": str(tmp_path / "models" / "att"),
+              "TRAIN_IMAGES": 48, "VAL_IMAGES": 10, "EPOCHS": 2, "MAX_STEPS": 6, "STANDIN_STEPS": 3, "N_IMAGES": 2}
+    out = tmp_path / "executed"
+    run_notebooks(str(out), params, log=lambda *a: None, series="further")
+    text = _text(out / "09_attention.ipynb")
+    assert "made the relations world" in text and "grid from ResNet layer3" in text
+    assert re.search(r"pooled \(chapter\) +BLEU-4", text) and re.search(r"attention +BLEU-4", text)
+    assert "semantic accuracy (10 images" in text and "all " in text
+    executed = nbformat.read(out / "09_attention.ipynb", as_version=4)
+    assert len(_images(executed)) >= 2 + 2                     # the world, and a map strip per image at least
+    for name in ("best.ckpt", "train_log.jsonl"):
+        assert (tmp_path / "models" / "pooled" / name).exists() and (tmp_path / "models" / "att" / name).exists()
+    assert torch.load(tmp_path / "models" / "att" / "best.ckpt", weights_only=True)["config"]["decoder"] == "attention"
