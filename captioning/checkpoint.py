@@ -195,8 +195,7 @@ def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -
         encoder: CNNModel = GridCNNModel(config.embedding_size, config.backbone, weights, config.train_backbone,
                                          config.resolved_grid_layer)
         decoder: Any = AttentionDecoder(config.embedding_size, config.hidden_layer_size, vocab_size,
-                                              config.attention_size, config.max_seq_len, config.dropout,
-                                              config.alpha_c)
+                                        config.attention_size, config.max_seq_len, config.dropout, config.alpha_c)
         return encoder, decoder
     encoder = CNNModel(config.embedding_size, config.backbone, weights, config.train_backbone)
     decoder = LSTMModel(config.embedding_size, config.hidden_layer_size, vocab_size, config.num_layers,

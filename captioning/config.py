@@ -172,8 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, max_seq_len=32, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
-        embedding_size=128, hidden_layer_size=256, attention_size=128, batch_size=128, lr=5e-3,
-        backbone_lr=2e-3,
+        embedding_size=128, hidden_layer_size=256, attention_size=128, batch_size=128, lr=5e-3, backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }
