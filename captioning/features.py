@@ -190,7 +190,7 @@ def build_feature_cache(encoder: "CNNModel", caption_dataset: CocoCaptionDataset
     meta = _identity(encoder, caption_dataset, transform, views, seed, split, kind)
     folder = os.path.join(features_dir, f"{split}-{encoder.backbone_name}-{kind}-{cache_key(meta)}")
     meta_path, array_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
-    shape = (meta["images"], views, encoder.feature_size)
+    shape: tuple[int, ...] = (meta["images"], views, encoder.feature_size)
     if kind in ("maps", "grids"):
         meta["map"] = list(_map_size(encoder, views_of[0][0], device))   # a list, as meta.json gives it back
         shape += tuple(meta["map"])
