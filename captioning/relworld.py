@@ -31,7 +31,6 @@ Flipped images would contradict "to the left of", so train without horizontal fl
 
 Generation is deterministic for a given seed: a few seconds for 3,250 images.
 """
-import json
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +47,7 @@ from .tinyset import (
     _vary_case,
     draw_shape,
     with_articles,
+    write_split,
 )
 
 IMAGE_SIZE = ((96, 128), (88, 120))   # (width range, height range) in pixels
@@ -57,6 +57,7 @@ OBJECTS_RANGE = (2, 4)                # what `objects` may ask for
 MARGIN = 0.08                         # objects stay clear of this share of each side (the training crop)
 RELATION_OFFSET = 0.6                 # centres this far apart on an axis (x the larger side) stand in a relation
 LEVEL_OFFSET = 0.3                    # ... and at most this far apart are level on it; nothing in between
+DESCRIPTION = "Synthetic captioning set of spatial relations between coloured shapes, in COCO 2014 format"
 GAP = 0.04                            # the least space between two objects, as a fraction of the shorter side
 JITTER = 0.2                          # how far an object strays from its cell's centre, as a share of a cell
 PLACEMENT_TRIES = 2000                # random layouts tried for one image before giving up
@@ -275,40 +276,6 @@ def _make_example(rng: random.Random, colours: Mapping[str, RGB], shapes: Sequen
     return image, captions, truth
 
 
-def _write_split(out: str, split: str, count: int, rng: random.Random, first_image_id: int, first_ann_id: int,
-                 options: Mapping[str, Any]) -> int:
-    """Write one split's images and captions file; returns the next free annotation id."""
-    image_dir = os.path.join(out, f"{split}2014")
-    os.makedirs(image_dir, exist_ok=True)
-    images, annotations = [], []
-    ann_id = first_ann_id
-    for image_id in range(first_image_id, first_image_id + count):
-        image, captions, truth = _make_example(rng, **options)
-        file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
-        image.save(os.path.join(image_dir, file_name), quality=90)
-        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height,
-                       **truth})
-        for caption in captions:
-            annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})
-            ann_id += 1
-    coco = {
-        "info": {"description": "Synthetic captioning set of spatial relations between coloured shapes, "
-                                "in COCO 2014 format", "version": "1.0", "year": 2014},
-        "licenses": [{"id": 1, "name": "CC0", "url": ""}],
-        "images": images,
-        "annotations": annotations,
-        # the generator's vocabulary of truth, for captioning.semantics (COCO tools ignore these keys)
-        "relations": RELATION_INVERSES,
-        "colours": {name: list(rgb) for name, rgb in options["colours"].items()},
-        "shapes": list(options["shapes"]),
-        "background": list(options["background"]),
-        "world": "relations",
-    }
-    with open(os.path.join(out, "annotations", f"captions_{split}2014.json"), "w") as f:
-        json.dump(coco, f)
-    return ann_id
-
-
 def _check_objects(objects: Any, pairs: int) -> tuple[int, int]:
     """A valid (fewest, most) objects per image, with enough (colour, shape) pairs for the most."""
     low, high = OBJECTS_RANGE
@@ -354,6 +321,8 @@ def make_relations_world(out: str, train: int = 3000, val: int = 250, seed: int 
     _check_fits(options)
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     rng = random.Random(seed)
-    next_ann = _write_split(out, "train", train, rng, first_image_id=1, first_ann_id=1, options=options)
-    _write_split(out, "val", val, rng, first_image_id=100_001, first_ann_id=next_ann, options=options)
+    write: dict[str, Any] = dict(palette=options, make_example=_make_example, description=DESCRIPTION,
+                                 extra={"world": "relations"})
+    next_ann = write_split(out, "train", train, rng, first_image_id=1, first_ann_id=1, **write)
+    write_split(out, "val", val, rng, first_image_id=100_001, first_ann_id=next_ann, **write)
     return out

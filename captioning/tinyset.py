@@ -291,14 +291,23 @@ def _make_example(rng: random.Random, colours: Mapping[str, RGB], shapes: Sequen
     return image, [_vary_case(c, rng) for c in captions], truth
 
 
-def _write_split(out: str, split: str, count: int, rng: random.Random, first_image_id: int, first_ann_id: int,
-                 palette: Mapping[str, Any]) -> int:
+DESCRIPTION = "Tiny synthetic captioning set (coloured shapes) in COCO 2014 format"
+
+
+def write_split(out: str, split: str, count: int, rng: random.Random, first_image_id: int, first_ann_id: int,
+                palette: Mapping[str, Any], make_example: Any = None, description: str = DESCRIPTION,
+                extra: Mapping[str, Any] | None = None) -> int:
+    """Write one split's images and captions file in COCO 2014 layout; returns the next free annotation id.
+
+    `make_example(rng, **palette)` -> (image, captions, truth) draws each scene (default: the tiny set's);
+    the truth goes into the image's entry, and `extra` keys after the file's usual ones (relworld's "world")."""
+    make_example = make_example or _make_example
     image_dir = os.path.join(out, f"{split}2014")
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     ann_id = first_ann_id
     for image_id in range(first_image_id, first_image_id + count):
-        image, captions, truth = _make_example(rng, **palette)
+        image, captions, truth = make_example(rng, **palette)
         file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
         image.save(os.path.join(image_dir, file_name), quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height,
@@ -307,8 +316,7 @@ def _write_split(out: str, split: str, count: int, rng: random.Random, first_ima
             annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})
             ann_id += 1
     coco = {
-        "info": {"description": "Tiny synthetic captioning set (coloured shapes) in COCO 2014 format",
-                 "version": "1.0", "year": 2014},
+        "info": {"description": description, "version": "1.0", "year": 2014},
         "licenses": [{"id": 1, "name": "CC0", "url": ""}],
         "images": images,
         "annotations": annotations,
@@ -317,6 +325,7 @@ def _write_split(out: str, split: str, count: int, rng: random.Random, first_ima
         "colours": {name: list(rgb) for name, rgb in palette["colours"].items()},
         "shapes": list(palette["shapes"]),
         "background": list(palette["background"]),
+        **(extra or {}),
     }
     with open(os.path.join(out, "annotations", f"captions_{split}2014.json"), "w") as f:
         json.dump(coco, f)
@@ -385,8 +394,8 @@ def make_tinyset(out: str, train: int = 3000, val: int = 250, seed: int = 0, col
     palette = _palette(colours, shapes, background, image_size, object_size)
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     rng = random.Random(seed)
-    next_ann = _write_split(out, "train", train, rng, first_image_id=1, first_ann_id=1, palette=palette)
-    _write_split(out, "val", val, rng, first_image_id=100_001, first_ann_id=next_ann, palette=palette)
+    next_ann = write_split(out, "train", train, rng, first_image_id=1, first_ann_id=1, palette=palette)
+    write_split(out, "val", val, rng, first_image_id=100_001, first_ann_id=next_ann, palette=palette)
     return out
 
 

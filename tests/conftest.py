@@ -1,3 +1,4 @@
+import hashlib
 import os
 import queue
 import re
@@ -19,6 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sizes that keep a training run in the tests to seconds
 SMALL = dict(resize_size=36, crop_size=32, batch_size=8, embedding_size=16, hidden_layer_size=32, num_workers=0,
              progress=False, vocab_threshold=1, val_max_captions=20, standin_steps=2)
+
+
+def tree_digest(folder):
+    """One SHA-1 over a folder's file names and contents: two generated sets are the same, byte for byte."""
+    h = hashlib.sha1()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(os.path.join(root, f), "rb") as data:
+                h.update(data.read())
+    return h.hexdigest()
 
 
 def run_cli(*args, timeout=300, check=True, **kwargs):

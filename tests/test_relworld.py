@@ -1,10 +1,9 @@
-import hashlib
 import json
 import os
 import re
 
 import pytest
-from conftest import cli_error, cli_main
+from conftest import cli_error, cli_main, tree_digest
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -45,15 +44,6 @@ def _references(raw):
     return refs
 
 
-def _digest(folder):
-    h = hashlib.sha1()
-    for root, _, files in sorted(os.walk(folder)):
-        for f in sorted(files):
-            h.update(f.encode())
-            h.update(open(os.path.join(root, f), "rb").read())
-    return h.hexdigest()
-
-
 def test_layout_and_format_load_with_pycocotools(world):
     ann_ids = []
     for split, n, first_id in SPLITS:
@@ -80,8 +70,8 @@ def test_layout_and_format_load_with_pycocotools(world):
 def test_deterministic_per_seed(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         make_relations_world(str(tmp_path / name), train=6, val=2, seed=seed)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
 
 
 def _connected(pairs, n):

@@ -1,9 +1,8 @@
-import hashlib
 import json
 import os
 
 import pytest
-from conftest import cli_main, run_cli
+from conftest import cli_main, run_cli, tree_digest
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
@@ -23,15 +22,6 @@ from captioning.tinyset import (
 from captioning.vocabulary import tokenize
 
 JPEG_TOLERANCE = 40  # per channel: JPEG, chroma subsampling and the blur move a shape's colour a little
-
-
-def _digest(folder):
-    h = hashlib.sha1()
-    for root, _, files in sorted(os.walk(folder)):
-        for f in sorted(files):
-            h.update(f.encode())
-            h.update(open(os.path.join(root, f), "rb").read())
-    return h.hexdigest()
 
 
 def test_layout_and_format_load_with_pycocotools(tiny_data):
@@ -70,8 +60,8 @@ def test_deterministic_per_seed(tmp_path):
     make_tinyset(str(tmp_path / "a"), train=8, val=3, seed=5)
     make_tinyset(str(tmp_path / "b"), train=8, val=3, seed=5)
     make_tinyset(str(tmp_path / "c"), train=8, val=3, seed=6)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
 
 
 def test_bad_sizes_are_an_error(tmp_path):
@@ -90,7 +80,7 @@ def test_cli_world_shapes_is_the_tiny_set(tmp_path):
     make_tinyset(str(tmp_path / "lib"), train=3, val=2, seed=4)
     for world in ("shapes", "relations"):
         cli_main("tinyset", "--world", world, "--out", tmp_path / world, "--train", 3, "--val", 2, "--seed", 4)
-    assert _digest(tmp_path / "shapes") == _digest(tmp_path / "lib") != _digest(tmp_path / "relations")
+    assert tree_digest(tmp_path / "shapes") == tree_digest(tmp_path / "lib") != tree_digest(tmp_path / "relations")
     assert "world" not in json.load(open(tmp_path / "shapes" / "annotations" / "captions_val2014.json"))
 
 
