@@ -224,6 +224,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     warning = dg.collapse_warning(r["diagnostics"])
     if warning:
         print(warning, file=sys.stderr)
+    artifacts = dg.artifact_warning(r["diagnostics"])
+    if artifacts:
+        print(artifacts, file=sys.stderr)
     if r["semantic"]:
         print(format_semantic(r["semantic"]))
     if args.out:

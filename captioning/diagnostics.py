@@ -4,6 +4,9 @@ how sure is each score, and how exactly was it computed.
 - caption_diagnostics: distinct captions, captions copied from the training set, words used,
   caption length against the references'. collapse_warning turns them into a warning when the
   model says the same thing for most images, the peers' most reported failure.
+- caption_artifacts: captions that end mid-phrase (their last word never ends a reference) or say a
+  word or phrase twice in a row (where no reference does), self-critical training's known failure
+  modes; artifact_warning warns above ARTIFACTS_ABOVE of the captions.
 - BLEU-4 and CIDEr with bootstrap 95% intervals over images. Corpus BLEU is not a mean of
   per-image scores, so each image keeps its BLEU sufficient statistics (clipped n-gram matches,
   n-gram counts, its length and the closest reference length, as pycocoevalcap counts them), and
@@ -36,10 +39,66 @@ DISTINCT_BELOW = 0.2     # warn when fewer than this share of images get a capti
 ONE_CAPTION_ABOVE = 0.5  # or when one caption is given to more than this share of images
 CIDER_MIN_IMAGES = 2     # fewer: CIDEr's idf is 0 for every n-gram (see above)
 INTERVAL_MIN_IMAGES = 5  # fewer: no bootstrap intervals, no paired comparison (see above)
+ARTIFACTS_ABOVE = 0.05   # warn when more than this share of captions end mid-phrase or repeat themselves
+ARTIFACT_EXAMPLES = 3    # example captions kept for each kind of artifact
 
 
 def _words(caption: str) -> str:
     return " ".join(tokenize(caption))
+
+
+def _immediate_repeats(words: Sequence[str]) -> set[tuple[str, ...]]:
+    """The n-grams (n >= 1) said twice in a row: "a red red circle" -> {("red",)},
+    "the circle the circle" -> {("the", "circle")}. O(len(words)^2), captions are short."""
+    found = set()
+    for n in range(1, len(words) // 2 + 1):
+        for i in range(len(words) - 2 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n]:
+                found.add(tuple(words[i:i + n]))
+    return found
+
+
+def _artifacts(said: Sequence[Sequence[str]], originals: Sequence[str],
+               reference_words: Iterable[Sequence[str]]) -> dict[str, Any]:
+    """caption_artifacts from tokenized captions (said, with their original strings) and references."""
+    endings: set[str] = set()
+    allowed: set[tuple[str, ...]] = set()    # repeats the references make themselves
+    for words in reference_words:
+        if words:
+            endings.add(words[-1])
+            allowed |= _immediate_repeats(words)
+    examples: dict[str, list[str]] = {"dangling": [], "repeated": []}
+    counts = {"dangling": 0, "repeated": 0}
+    for words, original in zip(said, originals):
+        kinds = []
+        if endings and (not words or words[-1] not in endings):
+            kinds.append("dangling")
+        if _immediate_repeats(words) - allowed:
+            kinds.append("repeated")
+        for kind in kinds:
+            counts[kind] += 1
+            if len(examples[kind]) < ARTIFACT_EXAMPLES and original not in examples[kind]:
+                examples[kind].append(original)
+    n = len(said)
+    return {"images": n, "dangling": counts["dangling"] / n if endings else None,
+            "repeated": counts["repeated"] / n, "examples": examples}
+
+
+def caption_artifacts(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> dict[str, Any]:
+    """Self-critical training's known failure modes: predictions {image_id: caption}, references
+    {image_id: [captions]} (all images' references are pooled).
+
+    Returns a dict: images, dangling (share of captions whose last word never ends a reference, or
+    that are empty: "a red circle to the left of a"; None when there are no references to tell),
+    repeated (share of captions that say a word or an n-gram twice in a row, "red red", "the circle
+    the circle", a repeat that no reference makes), examples ({"dangling": [...], "repeated": [...]},
+    up to ARTIFACT_EXAMPLES distinct captions each).
+    """
+    if not predictions:
+        raise ValueError("no captions to diagnose")
+    originals = list(predictions.values())
+    return _artifacts([tokenize(c) for c in originals], originals,
+                      (tokenize(r) for refs in references.values() for r in refs))
 
 
 def caption_diagnostics(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]],
@@ -49,21 +108,27 @@ def caption_diagnostics(predictions: Mapping[Any, str], references: Mapping[Any,
     Returns a dict: images, distinct (share of distinct captions), top_caption and top_share (the
     most frequent caption and the share of images it was given to), copied (share of captions that
     are, word for word, a training caption), words_used, mean_length and reference_mean_length
-    (in words).
+    (in words), and caption_artifacts' dangling, repeated and artifact_examples.
     """
     if not predictions:
         raise ValueError("no captions to diagnose")
-    said = [_words(c) for c in predictions.values()]
+    originals = list(predictions.values())
+    tokens = [tokenize(c) for c in originals]
+    said = [" ".join(t) for t in tokens]
     counts = Counter(said)
     top, top_count = counts.most_common(1)[0]
     seen = {_words(c) for c in training_captions}
-    ref_lengths = [len(_words(r).split()) for i in predictions for r in references.get(i, ())]
+    reference_words = {i: [tokenize(r) for r in refs] for i, refs in references.items()}
+    ref_lengths = [len(r) for i in predictions for r in reference_words.get(i, ())]
+    artifacts = _artifacts(tokens, originals, (r for refs in reference_words.values() for r in refs))
     return {
         "images": len(said), "distinct": len(counts) / len(said), "top_caption": top,
         "top_share": top_count / len(said), "copied": sum(s in seen for s in said) / len(said) if seen else None,
         "words_used": len({w for s in said for w in s.split()}),
         "mean_length": mean(len(s.split()) for s in said),
         "reference_mean_length": mean(ref_lengths) if ref_lengths else None,
+        "dangling": artifacts["dangling"], "repeated": artifacts["repeated"],
+        "artifact_examples": artifacts["examples"],
     }
 
 
@@ -82,12 +147,41 @@ def collapse_warning(diagnostics: Mapping[str, Any]) -> str | None:
             f"the decoder, or an untrained or collapsed checkpoint (check the training log's loss).")
 
 
+def artifact_warning(diagnostics: Mapping[str, Any]) -> str | None:
+    """A warning (str) when more than ARTIFACTS_ABOVE of the captions end mid-phrase or repeat a word
+    or phrase, else None (and None on fewer than 5 images, or on a dict without these fields)."""
+    d = diagnostics
+    if d["images"] < 5:  # too few images to tell
+        return None
+    dangling, repeated = d.get("dangling"), d.get("repeated")
+    if (dangling or 0) <= ARTIFACTS_ABOVE and (repeated or 0) <= ARTIFACTS_ABOVE:
+        return None
+    examples = d.get("artifact_examples") or {}
+    found = []
+    for share, kind, what in ((dangling, "dangling", "end mid-phrase"),
+                              (repeated, "repeated", "repeat a word or phrase")):
+        if share is not None:
+            example = f" (\"{examples[kind][0]}\")" if examples.get(kind) else ""
+            found.append(f"{share:.0%} {what}{example}")
+    return (f"warning: caption artifacts: of {d['images']} captions, {' and '.join(found)}. Such captions score on "
+            f"n-grams but read badly. Likely causes: self-critical training (SCST) on CIDEr, which rewards n-grams "
+            f"and does not penalise an unfinished sentence or a repeat (add an end-of-sentence or repetition "
+            f"penalty, or train fewer SCST steps); and, for captions that end mid-phrase, a max_seq_len that cuts "
+            f"them before their <end> (compare their length with the checkpoint's max_seq_len).")
+
+
 def format_diagnostics(d: Mapping[str, Any]) -> str:
     copied = f"{d['copied']:.0%}" if d["copied"] is not None else "n/a"
     ref = f"{d['reference_mean_length']:.1f}" if d["reference_mean_length"] is not None else "n/a"
+    artifacts = []                      # absent in files of older versions: say nothing about them
+    if d.get("dangling") is not None:
+        artifacts.append(f"{d['dangling']:.0%} end mid-phrase")
+    if d.get("repeated") is not None:
+        artifacts.append(f"{d['repeated']:.0%} repeat a word")
     return (f"captions: {d['distinct']:.0%} distinct over {d['images']} images (most frequent: {d['top_share']:.0%}), "
             f"{copied} copied from the training set, {d['words_used']} words used, "
-            f"mean length {d['mean_length']:.1f} words (references {ref})")
+            f"mean length {d['mean_length']:.1f} words (references {ref})"
+            + "".join(f", {a}" for a in artifacts))
 
 
 # --- BLEU from sufficient statistics -------------------------------------------------------------

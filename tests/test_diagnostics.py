@@ -114,3 +114,109 @@ def test_too_few_images_give_no_interval_and_no_paired_comparison():
     assert line.startswith("Bleu_4 1.000 [n/a]   CIDEr n/a [n/a]") and "at least 5 images" in line
     with pytest.raises(ValueError, match="non-zero"):
         dg.bootstrap_intervals([], [])
+
+
+# --- captions that end mid-phrase or repeat themselves (self-critical training's failure modes) ----------------
+
+def test_a_caption_that_ends_mid_phrase_is_dangling_and_a_complete_one_is_not():
+    out = dg.caption_artifacts({1: "a red circle to the left of a", 2: "a blue square to the left of a green triangle"},
+                               REFS)
+    assert out["images"] == 2 and out["dangling"] == 0.5 and out["repeated"] == 0
+    assert out["examples"] == {"dangling": ["a red circle to the left of a"], "repeated": []}
+    # "left", "and", "the" never end a reference; an empty caption dangles too
+    for caption in ("a blue square to the left", "a blue square and", "a red circle on the", ""):
+        assert dg.caption_artifacts({1: caption}, REFS)["dangling"] == 1.0, caption
+
+
+def test_a_word_that_ends_some_reference_is_not_dangling():
+    # "white" and "picture" end a reference (of another image: the references are pooled); "background" too
+    preds = {1: "a red square on white", 2: "a yellow star in the picture", 3: "a star on a white background ."}
+    assert dg.caption_artifacts(preds, REFS)["dangling"] == 0
+    # the same word dangles where no reference ends with it
+    assert dg.caption_artifacts({1: "a red square on white"}, {1: ["a white square", "white on red"]})["dangling"] == 1
+    # no references: nothing to tell, n/a rather than everything dangling
+    assert dg.caption_artifacts({1: "a red circle"}, {})["dangling"] is None
+
+
+def test_repeated_words_and_phrases_count_unless_the_references_repeat_them():
+    for caption in ("a red red circle", "a red circle circle", "the circle the circle", "a red circle a red circle"):
+        out = dg.caption_artifacts({1: caption}, REFS)
+        assert out["repeated"] == 1.0 and out["examples"]["repeated"] == [caption], caption
+    for caption in ("a red circle and a red square", "a red circle on a white background", "a"):
+        assert dg.caption_artifacts({1: caption}, REFS)["repeated"] == 0, caption   # said twice, not in a row
+    assert dg.caption_artifacts({1: "a a red circle"}, REFS)["repeated"] == 1.0
+    assert dg.caption_artifacts({1: "a a red circle"}, {**REFS, 7: ["a a dot"]})["repeated"] == 0
+    refs = {**REFS, 7: ["a very very small red dot", "there is a dot dot"]}
+    assert dg.caption_artifacts({1: "a very very red circle"}, refs)["repeated"] == 0       # a reference says it
+    assert dg.caption_artifacts({1: "a red dot dot"}, refs)["repeated"] == 0
+    assert dg.caption_artifacts({1: "a red red dot"}, refs)["repeated"] == 1.0              # no reference says that
+
+
+def test_artifact_shares_over_a_mixed_set():
+    preds = {1: "a red circle", 2: "a blue square to the left of a", 3: "a yellow star star",
+             4: "a green circle and a red red", 5: "a purple triangle", 6: "a red square on white",
+             7: "a blue square to the left of a", 8: "a green the circle the circle", 9: "a red circle and",
+             10: "a yellow star"}
+    out = dg.caption_artifacts(preds, REFS)
+    assert out["images"] == 10
+    assert out["dangling"] == pytest.approx(4 / 10)      # 2, 4 ("red"), 7, 9
+    assert out["repeated"] == pytest.approx(3 / 10)      # 3, 4, 8
+    # distinct examples, at most three of each kind, in the order met
+    assert out["examples"]["dangling"] == ["a blue square to the left of a", "a green circle and a red red",
+                                           "a red circle and"]
+    assert out["examples"]["repeated"] == ["a yellow star star", "a green circle and a red red",
+                                           "a green the circle the circle"]
+    diagnostics = dg.caption_diagnostics(preds, REFS)
+    assert diagnostics["dangling"] == out["dangling"] and diagnostics["repeated"] == out["repeated"]
+    assert diagnostics["artifact_examples"] == out["examples"]
+    assert "40% end mid-phrase, 30% repeat a word" in dg.format_diagnostics(diagnostics)
+    with pytest.raises(ValueError):
+        dg.caption_artifacts({}, REFS)
+
+
+def test_artifact_warning_above_the_threshold_only_and_on_enough_images():
+    complete = {i: r[0] for i, r in REFS.items()}
+    clean = dg.caption_diagnostics(complete, REFS)
+    assert clean["dangling"] == 0 and clean["repeated"] == 0 and dg.artifact_warning(clean) is None
+    # 20 images, one dangles (5%, not above): no warning; two dangle (10%): a warning naming shares and example
+    many = {i: REFS[i % 6 + 1][0] for i in range(20)}
+    refs = {i: REFS[i % 6 + 1] for i in range(20)}
+    one = dg.caption_diagnostics({**many, 0: "a red circle to the left of a"}, refs)
+    assert one["dangling"] == pytest.approx(0.05) and dg.artifact_warning(one) is None
+    two = dg.caption_diagnostics({**many, 0: "a red circle to the left of a", 1: "a red red circle"}, refs)
+    assert two["dangling"] == two["repeated"] == pytest.approx(0.05) and dg.artifact_warning(two) is None
+    three = dg.caption_diagnostics({**many, 0: "a red circle to the left of a", 1: "a blue square and a",
+                                    2: "a red red circle"}, refs)
+    warning = dg.artifact_warning(three)
+    assert warning is not None and "10% end mid-phrase" in warning and "5% repeat" in warning
+    assert '"a red circle to the left of a"' in warning and '"a red red circle"' in warning
+    assert "self-critical" in warning and "max_seq_len" in warning
+    repeats = dg.caption_diagnostics({**many, 0: "a red red circle", 1: "a yellow star star"}, refs)
+    assert "10% repeat" in dg.artifact_warning(repeats)
+    # fewer than 5 images: too few to tell, even if every caption dangles
+    few = dg.caption_diagnostics({i: "a red circle to the left of a" for i in (1, 2, 3, 4)}, REFS)
+    assert few["dangling"] == 1.0 and dg.artifact_warning(few) is None
+    assert dg.artifact_warning({**few, "images": 5}) is not None
+
+
+def test_format_diagnostics_and_the_warning_read_a_dict_of_an_older_version():
+    old = {"images": 16, "distinct": 0.5, "top_caption": "a red circle", "top_share": 0.25, "copied": None,
+           "words_used": 12, "mean_length": 4.0, "reference_mean_length": 5.5}
+    line = dg.format_diagnostics(old)
+    assert line.endswith("mean length 4.0 words (references 5.5)") and "mid-phrase" not in line
+    assert dg.artifact_warning(old) is None
+    assert dg.format_diagnostics({**old, "dangling": None, "repeated": 0.0}).endswith(", 0% repeat a word")
+
+
+def test_artifacts_are_fast_on_a_full_split(monkeypatch):
+    """5,000 captions against 25,000 references: sets, not a scan of every reference for every caption (which
+    would take minutes). The tokenizer, shared with the rest of the diagnostics, is left out of the timing."""
+    import time
+    monkeypatch.setattr(dg, "tokenize", str.split)
+    rng = np.random.default_rng(0)
+    words = "a the red blue green circle square triangle on of to left right and with white".split()
+    refs = {i: [" ".join(rng.choice(words, 10)) for _ in range(5)] for i in range(5000)}
+    preds = {i: " ".join(rng.choice(words, 9)) for i in range(5000)}
+    start = time.perf_counter()
+    out = dg.caption_artifacts(preds, refs)
+    assert out["images"] == 5000 and time.perf_counter() - start < 5
