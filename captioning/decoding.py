@@ -16,15 +16,16 @@ only these, so a second decoder plugs in without changes there:
 - optionally `step_weights(state)`: (B, P) attention weights of the step that made `state`,
   where a decoder has them; `beam_search(..., return_weights=True)` then returns them per word.
 
-`greedy_search`, `beam_search` and `score_sequences` are written once against this interface.
+`greedy_search`, `beam_search`, `score_sequences` and `sample_captions` (the draws self-critical
+training learns from, with their log-probabilities) are written once against this interface.
 """
-from typing import Any, Literal, Protocol, cast, overload, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, cast, overload, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .vocabulary import END_ID
+from .vocabulary import END_ID, PAD, SPECIAL_TOKENS, START
 
 LENGTH_PENALTY = 0.7  # beam search ranks finished captions by sum(log p) / length ** LENGTH_PENALTY
 
@@ -192,3 +193,50 @@ def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, length_p
                    for g, gw, gs, (bs, ids, w) in zip(*greedy, greedy_scores, results)]
     ids = cast(Ids, [r[1] for r in results])        # not None: every row is finished at max_seq_len (last=True)
     return (ids, [r[2] for r in results]) if return_weights else ids
+
+
+START_ID, PAD_ID = SPECIAL_TOKENS.index(START), SPECIAL_TOKENS.index(PAD)
+
+
+class Sampled(NamedTuple):
+    """Captions drawn by sample_captions, one row per caption, <start> left out.
+
+    ids (N, T): the words, then <pad> after <end>; log_probs (N, T): log p of each drawn word, with
+    the gradient when drawn with it; mask (N, T): True for the words of the caption, its <end>
+    included; finished (N,): the caption ended with <end> within max_seq_len (False: cut off)."""
+    ids: Tensor
+    log_probs: Tensor
+    mask: Tensor
+    finished: Tensor
+
+
+def sample_captions(decoder: Decoder, features: Tensor, samples: int = 1, greedy: bool = False,
+                    end_id: int = END_ID, generator: torch.Generator | None = None) -> Sampled:
+    """`samples` captions per image, each word drawn from the decoder's distribution (multinomial
+    sampling), or its likeliest word with greedy=True; rows b*samples .. b*samples+samples-1 are image b's.
+
+    Unlike greedy_search it keeps the graph: the log-probabilities of the drawn words carry the
+    gradient that REINFORCE needs (call it under torch.no_grad() for a baseline). <start> is fed,
+    not drawn, as every search here does; a caption stops at its <end> or after max_seq_len - 1 words."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a whole number >= 1, got {samples!r}")
+    B = features.size(0)
+    _, state = decoder.init_state(features)          # step 0 predicts <start>, which is fed instead
+    if samples > 1:
+        state = decoder.reorder_state(state, torch.arange(B, device=features.device).repeat_interleave(samples))
+    tokens = torch.full((B * samples,), START_ID, dtype=torch.long, device=features.device)
+    running = torch.ones(B * samples, dtype=torch.bool, device=features.device)
+    ids, log_probs, mask = [], [], []
+    for _ in range(decoder.max_seq_len - 1):
+        step_lp, state = decoder.step(tokens, state)                                     # (N, V)
+        if greedy:
+            tokens = step_lp.argmax(-1)
+        else:
+            tokens = torch.multinomial(step_lp.detach().exp(), 1, generator=generator).squeeze(1)
+        log_probs.append(step_lp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        mask.append(running)
+        ids.append(tokens.masked_fill(~running, PAD_ID))
+        running = running & (tokens != end_id)
+        if not bool(running.any()):
+            break
+    return Sampled(torch.stack(ids, 1), torch.stack(log_probs, 1), torch.stack(mask, 1), ~running)
