@@ -5,7 +5,7 @@
     python -m captioning vocab    --captions JSON --out PKL [--threshold 4]
     python -m captioning resize   --src DIR --dst DIR [--size 256] [--workers N]
     python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
-                                  [--resume | --overwrite [delete]]
+                                  [--resume | --overwrite [delete]] [--init-from CKPT --objective scst]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
                                   [--explain OUT_DIR [--explain-method attention|occlusion|gradcam]]
@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             sys.exit(f"error: --set expects FIELD=VALUE with FIELD one of {sorted(fields)}; got {item!r}")
         overrides[name] = _parse_value(fields[name], value)
     config = get_config(args.preset, **overrides)
-    summary = train(config, resume=args.resume, overwrite=args.overwrite or False)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite or False, init_from=args.init_from)
     if summary["interrupted"]:                 # saved; the shell's codes for SIGTERM and Ctrl-C
         sys.exit(143 if summary["interrupted"] == "SIGTERM" else 130)
 
@@ -317,6 +317,11 @@ def _add_train_command(sub):
     p.add_argument("--overwrite", nargs="?", const="move", choices=["move", "delete"],
                    help="start afresh in a models_dir holding a run: its checkpoints, log, evaluation and "
                         "events are moved into models_dir/previous-<timestamp>/ (--overwrite delete: deleted)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from this checkpoint's weights, e.g. --objective scst (self-critical "
+                        "fine-tuning on CIDEr-D) from a cross-entropy run's best.ckpt; the model and data settings "
+                        "are the checkpoint's, and --models-dir must be another folder (default: its folder + "
+                        "'-scst')")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder at every step (the chapter's loop)")
     p.add_argument("--dry-run", action="store_true", help="two steps, to check that everything is wired up")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

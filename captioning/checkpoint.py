@@ -7,6 +7,7 @@ A checkpoint is a plain dict of tensors and builtins, written atomically:
      "epoch": int, "batch": int (within the epoch), "step": int, "best_val_loss": float,
      "rng": {"torch", "cuda", "numpy", "python"}, "world_size": int,
      "data": {"train_captions_sha1"}, "schema": SCHEMA}
+    (+ "best_val_cider" and "init_from" {"path", "step", "objective"} for a self-critical run)
 
 `included` says whether the encoder state holds the ResNet: a frozen torchvision-pretrained
 backbone is rebuilt from its weights id instead. `load_checkpoint` uses
@@ -216,11 +217,14 @@ def data_identity(config: Config) -> dict[str, str]:
 def checkpoint_state(config: Config, vocab: Vocab, encoder: CNNModel, decoder: LSTMModel,
                      optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
                      epoch: int = 0, batch: int = 0, step: int = 0, best_val_loss: float = math.inf,
-                     world_size: int = 1, data: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     world_size: int = 1, data: Mapping[str, str] | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The plain dict written to a .ckpt (tensors and builtins only: loads with weights_only=True).
 
     `world_size`: the number of processes that trained it; with the batch size, it says which items
-    of the epoch `batch` batches were, which a resume skips. `data`: data_identity of its data."""
+    of the epoch `batch` batches were, which a resume skips. `data`: data_identity of its data.
+    `extra`: more entries (builtins), such as a self-critical run's best validation CIDEr and the
+    checkpoint it started from."""
     # A frozen pretrained backbone is rebuilt from its weights id at load time; a random, trained
     # or stand-in one (a file of this machine's) travels in the checkpoint.
     keep_backbone = encoder.train_backbone or encoder.weights_id is None or config.weights == STANDIN
@@ -234,7 +238,7 @@ def checkpoint_state(config: Config, vocab: Vocab, encoder: CNNModel, decoder: L
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": epoch, "batch": batch, "step": step, "best_val_loss": best_val_loss, "rng": _rng_state(),
-        "world_size": world_size, "data": data, "schema": SCHEMA,
+        "world_size": world_size, "data": data, "schema": SCHEMA, **(extra or {}),
     }
 
 
@@ -259,8 +263,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 def restore_training_state(path: str, vocab: Vocab, encoder: CNNModel, decoder: LSTMModel,
                            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                           device: str | torch.device) -> tuple[int, int, int, float]:
-    """Load last.ckpt into a run being resumed; returns (epoch, batch in epoch, step, best val loss)."""
+                           device: str | torch.device, best: str = "best_val_loss",
+                           default: float = math.inf) -> tuple[int, int, int, float, dict[str, Any] | None]:
+    """Load last.ckpt into a run being resumed; returns (epoch, batch in epoch, step, the best validation
+    value under the key `best` (`default` when absent), the checkpoint the run started from or None)."""
     ckpt = load_checkpoint(path, map_location=device)
     if ckpt["vocab"] != vocab.words():
         raise ValueError(f"{path} was trained with a different vocabulary than this run's vocabulary.pkl")
@@ -270,7 +276,7 @@ def restore_training_state(path: str, vocab: Vocab, encoder: CNNModel, decoder: 
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     _set_rng_state(ckpt["rng"])
-    return ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get("best_val_loss", math.inf)
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt.get(best, default), ckpt.get("init_from")
 
 
 def load_encoder_state(encoder: CNNModel, ckpt: Mapping[str, Any]) -> None:

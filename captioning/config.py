@@ -40,6 +40,13 @@ class Config:
     attention_size: int = 512              # attention: the additive attention MLP's width
     alpha_c: float = 1.0                   # attention: weight of the doubly stochastic regularisation
     dropout: float = 0.5                   # attention: dropout before the word layer
+    # objective
+    objective: str = "xe"                  # "xe": the chapter's cross-entropy; "scst": self-critical training on
+                                           # CIDEr-D (scst.py), started from an XE checkpoint (train --init-from)
+    scst_samples: int = 5                  # scst: captions sampled per image
+    scst_baseline: str = "mean"            # scst: "mean" of the image's other samples' rewards, or "greedy"
+    scst_xe: float = 0.0                   # scst: weight of a cross-entropy term on one reference per image,
+                                           # which keeps what the words mean while CIDEr-D is optimised
     # optimisation
     batch_size: int = 128
     lr: float = 1e-3
@@ -77,7 +84,7 @@ class Config:
                 "hidden_layer_size": 1, "num_layers": 1, "resize_size": 1, "crop_size": 1, "cache_views": 1,
                 "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
                 "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0, "grid_layer": 0,
-                "attention_size": 1}
+                "attention_size": 1, "scst_samples": 1}
 
     def check(self) -> None:
         """Range-check the fields, naming the one that is wrong: before any expensive work starts."""
@@ -94,10 +101,17 @@ class Config:
             raise ValueError(f"cache_jitter must be a number from 0 to 10, got {self.cache_jitter!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.scst_baseline not in SCST_BASELINES:
+            raise ValueError(f"scst_baseline must be one of {SCST_BASELINES}, got {self.scst_baseline!r}")
+        if self.objective == "scst" and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ValueError("scst_baseline 'mean' is the mean reward of an image's other samples: it needs "
+                             f"scst_samples >= 2, got {self.scst_samples} (or scst_baseline='greedy')")
         if self.grid_layer > 4:
             raise ValueError(f"grid_layer must be a ResNet stage 1..4 (or 0: the deepest at least 4 x 4), "
                              f"got {self.grid_layer!r}")
-        for name, top in (("alpha_c", 100), ("dropout", 0.99)):
+        for name, top in (("alpha_c", 100), ("dropout", 0.99), ("scst_xe", 100)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= top:
                 raise ValueError(f"{name} must be a number from 0 to {top}, got {value!r}")
@@ -140,6 +154,8 @@ class Config:
 
 
 DECODERS = ("lstm", "attention")
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
 
 
 # How this machine runs a job, not what the model is: never saved into a checkpoint.
@@ -153,7 +169,10 @@ SHAPING_FIELDS = ("vocab_threshold", "max_seq_len", "resize_size", "crop_size", 
                   "standin_steps", "standin_seed", "train_backbone", "embedding_size", "hidden_layer_size",
                   "num_layers", "decoder", "grid_layer", "attention_size", "alpha_c", "dropout", "group_by_image",
                   "seed", "cache", "cache_kind", "cache_views", "cache_jitter",
-                  "val_max_captions", "heldout_images")
+                  "val_max_captions", "heldout_images", "objective", "scst_samples", "scst_baseline", "scst_xe")
+# - of those, what a run started from another's weights (train --init-from) chooses for itself; the
+#   others come from that checkpoint (config.initialised_config)
+OBJECTIVE_FIELDS = ("objective", "scst_samples", "scst_baseline", "scst_xe")
 # - optimisation: how the rest of the run goes. A new value is applied (the learning rates after the
 #   optimizer's state is restored), printed and logged; the checkpoint then holds the latest.
 OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every", "log_every", "batch_size",
@@ -175,6 +194,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         embedding_size=128, hidden_layer_size=256, attention_size=128, batch_size=128, lr=5e-3, backbone_lr=2e-3,
         epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
+}
+
+# What objective="scst" changes in a preset, for the fields not given: self-critical training
+# fine-tunes a trained model, at a far smaller learning rate, for its own number of epochs, and its
+# batch counts images (each with scst_samples captions), not captions.
+# coco: the self-critical.pytorch model zoo's recipe after its cross-entropy epochs (lr 5e-5).
+SCST_PRESETS: dict[str, dict[str, Any]] = {
+    "coco": dict(lr=5e-5, epochs=20, batch_size=50),
+    "tiny": dict(lr=1e-4, epochs=4, batch_size=32, save_every=50, log_every=5),
 }
 
 
@@ -257,6 +285,8 @@ def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, 
         base = {k: v for k, v in saved.items() if k in names - set(RUNTIME_FIELDS)}
     elif preset in PRESETS:
         base = PRESETS[preset]
+        if overrides.get("objective") == "scst":
+            base = {**base, **SCST_PRESETS[preset]}
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     config = Config(**{**base, **overrides})
@@ -295,6 +325,34 @@ def resumed_config(saved: Mapping[str, Any], config: Config) -> tuple[Config, di
     out = Config(**values)
     out.given = frozenset(given)  # type: ignore[attr-defined]
     return out, changes
+
+
+def initialised_config(saved: Mapping[str, Any], config: Config, checkpoint: str) -> Config:
+    """The config of a run that starts from another run's weights (train --init-from CHECKPOINT).
+
+    The model and its data come from the checkpoint's `saved` fields (every shaping field but
+    OBJECTIVE_FIELDS): a differing one given explicitly (config.given) is a ValueError naming each.
+    The objective, the optimisation and the execution fields are this start's. Not given, data_dir
+    is the checkpoint's, and models_dir is the checkpoint's folder with "-<objective>" added: a new
+    folder, never the one that holds the checkpoint."""
+    given = getattr(config, "given", None)
+    given = {f.name for f in dataclasses.fields(Config)} if given is None else set(given)
+    inherited = [name for name in SHAPING_FIELDS if name not in OBJECTIVE_FIELDS and name in saved]
+    differ = [f"{name} {saved[name]!r} -> {getattr(config, name)!r}" for name in inherited
+              if name in given and saved[name] != getattr(config, name)]
+    if differ:
+        raise ValueError(f"--init-from {checkpoint}: the model and its data come from that checkpoint, and these "
+                         f"settings differ: {'; '.join(differ)} (checkpoint -> now). Leave them out")
+    values = dataclasses.asdict(config)
+    values.update({name: saved[name] for name in inherited})
+    if "data_dir" not in given and "data_dir" in saved:
+        values["data_dir"] = saved["data_dir"]
+    if "models_dir" not in given:
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        values["models_dir"] = os.path.join(os.path.dirname(folder), f"{os.path.basename(folder)}-{config.objective}")
+    out = Config(**values)
+    out.given = frozenset(given)  # type: ignore[attr-defined]
+    return out
 
 
 INJECTED = "# Parameters\n"          # how papermill's injected cell begins

@@ -150,6 +150,10 @@ class CocoCaptionDataset(data.Dataset):
             out.append(self._encoded[a])
         return out
 
+    def references(self, image_index: int) -> list[str]:
+        """The tokenized captions of image `image_index` (an index into image_ids), as space-separated words."""
+        return [self._tokens[a["id"]] for a in self.coco.imgToAnns[self.image_ids[image_index]]]
+
     def image_index(self, idx: int) -> int:
         """Which image item `idx` shows: its index into image_ids (also its row in a feature cache)."""
         return self.items[idx][0]

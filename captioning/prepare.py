@@ -18,9 +18,10 @@ from .standin import ensure_standin
 from .vocabulary import build_vocabulary, load_vocabulary, save_vocabulary
 
 
-def ensure_prerequisites(config: Config, log: Callable[[str], object] = print) -> None:
+def ensure_prerequisites(config: Config, log: Callable[[str], object] = print, standin: bool = True) -> None:
     """Build what training needs and is missing: the COCO layout of a Karpathy-format folder, the vocabulary,
-    the resized images, the stand-in backbone."""
+    the resized images, the stand-in backbone (standin=False: not needed, a run that starts from a
+    checkpoint holding it)."""
     ensure_coco_layout(config.data_dir, log, config.progress)   # a Karpathy-format folder: once, in place
     for split in ("train", "val"):
         for path in (config.captions_json(split), config.split_images(split)):
@@ -46,5 +47,5 @@ def ensure_prerequisites(config: Config, log: Callable[[str], object] = print) -
         report = resize_images(config.split_images(split), dst, config.resize_size, progress=config.progress)
         if report["resized"]:
             log(f"resized {report['resized']} {split} images to {config.resize_size}x{config.resize_size}: {dst}")
-    if config.weights == STANDIN:
+    if config.weights == STANDIN and standin:
         ensure_standin(config, log)

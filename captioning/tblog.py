@@ -5,6 +5,8 @@
 What is written (rank 0 only; `--tensorboard false` turns it off):
 - `train/loss`, `train/perplexity`, `lr/<group>`: every `log_every` steps, where train() reads
   the loss anyway (the .item() that waits for the GPU), so a step pays for no extra sync;
+- self-critical training (scst.py): `train/reward`, `train/baseline`, `train/sample_length`,
+  `train/finished` instead of the perplexity, and `val/cider`;
 - `val/loss`, `val/perplexity` and `samples` (greedy captions of the same few val images,
   beside a reference caption, as a text table) at each epoch end.
 
@@ -100,9 +102,16 @@ class TrainingBoard:
                 break
         return samples
 
-    def training(self, step: int, loss: float, optimizer: torch.optim.Optimizer) -> None:
-        """The training loss (a float already read), its perplexity, and each parameter group's learning rate."""
-        values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50))}
+    def training(self, step: int, loss: float, optimizer: torch.optim.Optimizer,
+                 scalars: Mapping[str, float] | None = None) -> None:
+        """The training loss (a float already read), its perplexity, and each parameter group's learning rate;
+        `scalars`: what the objective says beside its loss (self-critical training: reward, baseline, sample
+        length), as train/<name>, instead of a perplexity, which its loss does not have."""
+        values = {"train/loss": loss}
+        if scalars:
+            values.update({f"train/{k}": v for k, v in scalars.items()})
+        else:
+            values["train/perplexity"] = math.exp(min(loss, 50))
         for name, group in zip(("head", "backbone"), optimizer.param_groups):
             values[f"lr/{name}"] = group["lr"]
         self.events.scalars(step, values)
@@ -114,11 +123,14 @@ class TrainingBoard:
         self.events.summary(step, text(tag, message))
         self.events.flush()
 
-    def validation(self, step: int, val_loss: float, encoder: CNNModel, decoder: LSTMModel) -> None:
-        """The validation loss, and greedy captions of the sample images (the models are left in eval mode)."""
+    def validation(self, step: int, val_loss: float, encoder: CNNModel, decoder: LSTMModel,
+                   scores: Mapping[str, float] | None = None) -> None:
+        """The validation loss (and `scores`, e.g. {"val/cider": ...}), and greedy captions of the sample images
+        (the models are left in eval mode)."""
         from torch.utils.tensorboard.summary import text
 
-        self.events.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
+        self.events.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50)),
+                                   **(scores or {})})
         if not self.samples:
             self.events.flush()
             return

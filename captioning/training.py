@@ -33,10 +33,12 @@ from .checkpoint import (
     build_models,
     checkpoint_state,
     data_identity,
+    load_checkpoint,
+    load_encoder_state,
     os_error,
     restore_training_state,
 )
-from .config import Config
+from .config import Config, initialised_config
 from .data import (
     CocoCaptionDataset,
     CountingLoader,
@@ -44,9 +46,11 @@ from .data import (
     Unreadable,
     collate_function,
     eval_transform,
+    seeded_generator,
     skipped_images,
     too_many_unreadable,
 )
+from .decoding import sample_captions
 from .device import amp_dtype_for, pick_device, setup_distributed
 from .features import cached_datasets
 from .lstm import use_packed_cpu_lstm
@@ -62,8 +66,17 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.cached = encoder, decoder, cached
 
-    def forward(self, inputs, captions, lengths, image_index=None):
+    def forward(self, inputs, captions=None, lengths=None, image_index=None, samples=0, greedy=False):
+        """Teacher forcing: logits of `captions` (the loss's input); or, with samples=N, N captions per image
+        drawn by decoding.sample_captions (greedy=True: the likeliest words), what self-critical training
+        learns from, and with captions too, (the draws, their logits). All pass through here so that
+        DistributedDataParallel sees one forward pass per step."""
         features = self.encoder.head(inputs) if self.cached else self.encoder(inputs)   # (B, E)
+        if samples:
+            drawn = sample_captions(self.decoder, features, samples, greedy=greedy)
+            if captions is None:
+                return drawn
+            return drawn, self.decoder(features[image_index], captions, lengths)   # and teacher forcing beside
         if image_index is not None:  # captions grouped by image: one feature row per caption
             features = features[image_index]                                         # (N, E)
         return self.decoder(features, captions, lengths)
@@ -82,6 +95,40 @@ def decoder_penalty(decoder: nn.Module) -> torch.Tensor | float:
     return 0.0 if penalty is None else penalty
 
 
+class CrossEntropy:
+    """The chapter's objective: cross-entropy of each reference word given the words before it (teacher
+    forcing), plus the decoder's own regularisation. What training asks of an objective (scst.SelfCritical
+    is the other): its training dataset and collate, the loss of a batch with the scalars to log beside it,
+    and, where it has one, a validation score (`validate(run)`) that picks best.ckpt instead of the loss."""
+
+    name = "xe"
+    metric = "val_loss"
+    higher_is_better = False
+    collate = staticmethod(collate_function)
+    validate = None
+
+    def dataset(self, train_ds: data.Dataset) -> data.Dataset:
+        return train_ds
+
+    def loss(self, run: "Run", batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, captions, lengths, *image_index = batch
+        inputs = inputs.to(run.device, non_blocking=True)
+        if run.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        captions = captions.to(run.device, non_blocking=True)
+        logits = run.ddp_model(inputs, captions, lengths, *[i.to(run.device) for i in image_index])
+        return caption_loss(logits, captions, lengths) + decoder_penalty(run.decoder), {}
+
+
+def make_objective(config: Config, vocab: Any, train_ds: data.Dataset, val_ds: data.Dataset) -> Any:
+    """config.objective's objective: CrossEntropy, or scst.SelfCritical (its rewards' document frequencies
+    are counted here, once)."""
+    if config.objective == "scst":
+        from .scst import SelfCritical
+        return SelfCritical(config, vocab, train_ds, val_ds)
+    return CrossEntropy()
+
+
 class _SkipSampler(data.Sampler):
     """Wraps a sampler and drops its first `skip` indices (resuming mid-epoch)."""
 
@@ -98,7 +145,7 @@ class _SkipSampler(data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def _loader(dataset, sampler, config, device, persistent=False):
+def _loader(dataset, sampler, config, device, persistent=False, collate=collate_function):
     """Images: `num_workers` processes decode and augment; so do maps (a batch of maps is 32 MB at
     COCO's size, and pooling it takes a while). Cached views: the main process, since a batch is
     one small gather from a memmap and starting workers would cost more than the work."""
@@ -107,8 +154,12 @@ def _loader(dataset, sampler, config, device, persistent=False):
     # a DataLoader that leaves an unreadable image out of its batch, counts and names it (once), and stops
     # the run when more than 1% of a split is unreadable
     quiet = dist.is_initialized() and dist.get_rank() != 0
+    # its own generator: a DataLoader otherwise draws its workers' base seed from torch's global generator,
+    # where a resumed run would draw it at another step than the uninterrupted one, and every sampled
+    # caption (self-critical training) and dropout mask after it would differ
     return CountingLoader(dataset, log=(lambda *a, **k: None) if quiet else print, batch_size=config.batch_size,
-                          sampler=sampler, collate_fn=collate_function, num_workers=workers,
+                          sampler=sampler, collate_fn=collate, num_workers=workers,
+                          generator=seeded_generator(config.seed, 1),
                           pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0)
 
 
@@ -183,6 +234,9 @@ class Run:
     bar: object = None                # the progress bar, which shows the latest validation loss
     last_val: float | None = None
     data: dict | None = None          # checkpoint.data_identity: what a resume must find again
+    objective: Any = None             # CrossEntropy, or scst.SelfCritical (make_objective)
+    scalars: dict | None = None       # what the objective's latest loss said beside it (reward, baseline...)
+    init_from: dict | None = None     # the checkpoint a run started from (train --init-from): path and step
 
     def __post_init__(self):
         self.stop = self.stop or StopRequest()
@@ -196,8 +250,9 @@ class Run:
             self.log_file.flush()
 
 
-def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_last, log):
-    """(training dataset, validation loader, grouped): images, or cached features with a frozen backbone."""
+def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_last, log, calibrated=False):
+    """(training dataset, validation loader, grouped): images, or cached features with a frozen backbone.
+    `calibrated`: a random backbone's BatchNorm statistics are loaded already (a run started from a checkpoint)."""
     train_tf = TrainTransform(config.crop_size, config.hflip)
     val_tf = eval_transform(config.resize_size, config.crop_size)
     group = config.group_by_image and not config.use_cache  # cached features are cheap per caption anyway
@@ -209,7 +264,7 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
     val_ds = CocoCaptionDataset(config.resized_images("val"), config.captions_json("val"), vocab, val_tf,
                                 config.max_seq_len, config.seed, group_by_image=group, progress=config.progress,
                                 max_captions=val_captions)
-    if not config.train_backbone and encoder.weights_id is None:
+    if not config.train_backbone and encoder.weights_id is None and not calibrated:
 
         log("frozen randomly initialised backbone: estimating its BatchNorm statistics from training images")
         calibration = CocoCaptionDataset(config.resized_images("train"), config.captions_json("train"), vocab,
@@ -282,17 +337,48 @@ def check_prebuilt(config: Config, vocab: Any, encoder: Any, decoder: nn.Module,
                 f"captioning/model.py")
 
 
-def setup_run(config, resume, rank, world, device, master, log, changes=None, prebuilt=None):
+def _unwrapped(dataset):
+    """The dataset under a Subset (or a Subset of a Subset)."""
+    while isinstance(dataset, data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _holds_backbone(init_from: str | None) -> bool:
+    """Whether the checkpoint a run starts from holds its backbone (a stand-in, random or trained one): then
+    that backbone is loaded from it and need not be built or downloaded first."""
+    return init_from is not None and bool(load_checkpoint(init_from)["backbone"]["included"])
+
+
+def start_from(path: str, vocab: Any, encoder: Any, decoder: nn.Module, log: Any) -> dict[str, Any]:
+    """Load another run's weights (train --init-from) into a new run's models; its vocabulary must be this
+    run's. Returns what the new run's checkpoints record of it: the path and its step and objective."""
+    ckpt = load_checkpoint(path)
+    if ckpt["vocab"] != vocab.words():
+        raise ValueError(f"--init-from {path}: that checkpoint was trained with another vocabulary than "
+                         f"this run's {len(vocab)} words (another data set, or another vocab_threshold)")
+    load_encoder_state(encoder, ckpt)
+    decoder.load_state_dict(ckpt["decoder"])
+    objective = ckpt["config"].get("objective", "xe")
+    log(f"starting from {path} ({objective}, step {ckpt.get('step')})")
+    return {"path": os.path.abspath(path), "step": ckpt.get("step"), "objective": objective}
+
+
+def setup_run(config, resume, rank, world, device, master, log, changes=None, prebuilt=None, init_from=None):
     """Build the models, data and optimizer of a run, and restore last.ckpt when resuming.
 
     `changes`: the optimisation fields a resume changes ({field: (was, now)}): the learning rates are
     set after the optimizer's state is restored, and each change is printed and logged.
-    `prebuilt`: (encoder, decoder) to train instead of the ones build_models makes from config."""
+    `prebuilt`: (encoder, decoder) to train instead of the ones build_models makes from config.
+    `init_from`: a checkpoint whose weights a fresh run starts from (train --init-from)."""
     torch.manual_seed(config.seed)
     vocab = load_vocabulary(config.vocabulary_path)
     if prebuilt:
         encoder, decoder = prebuilt
         check_prebuilt(config, vocab, encoder, decoder, log)
+    elif init_from and not resume:            # the checkpoint's weights, its backbone too where it holds it
+        encoder, decoder = build_models(config, len(vocab), None if _holds_backbone(init_from) else config.weights)
+        init_from = start_from(init_from, vocab, encoder, decoder, log)
     else:
         encoder, decoder = build_models(config, len(vocab))
     use_packed_cpu_lstm(decoder, device.type == "cpu")     # lstm.py's faster backward; CUDA keeps cuDNN
@@ -303,7 +389,9 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
     encoder.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     decoder.to(device)
     train_ds, val_loader, group = build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_last,
-                                                 log)
+                                                 log, calibrated=isinstance(init_from, dict))
+    objective = make_objective(config, vocab, train_ds, _unwrapped(val_loader.dataset))
+    train_ds = objective.dataset(train_ds)              # scst: one item per image
     model = EncoderDecoder(encoder, decoder, cached=config.use_cache)
     optimizer = make_optimizer(config, encoder, decoder)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -317,12 +405,16 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
     run = Run(config, vocab, encoder, decoder, model, ddp_model, optimizer, scaler, train_ds, val_loader, sampler,
               device, amp_dtype, channels_last, master, log, steps_per_epoch, total_steps)
     run.data = data_identity(config) if master else None
+    run.objective = objective
+    run.init_from = init_from if isinstance(init_from, dict) else None
 
     os.makedirs(config.models_dir, exist_ok=True)
     log_path = run.path("train_log.jsonl")
+    run.best_val = -math.inf if objective.higher_is_better else math.inf
     if resume:
-        run.epoch, run.batch, run.step, run.best_val = restore_training_state(
-            run.path("last.ckpt"), vocab, encoder, decoder, optimizer, scaler, device)
+        run.epoch, run.batch, run.step, run.best_val, run.init_from = restore_training_state(
+            run.path("last.ckpt"), vocab, encoder, decoder, optimizer, scaler, device, best=f"best_{objective.metric}",
+            default=run.best_val)
         log(f"resumed from {run.path('last.ckpt')} at epoch {run.epoch}, step {run.step}")
         if master:  # drop rows logged after that checkpoint was written, and a torn last line
             trim_log(log_path, run.step, log)
@@ -347,9 +439,11 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
 def save_checkpoint(run):
     """last.ckpt from rank 0, atomically, saying where a resume starts: this epoch, this batch, this step."""
     if run.master:
+        metric = run.objective.metric
         state = checkpoint_state(run.config, run.vocab, run.encoder, run.decoder, run.optimizer, run.scaler,
-                                 run.epoch, run.batch, run.step, run.best_val,
-                                 world_size=dist.get_world_size() if dist.is_initialized() else 1, data=run.data)
+                                 run.epoch, run.batch, run.step, run.best_val if metric == "val_loss" else math.inf,
+                                 world_size=dist.get_world_size() if dist.is_initialized() else 1, data=run.data,
+                                 extra={f"best_{metric}": run.best_val, "init_from": run.init_from})
         try:
             atomic_save(state, run.path("last.ckpt"))
         except OSError as e:          # a full disk: atomic_save named the file; the one before is intact
@@ -361,17 +455,21 @@ def save_checkpoint(run):
 
 
 def _show_progress(run):
-    """The bar's postfix: epoch, the latest training loss and perplexity, the latest validation loss."""
+    """The bar's postfix: epoch, the latest training loss and perplexity (self-critical training: the mean
+    reward), the latest validation value (loss, or CIDEr-D)."""
     shown = {"epoch": run.epoch}
-    if run.last_loss is not None:
+    if run.scalars and "reward" in run.scalars:
+        shown["reward"] = f"{run.scalars['reward']:.3f}"
+    elif run.last_loss is not None:
         shown.update(loss=f"{run.last_loss:.3f}", ppl=f"{math.exp(min(run.last_loss, 50)):.1f}")
     if run.last_val is not None:
-        shown["val"] = f"{run.last_val:.3f}"
+        shown["cider" if run.objective.higher_is_better else "val"] = f"{run.last_val:.3f}"
     run.bar.set_postfix(shown)
 
 
 def train_one_epoch(run, bar, t0):
-    """The chapter's loop over the rest of this epoch: forward, packed cross-entropy, backward, Adam step.
+    """The chapter's loop over the rest of this epoch: forward, loss (the objective's: the chapter's packed
+    cross-entropy, or self-critical's REINFORCE), backward, Adam step.
 
     Stops early at total_steps; saves every save_every steps; logs every log_every steps.
     """
@@ -380,31 +478,32 @@ def train_one_epoch(run, bar, t0):
     run.sampler.set_epoch(run.epoch)
     run.train_ds.set_epoch(run.epoch)
     run.model.train()
-    loader = _loader(run.train_ds, _SkipSampler(run.sampler, run.batch * config.batch_size), config, device)
-    for inputs, captions, lengths, *image_index in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        if run.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        captions = captions.to(device, non_blocking=True)
-        with autocast:
-            logits = run.ddp_model(inputs, captions, lengths, *[i.to(device) for i in image_index])
-        loss = run.loss = caption_loss(logits, captions, lengths) + decoder_penalty(run.decoder)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+    loader = _loader(run.train_ds, _SkipSampler(run.sampler, run.batch * config.batch_size), config, device,
+                     collate=run.objective.collate)
+    for batch in loader:
+        if batch is not None:                 # None: a batch of unreadable images only (self-critical's collate)
+            with autocast:
+                loss, run.scalars = run.objective.loss(run, batch)
+            run.loss = loss
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         run.step += 1
         run.batch += 1
         bar.update()
-        if run.step % config.log_every == 0 or run.step == run.total_steps:
+        if run.loss is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
             # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
-            run.last_loss = loss.item()
-            perplexity = math.exp(min(run.last_loss, 50))
+            run.last_loss = run.loss.item()
+            row = {"step": run.step, "epoch": run.epoch, "loss": run.last_loss}
+            if run.scalars:
+                row.update(run.scalars)
+            else:
+                row["perplexity"] = math.exp(min(run.last_loss, 50))
             _show_progress(run)
-            run.write_log({"step": run.step, "epoch": run.epoch, "loss": run.last_loss, "perplexity": perplexity,
-                           "elapsed_s": round(time.time() - t0, 2)})
+            run.write_log({**row, "elapsed_s": round(time.time() - t0, 2)})
             if run.board:
-                run.board.training(run.step, run.last_loss, run.optimizer)
+                run.board.training(run.step, run.last_loss, run.optimizer, run.scalars)
         if run.step >= run.total_steps:
             return
         if config.save_every and run.step % config.save_every == 0:
@@ -412,35 +511,49 @@ def train_one_epoch(run, bar, t0):
         stop_if_requested(run)                # torchrun: every rank stops after the same, logged step
 
 
-def validate(run):
-    """At an epoch's end, on rank 0: the validation loss, logged; last.ckpt, and best.ckpt when it improved."""
+def validate(run, epoch=None):
+    """At an epoch's end, on rank 0: the validation loss, and the objective's validation score where it has
+    one (self-critical: CIDEr-D), logged; last.ckpt, and best.ckpt when the run's rule improved (a lower
+    loss, a higher score). `epoch`: the epoch just done (-1: before the first, a self-critical run's start)."""
     if not run.master:
         return
+    epoch = run.epoch - 1 if epoch is None else epoch
     val_loss = evaluate_loss(run.model, run.val_loader, run.device, run.amp_dtype, run.channels_last)
-    run.write_log({"step": run.step, "epoch": run.epoch - 1, "val_loss": val_loss,
-                   "val_perplexity": math.exp(min(val_loss, 50))})
-    said = f"epoch {run.epoch - 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})"
-    run.last_val = val_loss
-    if run.bar is not None and not run.bar.disable:   # on the bar, not a line per epoch under it
+    row = {"step": run.step, "epoch": epoch, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
+    said = f"epoch {epoch}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})"
+    value = val_loss
+    if run.objective.validate is not None:
+        value = row[run.objective.metric] = run.objective.validate(run)
+        said += f", {run.objective.metric} {value:.4f}"
+    run.write_log(row)
+    run.last_val = value
+    if run.bar is not None and not run.bar.disable and epoch >= 0:   # on the bar, not a line per epoch under it
         _show_progress(run)
     else:
         run.log(said)
     if run.board:
-        run.board.validation(run.step, val_loss, run.encoder, run.decoder)
-    improved = val_loss < run.best_val
+        run.board.validation(run.step, val_loss, run.encoder, run.decoder,
+                             {f"val/{run.objective.metric[4:]}": value} if run.objective.validate else None)
+    improved = value > run.best_val if run.objective.higher_is_better else value < run.best_val
     with interrupts_deferred():                   # last.ckpt and best.ckpt agree, even after a Ctrl-C
-        run.best_val = min(run.best_val, val_loss)
+        if improved:
+            run.best_val = value
         save_checkpoint(run)
         if improved:
             atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
 
 
 def train(config: Config, resume: bool = False, overwrite: bool | str = False, encoder: nn.Module | None = None,
-          decoder: nn.Module | None = None) -> dict[str, Any]:
+          decoder: nn.Module | None = None, init_from: str | None = None) -> dict[str, Any]:
     """Train with `config`; returns a summary dict (paths, steps, losses). Safe to interrupt.
 
     A models_dir that holds a run is refused unless `resume` (continue it) or `overwrite` (start afresh:
     True moves the old run into models_dir/previous-<timestamp>/, "delete" deletes it).
+
+    `init_from`: a checkpoint whose weights a new run starts from, such as a cross-entropy run's best.ckpt
+    for objective="scst" (self-critical fine-tuning). The model and data settings are the checkpoint's
+    (config.initialised_config: one given otherwise is refused); models_dir must be another folder than
+    the checkpoint's (default: that folder + "-scst"), so that --overwrite can never touch it.
 
     `encoder` / `decoder`: modules to train instead of the ones captioning/model.py builds from
     config, such as a notebook's edited CNNModel or LSTMModel (give both, or the decoder alone).
@@ -449,6 +562,11 @@ def train(config: Config, resume: bool = False, overwrite: bool | str = False, e
     """
     if encoder is not None and decoder is None:
         raise ValueError("a prebuilt encoder needs its decoder too: train(config, encoder=..., decoder=...)")
+    if init_from is not None:
+        config = _init_config(config, init_from, resume, decoder)
+    elif config.objective == "scst" and not resume:
+        raise ValueError("objective 'scst' fine-tunes a trained model: give the checkpoint to start from "
+                         "(--init-from CKPT, e.g. a cross-entropy run's best.ckpt)")
     rank, world, ddp_device = setup_distributed()
     master = rank == 0
     device = ddp_device or pick_device(config.device)
@@ -461,7 +579,7 @@ def train(config: Config, resume: bool = False, overwrite: bool | str = False, e
             prepare_run_dir(config.models_dir, resume, overwrite, log)
             if resume:     # the run's own config, from its checkpoint: refused here if it would change
                 config, changes = resume_config(os.path.join(config.models_dir, "last.ckpt"), config, world)
-            ensure_prerequisites(config, log)
+            ensure_prerequisites(config, log, standin=not _holds_backbone(init_from))
         if dist.is_initialized():
             dist.barrier()
             if resume and not master:
@@ -470,12 +588,28 @@ def train(config: Config, resume: bool = False, overwrite: bool | str = False, e
             vocab_size = len(load_vocabulary(config.vocabulary_path))
             encoder = build_models(config, vocab_size)[0]
         prebuilt = (encoder, decoder) if decoder is not None else None
-        return _fit(setup_run(config, resume, rank, world, device, master, log, changes, prebuilt))
+        return _fit(setup_run(config, resume, rank, world, device, master, log, changes, prebuilt, init_from))
     finally:
         if lock:
             lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _init_config(config: Config, init_from: str, resume: bool, decoder: nn.Module | None) -> Config:
+    """The config of a run started from `init_from`'s weights; the refusals come before any work."""
+    if resume:
+        raise ValueError("--init-from starts a new run from a checkpoint's weights, --resume continues a run: "
+                         "give one of them (a resumed run remembers what it started from)")
+    if decoder is not None:
+        raise ValueError("--init-from loads the checkpoint's own models: give no prebuilt encoder or decoder")
+    config = initialised_config(load_checkpoint(init_from)["config"], config, init_from)
+    here = os.path.realpath(config.models_dir)
+    if here == os.path.realpath(os.path.dirname(os.path.abspath(init_from))):
+        raise ValueError(f"--models-dir {config.models_dir} is the folder that holds --init-from {init_from}: "
+                         f"train into another folder (the default is {os.path.dirname(os.path.abspath(init_from))}"
+                         f"-{config.objective}), so that the checkpoint it starts from stays as it is")
+    return config
 
 
 def stop_if_requested(run):
@@ -540,6 +674,10 @@ def _fit(run):
                          unit="step", disable=not (run.master and config.progress))
     with _interrupt_once(run.stop):
         try:
+            if run.step == 0 and run.objective.validate is not None:   # where the fine-tuning starts from
+                validate(run, epoch=-1)
+                if dist.is_initialized():
+                    dist.barrier()
             while run.epoch < config.epochs and run.step < run.total_steps:
                 train_one_epoch(run, bar, t0)
                 if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
@@ -565,10 +703,13 @@ def _fit(run):
                 atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
             if run.log_file:
                 run.log_file.close()
-    if run.best_val < math.inf:
-        run.log(f"best val loss {run.best_val:.4f} (perplexity {math.exp(min(run.best_val, 50)):.2f}): "
-                f"{run.path('best.ckpt')}; the log has every epoch's ({run.path('train_log.jsonl')})")
+    metric = run.objective.metric
+    if math.isfinite(run.best_val):
+        best = f"best {metric.replace('_', ' ')} {run.best_val:.4f}"
+        if metric == "val_loss":
+            best += f" (perplexity {math.exp(min(run.best_val, 50)):.2f})"
+        run.log(f"{best}: {run.path('best.ckpt')}; the log has every epoch's ({run.path('train_log.jsonl')})")
     run.log(f"saved {run.path('last.ckpt')} at step {run.step}")
     return {"last": run.path("last.ckpt"), "best": run.path("best.ckpt"), "step": run.step, "epoch": run.epoch,
-            "loss": run.last_loss, "best_val_loss": run.best_val, "interrupted": interrupted,   # False, or the signal
+            "loss": run.last_loss, f"best_{metric}": run.best_val, "interrupted": interrupted,  # False, or the signal
             "log": run.path("train_log.jsonl"), "skipped_images": skipped_images(run.train_ds, run.val_loader)}
