@@ -202,7 +202,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # coco: the self-critical.pytorch model zoo's recipe after its cross-entropy epochs (lr 5e-5).
 SCST_PRESETS: dict[str, dict[str, Any]] = {
     "coco": dict(lr=5e-5, epochs=20, batch_size=50),
-    "tiny": dict(lr=1e-4, epochs=4, batch_size=32, save_every=50, log_every=5),
+    "tiny": dict(lr=5e-4, epochs=4, batch_size=32, scst_xe=1.0, save_every=50, log_every=5),
 }
 
 

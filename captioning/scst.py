@@ -215,7 +215,7 @@ class SelfCritical:
                   "finished": float(drawn.finished.float().mean())}
         if xe is not None:
             loss = loss + self.xe * xe
-            logged["xe"] = float(xe)
+            logged["xe"] = float(xe.detach())
         return loss, logged
 
     @torch.no_grad()

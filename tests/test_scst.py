@@ -140,7 +140,8 @@ def test_scst_fine_tunes_a_checkpoint_into_a_new_folder_and_resumes_exactly(tiny
     assert ckpt["init_from"]["path"] == os.path.abspath(xe["best"]) and ckpt["init_from"]["objective"] == "xe"
     rows = read_log(summary["log"])
     steps = [r for r in rows if "reward" in r]
-    assert steps and all({"reward", "baseline", "sample_length", "finished", "loss"} <= set(r) for r in steps)
+    assert steps and all({"reward", "baseline", "sample_length", "finished", "loss", "xe"} <= set(r) for r in steps)
+    assert abs(sum(r["reward"] - r["baseline"] for r in steps)) < 1e-3 * len(steps)   # the others' mean: same mean
     vals = [r for r in rows if "val_cider" in r]
     assert [r["epoch"] for r in vals] == [-1, 0, 1]                  # the starting point, then each epoch
     best = max(r["val_cider"] for r in vals)
@@ -163,6 +164,13 @@ def test_scst_fine_tunes_a_checkpoint_into_a_new_folder_and_resumes_exactly(tiny
     b = {r["step"]: r["reward"] for r in read_log(resumed["log"]) if "reward" in r}
     assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) for s in a) < 1e-4
     assert load_checkpoint(resumed["last"])["init_from"] == ckpt["init_from"]
+
+    # the paper's baseline, the greedy caption's reward, and plain SCST without the cross-entropy term
+    greedy = train(get_config("tiny", models_dir=str(tmp_path / "greedy"), progress=False, max_steps=3,
+                              scst_baseline="greedy", scst_xe=0.0, **SCST), init_from=xe["best"])
+    steps = [r for r in read_log(greedy["log"]) if "reward" in r]
+    assert len(steps) == 3 and all("xe" not in r for r in steps)
+    assert any(abs(r["reward"] - r["baseline"]) > 1e-3 for r in steps)
 
 
 def test_scst_refuses_what_would_mix_or_lose_runs(tiny_copy, tmp_path):
