@@ -221,6 +221,29 @@ def plot_training_log(path: str) -> Figure:
     return fig
 
 
+def plot_reward_log(path: str, smooth: int = 10) -> Figure:
+    """A self-critical run's train_log.jsonl: the sampled captions' mean reward per logged step (and its
+    running mean over `smooth` points), validation CIDEr-D per epoch (the starting point at step 0),
+    and the validation cross-entropy, which SCST is free to make worse."""
+    rows = read_log(path)
+    train = [r for r in rows if "reward" in r]
+    val = [r for r in rows if "val_cider" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
+    steps, rewards = [r["step"] for r in train], np.array([r["reward"] for r in train])
+    ax1.plot(steps, rewards, color="tab:blue", alpha=0.35, label="mean reward of the samples")
+    if len(rewards) >= smooth:
+        ax1.plot(steps[smooth - 1:], np.convolve(rewards, np.ones(smooth) / smooth, "valid"), color="tab:blue",
+                 label=f"running mean ({smooth})")
+    ax1.plot([r["step"] for r in val], [r["val_cider"] for r in val], "o-", color="tab:green",
+             label="val CIDEr-D, greedy (epoch end)")
+    ax1.set(xlabel="step", ylabel="CIDEr-D", title="reward")
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red")
+    ax2.set(xlabel="step", ylabel="cross-entropy per token", title="val loss (not what SCST optimises)")
+    fig.tight_layout()
+    return fig
+
+
 def nearest_neighbour_accuracy(features: "torch.Tensor", labels: Sequence[Any], k: int = 5) -> float:
     """Leave-one-out k-nearest-neighbour accuracy (cosine) of `labels` from (N, D) `features`."""
     import torch  # lazy: see the note at the top

@@ -160,3 +160,25 @@ def test_the_notebooks_attention_edits_take_effect(attention_classes):
     gated.load_state_dict(ungated.state_dict())
     features, captions = torch.randn(2, 9, 16), torch.randint(0, 30, (2, 5))
     assert not torch.allclose(gated(features, captions, [5, 4]), ungated(features, captions, [5, 4]))
+
+
+def test_the_notebooks_reinforce_loss_and_baseline_are_the_librarys():
+    from captioning import scst
+
+    source = notebook_cell("10_scst", "def reinforce_loss")
+    functions, patch = source.split("import captioning.scst", 1)
+    assert "scst.mean_of_others, scst.reinforce_loss = mean_of_others, reinforce_loss" in patch
+    cell = run_cell(functions)
+    torch.manual_seed(0)
+    rewards, log_probs = torch.rand(12), torch.randn(12, 7, requires_grad=True)
+    mask = torch.rand(12, 7) > 0.3
+    assert torch.equal(cell["mean_of_others"](rewards, 4), scst.mean_of_others(rewards, 4))
+    baseline = scst.mean_of_others(rewards, 4)
+    ours = cell["reinforce_loss"](log_probs, mask, rewards, baseline)
+    (ours_grad,) = torch.autograd.grad(ours, log_probs)
+    theirs = scst.reinforce_loss(log_probs, mask, rewards, baseline)
+    (their_grad,) = torch.autograd.grad(theirs, log_probs)
+    assert torch.equal(ours, theirs) and torch.equal(ours_grad, their_grad)
+    # the notebook hands its versions to the library by assigning the module's names: the objective must look
+    # them up there at every step, not hold its own references
+    assert {"mean_of_others", "reinforce_loss"} <= set(scst.SelfCritical.loss.__code__.co_names)

@@ -244,11 +244,13 @@ def test_make_demo_runs_the_chapter_and_make_further_what_follows():
     assert sorted(chapter + further) == notebooks()
 
 
-def test_the_attention_notebook_runs_on_a_small_relations_world(tmp_path):
-    """Notebook 09 with reduced settings: it makes the world, trains both models, compares them, draws maps."""
+def test_the_further_notebooks_run_on_a_small_relations_world(tmp_path):
+    """Notebooks 09 and 10 with reduced settings: 09 makes the world, trains both models, compares them, draws
+    maps; 10 fine-tunes 09's attention model with self-critical training and compares it with where it began."""
     params = {"PRESET": "tiny", "DATA_DIR": str(tmp_path / "data" / "relations"),
               "POOLED_DIR": str(tmp_path / "models" / "pooled"), "ATTENTION_DIR": str(tmp_path / "models" / "att"),
-              "TRAIN_IMAGES": 48, "VAL_IMAGES": 10, "EPOCHS": 2, "MAX_STEPS": 6, "STANDIN_STEPS": 3, "N_IMAGES": 2}
+              "TRAIN_IMAGES": 48, "VAL_IMAGES": 10, "EPOCHS": 2, "MAX_STEPS": 6, "STANDIN_STEPS": 3, "N_IMAGES": 2,
+              "SCST_EPOCHS": 1}
     out = tmp_path / "executed"
     run_notebooks(str(out), params, log=lambda *a: None, series="further")
     text = _text(out / "09_attention.ipynb")
@@ -260,3 +262,14 @@ def test_the_attention_notebook_runs_on_a_small_relations_world(tmp_path):
     for name in ("best.ckpt", "train_log.jsonl"):
         assert (tmp_path / "models" / "pooled" / name).exists() and (tmp_path / "models" / "att" / name).exists()
     assert torch.load(tmp_path / "models" / "att" / "best.ckpt", weights_only=True)["config"]["decoder"] == "attention"
+
+    text = _text(out / "10_scst.ipynb")
+    assert "teacher forcing: after the reference's own words" in text and "semantic accuracy (10 images" in text
+    assert re.search(r"reward +baseline +advantage", text) and text.count("greedy: ") == 1
+    assert re.search(r"CIDEr +[\d.]+ +[\d.]+ +[+-][\d.]+ +\[", text)          # the paired comparison, XE -> SCST
+    assert "end mid-phrase" in text and "words used: XE" in text
+    executed = nbformat.read(out / "10_scst.ipynb", as_version=4)
+    assert len(_images(executed)) >= 2                          # the reward curve, captions before and after
+    scst = torch.load(tmp_path / "models" / "att-scst" / "last.ckpt", weights_only=True)
+    assert scst["config"]["objective"] == "scst" and scst["step"] == 6 and scst["config"]["decoder"] == "attention"
+    assert scst["init_from"]["path"] == str(tmp_path / "models" / "att" / "best.ckpt")
