@@ -114,6 +114,7 @@ SLOW = {
     "test_karpathy.py": {"test_vocabulary_notebooks_training_and_evaluation_run_on_a_karpathy_folder"},
     "test_data.py": {"test_loader_with_spawned_workers"},                    # spawns DataLoader workers
     "test_build_lock.py": {"test_two_resize_processes_the_second_waits_then_reuses"},
+    "test_scst.py": {"test_scst_under_torchrun_on_cpu"},                     # torchrun, two processes
 }
 
 

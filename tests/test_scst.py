@@ -1,9 +1,11 @@
 """Self-critical training: the sampling, the reward, the loss, and a run started from a cross-entropy checkpoint."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import SMALL, cli_error
+from conftest import ROOT, SMALL, cli_error
 
 from captioning.checkpoint import load_checkpoint
 from captioning.config import SCST_PRESETS, get_config, initialised_config
@@ -189,3 +191,19 @@ def test_scst_refuses_what_would_mix_or_lose_runs(tiny_copy, tmp_path):
     assert "is the folder that holds --init-from" in message
     assert open(xe["best"], "rb").read() == best                     # --overwrite delete never reached it
 
+
+
+def test_scst_under_torchrun_on_cpu(tiny_copy, tmp_path):
+    """Two processes (DDP over gloo): the draws go through DistributedDataParallel's forward, rank 0 alone
+    validates, logs and saves, and the ranks stay in step."""
+    xe = _xe_run(tiny_copy, tmp_path / "xe", epochs=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "captioning",
+           "train", "--init-from", xe["best"], "--objective", "scst", "--models-dir", str(tmp_path / "scst"),
+           "--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--progress", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("training on cpu (2 processes, DDP)") == 1, proc.stdout
+    rows = read_log(str(tmp_path / "scst" / "train_log.jsonl"))
+    assert [r["step"] for r in rows if "reward" in r] == list(range(1, 7))
+    assert [r["epoch"] for r in rows if "val_cider" in r] == [-1]
+    assert load_checkpoint(str(tmp_path / "scst" / "last.ckpt"))["step"] == 6
