@@ -271,5 +271,6 @@ def test_the_further_notebooks_run_on_a_small_relations_world(tmp_path):
     executed = nbformat.read(out / "10_scst.ipynb", as_version=4)
     assert len(_images(executed)) >= 2                          # the reward curve, captions before and after
     scst = torch.load(tmp_path / "models" / "att-scst" / "last.ckpt", weights_only=True)
-    assert scst["config"]["objective"] == "scst" and scst["step"] == 6 and scst["config"]["decoder"] == "attention"
+    assert scst["config"]["objective"] == "scst" and scst["config"]["decoder"] == "attention"
+    assert scst["step"] == 2 and scst["epoch"] == 1                  # 48 images in batches of 32, one epoch
     assert scst["init_from"]["path"] == str(tmp_path / "models" / "att" / "best.ckpt")
