@@ -31,6 +31,7 @@ from . import diagnostics, java
 from .config import Config
 from .diagnostics import CIDER_MIN_IMAGES, bleu_statistics, too_few_images
 from .karpathy import karpathy_test_images
+from .modelcard import complete_card, evaluation_info
 from .semantics import ground_truth_from_coco, semantic_accuracy
 from .vocabulary import caption_tokens, load_coco, tokenize
 
@@ -395,13 +396,30 @@ def evaluate_checkpoint(checkpoint: str, split: str = "val", beam_size: int = 3,
         print(warning)
     training = caption_tokens(config.captions_json("train"), progress=False).values() \
         if os.path.exists(config.captions_json("train")) else ()
-    return {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
-            "paths": paths, "semantic": semantic, "config": config, "skipped_images": sorted(failed),
-            "skipped_metrics": details.get("skipped", {}),
-            "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
-            "intervals": _intervals(per_image),
-            "signature": diagnostics.signature(details["tokenizer"], references, split, len(per_image), beam_size,
-                                               LENGTH_PENALTY)}
+    result = {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
+              "paths": paths, "semantic": semantic, "config": config, "skipped_images": sorted(failed),
+              "skipped_metrics": details.get("skipped", {}),
+              "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
+              "intervals": _intervals(per_image),
+              "signature": diagnostics.signature(details["tokenizer"], references, split, len(per_image), beam_size,
+                                                 LENGTH_PENALTY)}
+    result["model_card"] = _complete_model_card(checkpoint, result, split, beam_size) if checkpoint else None
+    return result
+
+
+def _complete_model_card(checkpoint: str, result: dict[str, Any], split: str, beam_size: int) -> str | None:
+    """The evaluation of a run's best.ckpt completes the model card training wrote beside it
+    (modelcard.complete_card); returns the card's path, or None: another checkpoint (early.ckpt and
+    last.ckpt never change the card's numbers), no card of ours there, or one it keeps (modelcard.supersedes).
+    The scores are computed whatever happens here: a card that cannot be written is a warning."""
+    if os.path.basename(checkpoint) != "best.ckpt":
+        return None
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    try:
+        return complete_card(folder, evaluation_info(result, checkpoint, split, beam_size))
+    except Exception as e:            # OSError (a read-only folder, a full disk), or a card this result breaks
+        print(f"warning: the model card in {folder} could not be completed ({type(e).__name__}: {e})")
+        return None
 
 
 def result_record(result: dict[str, Any], checkpoint: str, split: str, beam_size: int) -> dict[str, Any]:

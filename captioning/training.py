@@ -659,6 +659,39 @@ def _interrupt_once(stop):
             signal.signal(s, h)
 
 
+def _caption_images(dataset):
+    """The CocoCaptionDataset under a training or validation dataset: a Subset, a feature cache's wrapper
+    (CachedCaptionDataset's .ds), scst.PerImage, a loader; None when there is none."""
+    for _ in range(8):
+        if isinstance(dataset, CocoCaptionDataset):
+            return dataset
+        inner = getattr(dataset, "dataset", None)
+        dataset = inner if inner is not None else getattr(dataset, "ds", None)
+    return None
+
+
+def _write_model_card(run, t0):
+    """models_dir/README.md, the model card (modelcard.py) of the run just saved, with no evaluation yet.
+    Training has succeeded whatever happens here: a card that cannot be written is a warning."""
+    from .modelcard import training_info, write_card
+
+    try:
+        train, val = _caption_images(run.train_ds), _caption_images(run.val_loader)
+        device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else str(run.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = f"{dist.get_world_size()} x {device}"
+        info = training_info(run.config, len(run.vocab), step=run.step, epoch=run.epoch, device=device,
+                             wall_seconds=time.time() - t0, init_from=run.init_from,
+                             train_images=len(train.image_ids) if train is not None else None,
+                             val_images=len(val.image_ids) if val is not None else None,
+                             synthetic=any("objects" in image for image in train.coco.dataset.get("images", []))
+                             if train is not None else None)
+        write_card(run.config.models_dir, {"training": info})
+    except Exception as e:            # OSError (a full disk, a read-only folder), or a card this run breaks
+        run.log(f"warning: the model card {run.path('README.md')} could not be written ({type(e).__name__}: {e}); "
+                f"the checkpoints are saved")
+
+
 def _fit(run):
     """Epochs of train_one_epoch + validate until done or interrupted; then the final checkpoint."""
     from .progress import tqdm
@@ -703,6 +736,8 @@ def _fit(run):
                 atomic_copy(run.path("last.ckpt"), run.path("best.ckpt"))
             if run.log_file:
                 run.log_file.close()
+            if run.master:
+                _write_model_card(run, t0)
     metric = run.objective.metric
     if math.isfinite(run.best_val):
         best = f"best {metric.replace('_', ' ')} {run.best_val:.4f}"
