@@ -7,9 +7,11 @@
     python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
                                   [--resume | --overwrite [delete]] [--init-from CKPT --objective scst]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
-    python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT [--beam K] [--json]
+    python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT | --model DIR [--runtime onnx] [--beam K] [--json]
                                   [--explain OUT_DIR [--explain-method attention|occlusion|gradcam]]
-    python -m captioning evaluate --checkpoint CKPT [--split val] [--beam K] [--out JSON] [--results JSON]
+    python -m captioning evaluate --checkpoint CKPT | --model DIR --data-dir D [--runtime onnx] [--split val] [--beam K]
+                                  [--out JSON] [--results JSON]
+    python -m captioning export   --checkpoint CKPT --out DIR [--weights FILE] [--int8 IMAGES_DIR]
     python -m captioning import-chapter --encoder ENC.ckpt --decoder DEC.ckpt --vocabulary VOCAB.pkl --out CKPT
     python -m captioning export-chapter --checkpoint CKPT --out DIR
 
@@ -149,8 +151,8 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 def cmd_caption(args: argparse.Namespace) -> None:
     # lazy, all four: torch
-    from .checkpoint import load_captioner
     from .device import pick_device
+    from .export import load_model
     from .inference import caption_images, expand_paths
     from .saliency import pick_method, save_explanations
 
@@ -161,7 +163,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
     paths = expand_paths(args.images, missing)
     for path in missing:
         print(f"error: not an image file or folder: {path}", file=sys.stderr)
-    encoder, decoder, vocab, config = load_captioner(args.checkpoint, device, args.weights)
+    if args.explain and args.runtime != "torch":
+        raise ValueError(f"--explain reads the model's own tensors: it needs --runtime torch, not {args.runtime}")
+    encoder, decoder, vocab, config = load_model(args.checkpoint, args.model, args.runtime, device, args.weights)
     method = pick_method(decoder, args.explain_method) if args.explain else None   # before captioning: a clear error
     if not paths:
         sys.exit("error: no images found in " + " ".join(args.images))
@@ -207,8 +211,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 print(f"{path}: {dg.format_signature(r['signature'])}")
         print(dg.format_comparison(dg.compare_results(a, b, resamples=args.resamples), "A", "B"))
         return
-    if not args.checkpoint:
-        raise ValueError("evaluate needs --checkpoint (or --compare A.json B.json)")
+    if not args.checkpoint and not args.model:
+        raise ValueError("evaluate needs --checkpoint CKPT or --model DIR (or --compare A.json B.json)")
     for flag, path in (("--out", args.out), ("--results", args.results)):
         if path:
             check_writable(path, flag)
@@ -216,7 +220,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.data_dir:
         ensure_coco_layout(args.data_dir)
     r = evaluate_checkpoint(args.checkpoint, args.split, args.beam, device, args.batch_size, args.weights,
-                            max_images=args.max_images, data_dir=args.data_dir, spice_timeout=args.spice_timeout)
+                            max_images=args.max_images, data_dir=args.data_dir, spice_timeout=args.spice_timeout,
+                            model=args.model, runtime=args.runtime)
     print(format_table({f"beam {args.beam}" if args.beam > 1 else "greedy": r["metrics"]}))
     print(dg.format_intervals(r["metrics"], r["intervals"]))
     print(dg.format_signature(r["signature"]))
@@ -231,10 +236,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(format_semantic(r["semantic"]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result_record(r, args.checkpoint, args.split, args.beam), f, indent=1)
+            json.dump(result_record(r, args.checkpoint or args.model, args.split, args.beam), f, indent=1)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(results_json(r["predictions"]), f)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model  # lazy: torch, onnx
+
+    export_model(args.checkpoint, args.out, args.weights, overwrite=args.overwrite, int8=args.int8)
 
 
 def cmd_import_chapter(args: argparse.Namespace) -> None:
@@ -258,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features_command(sub)
     _add_caption_command(sub)
     _add_evaluate_command(sub)
+    _add_export_command(sub)
     _add_import_chapter_command(sub)
     _add_export_chapter_command(sub)
     return parser
@@ -339,6 +351,8 @@ def _add_features_command(sub):
     p.set_defaults(func=cmd_features)
 
 
+# export.RUNTIMES, written out for the same reason (tests/test_export.py checks that the two agree)
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 # saliency.METHODS, written out: importing saliency here would import torch for --help
 # (tests/test_attention_maps.py checks that the two agree)
 EXPLAIN_METHODS = ("attention", "occlusion", "gradcam")
@@ -377,12 +391,33 @@ def _add_evaluate_command(sub):
 
 
 def _add_checkpoint_flags(p, required):
-    """The flags that caption and evaluate share: the checkpoint, and how to run it."""
-    p.add_argument("--checkpoint", required=required)
+    """The flags that caption and evaluate share: the model (a checkpoint or an exported folder; `required`:
+    one of them), and how to run it."""
+    which = p.add_mutually_exclusive_group(required=required)
+    which.add_argument("--checkpoint", help="a training checkpoint (.ckpt)")
+    which.add_argument("--model", metavar="DIR", help="an exported folder (python -m captioning export)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (default), or onnx: ONNX Runtime on an exported folder's encoder.onnx and "
+                        "decoder_step.onnx (onnx-int8: with its int8 encoder, export --int8)")
     p.add_argument("--beam", type=_count, default=3, help="beam size (1 = greedy, the chapter's sample())")
     p.add_argument("--batch-size", type=_count, default=32)
     p.add_argument("--weights", help="local .pth file for a frozen pretrained backbone (offline machines)")
     p.add_argument("--device", default="")
+
+
+def _add_export_command(sub):
+    p = sub.add_parser("export", help="a checkpoint -> a folder anyone can load: model.safetensors, config.json, "
+                                      "vocab.json, encoder.onnx, decoder_step.onnx, README.md (the model card)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--weights", help="local .pth file of a frozen pretrained backbone the checkpoint leaves out "
+                                     "(coco), on a machine that cannot download it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out: its files are moved into --out/previous-<timestamp>/")
+    p.add_argument("--int8", metavar="IMAGES_DIR",
+                   help="also write encoder.int8.onnx, its convolutions quantized to int8, calibrated on 100 images "
+                        "of this folder (the training images, e.g. data_dir/tiny/resized_images/train2014)")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_import_chapter_command(sub):

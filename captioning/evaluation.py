@@ -354,30 +354,36 @@ def _intervals(per_image):
     return diagnostics.bootstrap_intervals([per_image[i]["bleu"] for i in ids], [per_image[i]["CIDEr"] for i in ids])
 
 
-def evaluate_checkpoint(checkpoint: str, split: str = "val", beam_size: int = 3, device: "str | torch.device" = "cpu",
-                        batch_size: int = 64, weights: str | None = None, progress: bool = True,
-                        max_images: int | None = None, data_dir: str | None = None,
-                        spice_timeout: float | None = None) -> dict[str, Any]:
-    """Caption the held-out split with a checkpoint and score it. Returns a dict:
+def evaluate_checkpoint(checkpoint: str | None, split: str = "val", beam_size: int = 3,
+                        device: "str | torch.device" = "cpu", batch_size: int = 64, weights: str | None = None,
+                        progress: bool = True, max_images: int | None = None, data_dir: str | None = None,
+                        spice_timeout: float | None = None, model: str | None = None,
+                        runtime: str = "torch") -> dict[str, Any]:
+    """Caption the held-out split with a checkpoint, or with an exported folder (`model`, export.py; it holds
+    no data paths, so `data_dir` is needed), on `runtime` ("torch", or "onnx" for an export), and score it.
+    Returns a dict:
     {"metrics", "per_image", "predictions" {id: caption}, "references" {id: [captions]}, "paths" {id: path},
     "skipped_images" (file names that could not be read: skipped below 1% of the split, refused above),
     "skipped_metrics" ({metric: why}: METEOR or SPICE that Java could not run, or SPICE past its timeout),
     "semantic" (semantic_accuracy() where the captions file has ground truth, else None), "config",
     "diagnostics" (diagnostics.caption_diagnostics), "intervals" (bootstrap 95% intervals of BLEU-4
-    and CIDEr), "signature" (how the scores were computed)}.
+    and CIDEr), "signature" (how the scores were computed), "model_card" (the model card beside a run's
+    best.ckpt that this evaluation completed, modelcard.py, or None)}.
 
     `max_images`: score only the first N images of the split (None: all; below 1 is a ValueError).
     On a split too small for them (diagnostics.CIDER_MIN_IMAGES, INTERVAL_MIN_IMAGES), CIDEr and the
     intervals are None, with a warning, not a confident 0."""
     # lazy: torch, which the CLI's count_flag does not need
-    from .checkpoint import load_captioner
+    from .export import load_model
     from .model import LENGTH_PENALTY
 
     check_count("beam_size", beam_size)
     check_count("batch_size", batch_size)
     if max_images is not None:                # None: all of them; 0 or less is a mistake, not "all"
         check_count("max_images", max_images)
-    encoder, decoder, vocab, config = load_captioner(checkpoint, device, weights)
+    if model is not None and not data_dir:
+        raise ValueError("evaluate --model needs --data-dir: an exported folder holds no data paths")
+    encoder, decoder, vocab, config = load_model(checkpoint, model, runtime, device, weights)
     if data_dir:
         config.data_dir = data_dir
     folder, coco, ids = heldout_split(config, split)

@@ -115,6 +115,10 @@ SLOW = {
     "test_data.py": {"test_loader_with_spawned_workers"},                    # spawns DataLoader workers
     "test_build_lock.py": {"test_two_resize_processes_the_second_waits_then_reuses"},
     "test_scst.py": {"test_scst_under_torchrun_on_cpu"},                     # torchrun, two processes
+    "test_modelcard.py": {"test_training_writes_the_card_and_evaluating_best_ckpt_completes_it"},   # trains first
+    "test_export.py": {"test_an_export_loads_back_and_onnx_captions_as_the_checkpoint_does",
+                       "test_int8_encoder_and_the_cli", "test_a_broken_export_is_refused_naming_the_file",
+                       "test_the_exports_model_card"},
 }
 
 
