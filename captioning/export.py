@@ -320,6 +320,10 @@ def _session(path: str) -> Any:
         raise ImportError(f"--runtime onnx needs ONNX Runtime, which is not installed: {INSTALL_ONNX}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ONNX Runtime's threads spin for a while after each run by default, taking the cores from whatever runs
+    # next: the other graph (encoder, then decoder steps) or PyTorch in the same process. They sleep instead.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:
