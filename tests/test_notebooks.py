@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from captioning.demo import kernel_options, notebooks, run_notebooks, write_html
+from captioning.modelcard import read_card_info
 
 
 def test_committed_notebooks_have_no_outputs():
@@ -60,6 +61,10 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     assert lo <= report["table"]["beam 3"]["CIDEr"] <= hi and report["signature"]["beam"] == 3
     text_08 = _text(out / "08_evaluate.ipynb")
     assert "signature: pycocoevalcap" in text_08 and "B - A" in text_08
+    card = read_card_info(str(root / "models" / "README.md"))     # 06 wrote the model card, 08 completed it
+    assert card["training"]["step"] > 0 and card["evaluation"]["beam"] == 3
+    assert card["evaluation"]["metrics"]["CIDEr"] == pytest.approx(report["table"]["beam 3"]["CIDEr"], abs=1e-4)
+    assert "the model card beside the checkpoint now holds these scores" in text_08
     assert "caption collapse" in text_08                                 # the blind baseline's row warns
     executed_07 = nbformat.read(out / "07_inference.ipynb", as_version=4)
     assert len(_images(executed_07)) >= 3  # the captioned images are shown inline, and a saliency strip
