@@ -177,15 +177,24 @@ def prepare_run_dir(models_dir: str, resume: bool = False, overwrite: bool | str
         raise FileExistsError(f"{models_dir} already holds a training run ({', '.join(present)}): continue it "
                               f"with --resume (resume=True), move it aside and start afresh with --overwrite "
                               f"(overwrite=True), or train into another --models-dir")
+    old = OLD_RUN_FILES + _model_card(models_dir)
     if overwrite == "delete":
-        removed = [n for n in OLD_RUN_FILES if os.path.lexists(os.path.join(models_dir, n))]
+        removed = [n for n in old if os.path.lexists(os.path.join(models_dir, n))]
         for name in removed:
             path = os.path.join(models_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         if removed:
             log(f"overwrite=delete: deleted the previous run's {', '.join(removed)} from {models_dir}")
     else:                             # no run files, but leftovers of one (tb/, evaluation.json): aside too
-        move_aside(models_dir, OLD_RUN_FILES, log, what="the previous run")
+        move_aside(models_dir, old, log, what="the previous run")
+
+
+def _model_card(models_dir: str) -> tuple[str, ...]:
+    """("README.md",) where models_dir holds the model card a run wrote (modelcard.py): it belongs to that run
+    and goes with it. A README.md of anyone else stays where it is."""
+    from .modelcard import CARD_NAME, read_card_info
+
+    return (CARD_NAME,) if read_card_info(os.path.join(models_dir, CARD_NAME)) is not None else ()
 
 
 RESUME_KEYS = ("optimizer", "epoch", "batch", "step", "rng")

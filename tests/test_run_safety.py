@@ -29,7 +29,7 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     models = tmp_path / "m"
     train(config(tiny_copy, models, max_steps=2))
     (models / "evaluation.json").write_text("{}")          # notebook 08's report of that run
-    before = {n: (models / n).read_bytes() for n in ("last.ckpt", "best.ckpt", "train_log.jsonl")}
+    before = {n: (models / n).read_bytes() for n in ("last.ckpt", "best.ckpt", "train_log.jsonl", "README.md")}
     proc = run_cli(*_train_cmd(tiny_copy, models, "--max-steps", "3")[3:], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -43,7 +43,7 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     capsys.readouterr()
     train(config(tiny_copy, models, max_steps=3, log_every=1), overwrite=True)
     said = capsys.readouterr().out
-    assert "moved the previous run (last.ckpt, best.ckpt, train_log.jsonl, evaluation.json, tb)" in said, said
+    assert "moved the previous run (last.ckpt, best.ckpt, train_log.jsonl, evaluation.json, tb, README.md)" in said
     assert sorted(losses(models / "train_log.jsonl")) == [1, 2, 3]
     assert load_checkpoint(str(models / "best.ckpt"))["step"] == 3
     assert not (models / "evaluation.json").exists()
@@ -59,8 +59,13 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     assert {n: (asides[1] / n).read_bytes() for n in before} == second
     capsys.readouterr()
     cli_main(*_train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite", "delete")[3:])
-    assert "deleted the previous run's last.ckpt, best.ckpt, train_log.jsonl, tb" in capsys.readouterr().out
+    assert "deleted the previous run's last.ckpt, best.ckpt, train_log.jsonl, tb, README.md" in capsys.readouterr().out
     assert sorted(p for p in models.iterdir() if p.name.startswith("previous-")) == asides   # untouched
+    # the model card goes with its run; a README.md of the user's own is neither moved nor replaced
+    (models / "README.md").write_text("my notes on these runs\n")
+    cli_main(*_train_cmd(tiny_copy, models, "--max-steps", "1", "--overwrite")[3:])
+    assert (models / "README.md").read_text() == "my notes on these runs\n"
+    assert "the model card" in capsys.readouterr().out and (models / "best.ckpt").exists()
     with pytest.raises(ValueError, match="overwrite must be one of"):
         train(config(tiny_copy, models, max_steps=1), overwrite="yes")
     message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--overwrite")[3:])   # the flag reaches train
