@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils.data as data
 from PIL import Image
@@ -97,7 +98,6 @@ class CocoCaptionDataset(data.Dataset):
             raise FileNotFoundError(f"captions file not found: {coco_json_path} (get the data with notebook 01 first)")
         self.data_path, self.vocabulary, self.transform = data_path, vocabulary, transform
         self.max_seq_len, self.seed, self.epoch, self.group_by_image = max_seq_len, seed, 0, group_by_image
-        self._encoded: dict[int, torch.Tensor] = {}  # annotation id -> caption ids
         # file name -> why it could not be read (met in this process, or reported to it)
         self.skipped: dict[str, str | None] = {}
         self.skipped_said = 0   # how many of them a CountingLoader has named already
@@ -133,6 +133,22 @@ class CocoCaptionDataset(data.Dataset):
             self.items = list(enumerate(anns))
         else:
             self.items = sorted(((k, [a]) for k, ids in enumerate(anns) for a in ids), key=lambda it: it[1][0])
+        self._make_caption_store([a for ids in anns for a in ids])
+
+    def _make_caption_store(self, annotation_ids: list[int]) -> None:
+        """Room for every caption's ids, reserved now and filled as each caption is first used (captions()).
+
+        One flat array, not a tensor per caption: training on cached features encodes the captions in
+        its own process between steps, and a small tensor kept from each pinned heap pages between the
+        steps' large temporary buffers, so the process grew by megabytes a step (benchmarks/coco_scale.py:
+        ~7 MB a step at COCO's vocabulary on a CPU, ~20 GB over one COCO epoch)."""
+        self._slot = {a: k for k, a in enumerate(annotation_ids)}            # annotation id -> its slot
+        # at most max_seq_len ids: <start>, the words, <end>
+        room = np.fromiter((min(len(self._tokens[a].split()), self.max_seq_len - 2) + 2 for a in annotation_ids),
+                           dtype=np.int64, count=len(annotation_ids))
+        self._start = np.concatenate(([0], np.cumsum(room)))
+        self._ids = np.zeros(int(self._start[-1]), dtype=np.int64)
+        self._length = np.zeros(len(annotation_ids), dtype=np.int64)       # 0: not encoded yet
 
     def set_epoch(self, epoch: int) -> None:
         """Seeds the random crops of this epoch (call before creating the DataLoader iterator)."""
@@ -142,12 +158,17 @@ class CocoCaptionDataset(data.Dataset):
         return os.path.join(self.data_path, self.coco.imgs[self.image_ids[image_index]]["file_name"])
 
     def captions(self, idx: int) -> list[torch.Tensor]:
-        """The encoded caption(s) of item `idx`, as a list of LongTensors (encoded once, then remembered)."""
+        """The encoded caption(s) of item `idx`, as a list of LongTensors (encoded once, then remembered:
+        views of the dataset's one store of caption ids, _make_caption_store)."""
         out = []
         for a in self.items[idx][1]:
-            if a not in self._encoded:
-                self._encoded[a] = encode_tokens(self._tokens[a].split(), self.vocabulary, self.max_seq_len)
-            out.append(self._encoded[a])
+            k = self._slot[a]
+            start = int(self._start[k])
+            if not self._length[k]:
+                ids = encode_tokens(self._tokens[a].split(), self.vocabulary, self.max_seq_len).numpy()
+                self._ids[start:start + len(ids)] = ids
+                self._length[k] = len(ids)
+            out.append(torch.from_numpy(self._ids[start:start + int(self._length[k])]))
         return out
 
     def references(self, image_index: int) -> list[str]:
