@@ -23,9 +23,11 @@ Stages, each in its own child process (the CLI, or a few lines of Python where t
     prune         python -m captioning features --preset coco --data-dir DATA --prune --keep 0
                   (--keep 0: nothing uses the caches any more, so the stage deletes them all)
 
-The coco preset's code paths with the overrides a 2-core CPU needs: --resize-size 72 --crop-size 64,
---backbone resnet18 --weights none (random, frozen; its BatchNorm statistics estimated from the
-images), the preset's vocab_threshold 4, batch 128, feature cache of K=2 views, --device cpu.
+--gpu runs the coco preset's own sizes (256-px resize, 224-px crops) and ResNet-152, random weights,
+on CUDA (benchmarks/gpu_check.sh). Otherwise the coco preset's code paths with the overrides a 2-core
+CPU needs: --resize-size 72 --crop-size 64, --backbone resnet18 --weights none (random, frozen; its
+BatchNorm statistics estimated from the images), the preset's vocab_threshold 4, batch 128, feature
+cache of K=2 views, --device cpu.
 
 Measured per stage: wall seconds; peak RSS, the largest resident set of any process of the stage
 (the stage's process, or a worker or Java process it waited for: os.wait4's rusage, which is the
@@ -60,6 +62,9 @@ MEMORY_LIMIT_MB = 8 * 1024
 RESIZE, CROP = 72, 64
 CONFIG = {"resize_size": RESIZE, "crop_size": CROP, "backbone": "resnet18", "weights": "none", "epochs": 1,
           "device": "cpu", "tensorboard": "true"}
+# --gpu: the coco preset's own sizes and backbone (random weights: a GPU box may have no internet, and
+# they time the same as ImageNet's) on CUDA; the CPU stages (generate, vocabulary, resize) are the same code
+GPU_CONFIG = {**CONFIG, "resize_size": 256, "crop_size": 224, "backbone": "resnet152", "device": "cuda"}
 
 # the features stage: what train() does before its first step, for the coco preset with these overrides
 FEATURES = """
@@ -185,15 +190,16 @@ def stage_commands(work, scale, seed):
         "vocabulary": [(cli + ["vocab", "--captions", train_json, "--out", os.path.join(data, "vocabulary.pkl"),
                                "--threshold", "4"], None)],
         "resize": [(cli + ["resize", "--src", os.path.join(data, f"{s}2014"),
-                           "--dst", os.path.join(data, "resized_images", f"{s}2014"), "--size", str(RESIZE)], None)
+                           "--dst", os.path.join(data, "resized_images", f"{s}2014"),
+                           "--size", str(CONFIG["resize_size"])], None)
                    for s in ("train", "val")],
         "features": [([py, "-c", FEATURES, features_config], None)],
         "train_epoch": [(cli + ["train", "--preset", "coco", "--data-dir", data, "--models-dir", models] + overrides,
                          None)],
         "caption_test": [(cli + ["caption", os.path.join(work, "test-images"), "--checkpoint", checkpoint,
-                                 "--beam", "3", "--json", "--device", "cpu"],
+                                 "--beam", "3", "--json", "--device", CONFIG["device"]],
                           os.path.join(work, "captions_test.json"))],
-        "evaluate": [(cli + ["evaluate", "--checkpoint", checkpoint, "--beam", "3", "--device", "cpu",
+        "evaluate": [(cli + ["evaluate", "--checkpoint", checkpoint, "--beam", "3", "--device", CONFIG["device"],
                              "--out", os.path.join(work, "evaluation.json")], None)],
         "prune": [(cli + ["features", "--preset", "coco", "--data-dir", data, "--prune", "--keep", "0"], None)],
     }
@@ -356,7 +362,11 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
+    parser.add_argument("--gpu", action="store_true",
+                        help="the coco preset's sizes (256/224 px) and ResNet-152 (random weights) on CUDA")
     args = parser.parse_args()
+    if args.gpu:
+        CONFIG.update(GPU_CONFIG)
     if args.compare:
         compare(*args.compare)
     elif args.scale is None:

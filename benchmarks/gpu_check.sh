@@ -2,7 +2,8 @@
 # One prepared run on a lent GPU machine, about 8 minutes on an H200: the feature-cache comparison
 # at 224 px, the decoder step compiled, extraction with BatchNorm folded, the feature-space
 # crops' fidelity, the attention decoder's step beside the LSTM's with train() on the coco path, and
-# a self-critical step at COCO sizes (model against reward time). Each part has its own time limit, so
+# a self-critical step at COCO sizes (model against reward time), and every stage of the COCO-scale
+# rehearsal at 1% of COCO with ResNet-152 at 224 px. Each part has its own time limit, so
 # a slow one cannot eat the others; their outputs go to $OUT (or ./gpu-out).
 #   bash benchmarks/gpu_check.sh
 # Packages the machine lacks (nltk, pycocotools) can come as wheels in .whl/ (see the device notes).
@@ -37,3 +38,4 @@ part extract_speed 30 python3 benchmarks/extract_speed.py --size 224 --batch 256
 part feature_crops 45 python3 benchmarks/feature_crops.py --images 64 --runs random152:224:256
 part attention_speed 90 python3 benchmarks/attention_speed.py --sizes coco --train
 part scst_step 60 python3 benchmarks/scst_step.py --sizes coco --device cuda --repeats 10
+part coco_scale 120 python3 benchmarks/coco_scale.py --scale 0.01 --gpu --json "$out/coco_scale_gpu.json"
