@@ -142,6 +142,7 @@ def export_model(checkpoint: str, out: str, weights: str | None = None, overwrit
     images = torch.zeros(2, 3, config.crop_size, config.crop_size)
     start = _Start(encoder, decoder)
     names = _names(grid)
+    log(f"exporting encoder.onnx ({config.backbone} at {config.crop_size} px) and decoder_step.onnx ...")
     _export_onnx(start, (images,), paths["encoder.onnx"], names["encoder_inputs"], names["encoder_outputs"],
                  {"images": {0: batch}})
     with torch.no_grad():
@@ -154,6 +155,7 @@ def export_model(checkpoint: str, out: str, weights: str | None = None, overwrit
     _export_onnx(_Step(decoder), (torch.ones(2, dtype=torch.long), *state), paths["decoder_step.onnx"],
                  names["step_inputs"], names["step_outputs"], dynamic)
     if int8:
+        log(f"quantizing the encoder to int8, calibrated on up to {CALIBRATION_IMAGES} images of {int8}")
         paths["encoder.int8.onnx"] = quantize_encoder(out, int8, config, log=log)
     paths["README.md"] = _write_card(checkpoint, out, config, len(vocab), sorted(paths), log)
     log(f"exported {checkpoint} to {out}: {', '.join(sorted(paths))}")
