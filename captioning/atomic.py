@@ -14,6 +14,7 @@ export) is moved into a `previous-<timestamp>/` folder beside it, and the move i
 replacing never deletes.
 """
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -70,6 +71,13 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", sync_dir: bool 
 
 
 PREVIOUS_PREFIX = "previous-"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None,
+                      sync_dir: bool = True) -> None:
+    """json.dump(obj) into `path` through atomic_write: the old file or the whole new one, never half."""
+    with atomic_write(path, "w", sync_dir=sync_dir) as f:
+        json.dump(obj, f, indent=indent)
 
 
 def move_aside(folder: str, names: Iterable[str], log: Callable[[str], object] = print,

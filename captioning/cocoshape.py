@@ -59,7 +59,6 @@ Generation is deterministic for a seed, whatever the number of worker processes;
 123k images, 20 GB and minutes per core.
 """
 import argparse
-import json
 import os
 import random
 import shutil
@@ -72,7 +71,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import atomic_write_json, fsync_dir
 from .progress import tqdm
 from .tinyset import DRAWABLE_SHAPES, _vary_case, draw_shape
 from .vocabulary import tokenize
@@ -290,11 +289,6 @@ def _render_all(jobs: list[tuple[str, int, int, bool, int]], workers: int, progr
 
 # ---- the files -------------------------------------------------------------------------------------
 
-def _write_json(path: str, obj: Any) -> None:
-    with atomic_write(path, "w", sync_dir=False) as f:
-        json.dump(obj, f)
-
-
 def _check_out(out: str, overwrite: bool, log: Callable[[str], object]) -> None:
     """Refuse a folder with something in it (overwrite: move it aside first); remove an empty one."""
     if not os.path.lexists(out):
@@ -375,10 +369,10 @@ def _build(folder: str, counts: dict[str, int], seed: int, workers: int, progres
             for caption, _ in mine:
                 ann_id += 1
                 annotations.append({"id": ann_id, "image_id": image["id"], "caption": caption})
-        _write_json(os.path.join(folder, "annotations", f"captions_{split}2014.json"),
-                    {"info": {"description": DESCRIPTION, "version": "1.0", "year": 2014},
-                     "licenses": [{"id": 1, "name": "CC0", "url": ""}],
-                     "images": images[split], "annotations": annotations})
+        atomic_write_json(os.path.join(folder, "annotations", f"captions_{split}2014.json"),
+                          {"info": {"description": DESCRIPTION, "version": "1.0", "year": 2014},
+                           "licenses": [{"id": 1, "name": "CC0", "url": ""}],
+                           "images": images[split], "annotations": annotations}, sync_dir=False)
     karpathy = _write_karpathy(folder, images, captions, plan["heldout"], counts["karpathy_val"])
     fsync_dir(os.path.join(folder, "annotations"))
     fsync_dir(folder)
@@ -407,7 +401,7 @@ def _write_karpathy(folder: str, images: dict[str, list[dict[str, Any]]],
             entries.append({"filepath": f"{coco_split}2014", "sentids": [s["sentid"] for s in sentences],
                             "filename": image["file_name"], "imgid": imgid, "split": split,
                             "sentences": sentences, "cocoid": image["id"]})
-    _write_json(os.path.join(folder, "dataset_coco.json"), {"images": entries, "dataset": "coco"})
+    atomic_write_json(os.path.join(folder, "dataset_coco.json"), {"images": entries, "dataset": "coco"}, sync_dir=False)
     return counts
 
 

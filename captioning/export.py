@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .atomic import atomic_write, move_aside
+from .atomic import atomic_write, atomic_write_json, move_aside
 from .checkpoint import build_models, load_captioner
 from .config import Config, get_config
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .decoding import Decoder, beam_search, greedy_search
 from .vocabulary import END_ID, Vocab
 
@@ -132,12 +133,12 @@ def export_model(checkpoint: str, out: str, weights: str | None = None, overwrit
     tensors.update({f"decoder.{k}": v.detach().contiguous().clone() for k, v in decoder.state_dict().items()})
     with atomic_write(paths["model.safetensors"]) as f:
         f.write(save(tensors, metadata={"format": "pt", "captioning_format": str(FORMAT)}))
-    _write_json(paths["vocab.json"], vocab.words())
-    _write_json(paths["config.json"], {
+    atomic_write_json(paths["vocab.json"], vocab.words(), indent=1)
+    atomic_write_json(paths["config.json"], {
         "format": FORMAT, "config": config.hyperparameters(), "decoder": config.decoder,
         "feature_kind": "grid" if grid else "pooled", "vocab_size": len(vocab),
         "image_size": config.crop_size, "resize_size": config.resize_size,
-        "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, **_names(grid)})
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, **_names(grid)}, indent=1)
     batch = torch.export.Dim("batch", min=1)
     images = torch.zeros(2, 3, config.crop_size, config.crop_size)
     start = _Start(encoder, decoder)
@@ -186,11 +187,6 @@ def _write_card(checkpoint: str, out: str, config: Config, vocab_size: int, file
     info["export"] = {"checkpoint": name, "epoch": ckpt["epoch"], "step": ckpt["step"], "files": files,
                       "int8": INT8 in files}
     return write_card(out, info)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 # ---- loading -------------------------------------------------------------------------------------

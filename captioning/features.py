@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.data as data
 
-from .atomic import atomic_write
+from .atomic import atomic_write_json
 from .checkpoint import os_error, write_failed
 from .config import Config
 from .data import (
@@ -150,8 +150,7 @@ def _write_meta(path, meta):
 
 def _write_json(path, obj):
     try:
-        with atomic_write(path, "w") as f:
-            json.dump(obj, f, indent=1)
+        atomic_write_json(path, obj, indent=1)
     except OSError as e:
         raise write_failed(e, path) from e
 
