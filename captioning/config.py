@@ -52,6 +52,8 @@ class Config:
     lr: float = 1e-3
     backbone_lr: float = 1e-4              # only used when train_backbone=True
     epochs: int = 5
+    min_steps: int = 0                     # at least this many steps: a smaller set trains for more epochs
+                                           # (0: exactly `epochs`); an explicit epochs turns it off
     group_by_image: bool = False           # one item = an image with all its captions (encoder runs once)
     max_steps: int = 0                     # 0 = no limit
     seed: int = 0
@@ -82,7 +84,7 @@ class Config:
     # field -> the smallest value it may take (a bad one would fail late, or train silently wrong)
     MINIMUMS = {"epochs": 1, "batch_size": 1, "log_every": 1, "max_seq_len": 3, "embedding_size": 1,
                 "hidden_layer_size": 1, "num_layers": 1, "resize_size": 1, "crop_size": 1, "cache_views": 1,
-                "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0,
+                "val_max_captions": 1, "vocab_threshold": 1, "standin_steps": 1, "max_steps": 0, "min_steps": 0,
                 "save_every": 0, "heldout_images": 0, "num_workers": 0, "keep_epoch": 0, "grid_layer": 0,
                 "attention_size": 1, "scst_samples": 1}
 
@@ -175,7 +177,7 @@ SHAPING_FIELDS = ("vocab_threshold", "max_seq_len", "resize_size", "crop_size", 
 OBJECTIVE_FIELDS = ("objective", "scst_samples", "scst_baseline", "scst_xe")
 # - optimisation: how the rest of the run goes. A new value is applied (the learning rates after the
 #   optimizer's state is restored), printed and logged; the checkpoint then holds the latest.
-OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "max_steps", "save_every", "log_every", "batch_size",
+OPTIMISATION_FIELDS = ("lr", "backbone_lr", "epochs", "min_steps", "max_steps", "save_every", "log_every", "batch_size",
                        "keep_epoch")
 # - execution and place: how and where this machine runs it. Taken from this start as they are.
 EXECUTION_FIELDS = RUNTIME_FIELDS + ("amp", "channels_last", "preset", "data_dir", "models_dir")
@@ -192,7 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, max_seq_len=32, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
         embedding_size=128, hidden_layer_size=256, attention_size=128, batch_size=128, lr=5e-3, backbone_lr=2e-3,
-        epochs=14, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
+        epochs=14, min_steps=1650, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
     ),
 }
 
@@ -201,8 +203,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # batch counts images (each with scst_samples captions), not captions.
 # coco: the self-critical.pytorch model zoo's recipe after its cross-entropy epochs (lr 5e-5).
 SCST_PRESETS: dict[str, dict[str, Any]] = {
-    "coco": dict(lr=5e-5, epochs=20, batch_size=50),
-    "tiny": dict(lr=5e-4, epochs=4, batch_size=32, scst_xe=1.0, save_every=50, log_every=5),
+    "coco": dict(lr=5e-5, epochs=20, batch_size=50, min_steps=0),
+    "tiny": dict(lr=5e-4, epochs=4, batch_size=32, min_steps=0, scst_xe=1.0, save_every=50, log_every=5),
 }
 
 
@@ -224,7 +226,7 @@ WHY = {
     "max_seq_len": "tiny: the relations world's captions (notebook 09) run to 26 tokens",
     "batch_size": "",
     "lr": "tiny: a smaller model on cached features takes a larger step",
-    "epochs": "tiny: 3,000 images give few steps per epoch",
+    "epochs": "tiny: 3,000 images give few steps per epoch; a smaller set gets more (min_steps)",
     "cache": "both: the frozen ResNet runs once per image view, not at every step (benchmarks/train_speed.py)",
 }
 
@@ -271,7 +273,8 @@ def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, 
       Jupyter runs it from notebooks/ or papermill from the root (`root` sets another folder).
 
     models_dir, unless given, is derived from data_dir by Config itself. `config.given` records the
-    fields asked for, not the preset's: a resume keeps the rest from its checkpoint.
+    fields asked for, not the preset's: a resume keeps the rest from its checkpoint. An `epochs`
+    given without `min_steps` sets min_steps to 0: the run trains exactly the epochs asked for.
     """
     names = {f.name for f in dataclasses.fields(Config)}
     if notebook:
@@ -289,6 +292,8 @@ def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, 
             base = {**base, **SCST_PRESETS[preset]}
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if "epochs" in overrides and "min_steps" not in overrides:
+        overrides = {**overrides, "min_steps": 0}     # the epochs asked for, not stretched to the preset's steps
     config = Config(**{**base, **overrides})
     if root:
         config.data_dir = os.path.join(root, config.data_dir)

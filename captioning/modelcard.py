@@ -61,13 +61,14 @@ def _short_path(path: str) -> str:
 
 
 def training_info(config: Any, vocab_size: int, *, step: int, epoch: int, device: str | None,
+                  epochs: int | None = None,
                   wall_seconds: float | None,
                   train_images: int | None, val_images: int | None, init_from: Mapping[str, Any] | None = None,
                   synthetic: bool | None = None) -> dict[str, Any]:
     """The training part of a card's info, plain JSON: the config's hyperparameters (without its paths; a local
     weights file by its name only), the data folder's name, the vocabulary size, the steps and epochs done, the
     hardware, the wall time and the image counts (None: not known, as for a card export makes from a bare
-    checkpoint).
+    checkpoint). `epochs`: the epochs the run planned, where min_steps made them more than config.epochs.
 
     `init_from`: the checkpoint the run started from (training.start_from's dict: path, step, objective).
     `synthetic`: whether the data is a synthetic set whose captions file carries the generator's truth
@@ -80,6 +81,7 @@ def training_info(config: Any, vocab_size: int, *, step: int, epoch: int, device
         "data": os.path.basename(os.path.normpath(config.data_dir)),
         "synthetic": config.preset != "coco" if synthetic is None else bool(synthetic),
         "hyperparameters": hyper, "vocab_size": int(vocab_size), "step": int(step), "epoch": int(epoch),
+        "epochs": int(epochs) if epochs else hyper.get("epochs"),
         "device": None if device is None else str(device),
         "wall_seconds": None if wall_seconds is None else round(float(wall_seconds), 1),
         "train_images": train_images, "val_images": val_images, "init_from": None}
@@ -283,7 +285,8 @@ def _shown_hyperparameters(hyper: Mapping[str, Any]) -> dict[str, Any]:
 
 def _procedure(training: Mapping[str, Any]) -> list[str]:
     hyper = training.get("hyperparameters") or {}
-    epochs = f"{training.get('epoch')} of {hyper.get('epochs')} epochs" if hyper.get("epochs") else \
+    planned = training.get("epochs") or hyper.get("epochs")
+    epochs = f"{training.get('epoch')} of {planned} epochs" if planned else \
         f"{training.get('epoch')} epochs"
     device = training.get("device") or "hardware not recorded"
     lines = ["## Training procedure", "",

@@ -220,6 +220,7 @@ class Run:
     log: object
     steps_per_epoch: int
     total_steps: int
+    epochs: int                       # config.epochs, or more to reach config.min_steps (planned_epochs)
     # where the run is: what a checkpoint saves and a resume restores
     epoch: int = 0
     batch: int = 0                    # batches done in the current epoch
@@ -289,6 +290,15 @@ def build_datasets(config, vocab, encoder, device, master, amp_dtype, channels_l
     # grouped items are whole images, already only those that hold val_captions captions
     val_subset = val_ds if group else data.Subset(val_ds, range(min(len(val_ds), val_captions)))
     return train_ds, _loader(val_subset, None, config, device, persistent=True), group  # workers kept
+
+
+def planned_epochs(config: Config, steps_per_epoch: int) -> int:
+    """How many epochs a run trains: config.epochs, or more where that many would stop short of
+    config.min_steps. A preset's recipe is a number of steps as much as of epochs: a set half the
+    size of the one it was tuned on would otherwise get half the updates."""
+    if not config.min_steps:
+        return config.epochs
+    return max(config.epochs, math.ceil(config.min_steps / max(1, steps_per_epoch)))
 
 
 def make_optimizer(config, encoder, decoder):
@@ -399,11 +409,15 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
         model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     sampler = data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    epochs = planned_epochs(config, steps_per_epoch)
+    if epochs > config.epochs and master:
+        log(f"{steps_per_epoch} steps per epoch on this data: training {epochs} epochs instead of {config.epochs}, "
+            f"to reach min_steps={config.min_steps} (an explicit epochs, or min_steps=0, trains exactly that many)")
+    total_steps = epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     run = Run(config, vocab, encoder, decoder, model, ddp_model, optimizer, scaler, train_ds, val_loader, sampler,
-              device, amp_dtype, channels_last, master, log, steps_per_epoch, total_steps)
+              device, amp_dtype, channels_last, master, log, steps_per_epoch, total_steps, epochs)
     run.data = data_identity(config) if master else None
     run.objective = objective
     run.init_from = init_from if isinstance(init_from, dict) else None
@@ -680,7 +694,8 @@ def _write_model_card(run, t0):
         device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else str(run.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             device = f"{dist.get_world_size()} x {device}"
-        info = training_info(run.config, len(run.vocab), step=run.step, epoch=run.epoch, device=device,
+        info = training_info(run.config, len(run.vocab), step=run.step, epoch=run.epoch, epochs=run.epochs,
+                             device=device,
                              wall_seconds=time.time() - t0, init_from=run.init_from,
                              train_images=len(train.image_ids) if train is not None else None,
                              val_images=len(val.image_ids) if val is not None else None,
@@ -711,7 +726,7 @@ def _fit(run):
                 validate(run, epoch=-1)
                 if dist.is_initialized():
                     dist.barrier()
-            while run.epoch < config.epochs and run.step < run.total_steps:
+            while run.epoch < run.epochs and run.step < run.total_steps:
                 train_one_epoch(run, bar, t0)
                 if run.batch >= run.steps_per_epoch:  # the epoch is complete: validate, checkpoint
                     run.epoch, run.batch = run.epoch + 1, 0

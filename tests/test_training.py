@@ -388,3 +388,17 @@ def test_train_refuses_prebuilt_modules_that_do_not_fit(tiny_copy, tmp_path):
     with pytest.raises(ValueError, match=f"predicts {words + 5} words, but the vocabulary .* has {words}"):
         train(config, decoder=_GRUDecoder(config.embedding_size, 24, words + 5))
     assert not os.path.exists(tmp_path / "m" / "last.ckpt")
+
+
+def test_min_steps_gives_a_small_set_more_epochs_and_an_explicit_epochs_is_kept(tiny_copy, tmp_path, capsys):
+    # the tiny preset's recipe is a number of updates as much as of epochs: it keeps them on a smaller set
+    assert get_config("tiny").min_steps > 0
+    assert get_config("tiny", epochs=3).min_steps == 0                 # the epochs asked for, exactly
+    assert get_config("tiny", epochs=3, min_steps=50).min_steps == 50
+    assert get_config("tiny", objective="scst").min_steps == 0         # self-critical counts its own epochs
+    summary = train(small_config(tiny_copy, tmp_path / "m", epochs=1, min_steps=20))   # 8 steps an epoch
+    assert summary["epoch"] == 3 and summary["step"] == 24
+    assert "training 3 epochs instead of 1, to reach min_steps=20" in capsys.readouterr().out
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "3 of 3 epochs done" in card
+    assert train(small_config(tiny_copy, tmp_path / "n", epochs=1))["step"] == 8
