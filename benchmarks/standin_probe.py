@@ -15,38 +15,25 @@ lr, label_smoothing, bf16=1 (bfloat16 autocast), radius=LOW-HIGH, aspect=LOW-HIG
 (the eleven shapes of the recipe before the thin ones were added).
 """
 import argparse
-import json
 import os
 import time
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from standin_quality import SETS
 
 from captioning.backbone import build_resnet
 from captioning.data import eval_transform
-from captioning.standin import pretrain_standin
-from captioning.tinyset import make_tinyset
+from captioning.standin import pretrain_standin, probe_objects, recorded_objects
+from captioning.tinyset import DRAWABLE_SHAPES, HELDOUT_SHAPES, make_tinyset
 
 SIZE, CROP = 64, 56   # the tiny preset's
 
 
 def load_split(root, split):
-    """(images as the captioner's cache sees them at eval, multi-hot over colour-shape objects)."""
-    with open(os.path.join(root, "annotations", f"captions_{split}2014.json")) as f:
-        coco = json.load(f)
-    objects = [(c, s) for s in coco["shapes"] for c in coco["colours"]]
-    transform = eval_transform(SIZE, CROP)
-    images, targets = [], []
-    for image in coco["images"]:
-        path = os.path.join(root, f"{split}2014", image["file_name"])
-        images.append(transform(Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)))
-        target = torch.zeros(len(objects))
-        for o in image["objects"]:
-            target[objects.index((o["colour"], o["shape"]))] = 1
-        targets.append(target)
-    return torch.stack(images), torch.stack(targets)
+    """(images as the captioner's cache sees them at eval, their (colour, shape) objects)."""
+    return recorded_objects(os.path.join(root, "annotations", f"captions_{split}2014.json"),
+                            os.path.join(root, f"{split}2014"), eval_transform(SIZE, CROP), resize=SIZE)
 
 
 @torch.no_grad()
@@ -54,28 +41,10 @@ def features(resnet, images):
     return torch.cat([resnet(images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
-def probe(train, val, steps=500):
-    """Fit the probe on train (features, targets); the share of val images whose objects it gets exactly."""
-    (x, y), (xv, yv) = train, val
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    torch.manual_seed(0)
-    linear = nn.Linear(x.shape[1], y.shape[1])
-    optimizer = torch.optim.Adam(linear.parameters(), 1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        loss = nn.functional.binary_cross_entropy_with_logits(linear((x - mean) / std), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        scores = linear((xv - mean) / std)
-    picks = torch.zeros_like(yv)
-    for i, (row, count) in enumerate(zip(scores, yv.sum(1).long())):
-        picks[i, row.topk(int(count)).indices] = 1
-    return (picks == yv).all(1).float().mean().item()
-
-
 ELEVEN = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon", "octagon", "star", "cross", "heart",
           "ring")
+# every drawable shape but the held-out ones, thin ones included
+SEVENTEEN = tuple(s for s in DRAWABLE_SHAPES if s not in HELDOUT_SHAPES)
 
 
 def parse_recipe(text):
@@ -86,11 +55,11 @@ def parse_recipe(text):
         if name in ("radius", "aspect"):
             kwargs[name] = tuple(float(v) for v in value.split("-"))
         elif name == "shapes":
-            kwargs[name] = ELEVEN if value == "tiny11" else tuple(value.split("/"))
+            kwargs[name] = {"tiny11": ELEVEN, "all17": SEVENTEEN}.get(value) or tuple(value.split("/"))
         elif name == "bf16":
             kwargs[name] = value.lower() in ("1", "true", "yes")
         else:
-            kwargs[name] = int(value) if name in ("steps", "low_batch") else float(value)
+            kwargs[name] = int(value) if name in ("steps", "low_batch", "batch_size") else float(value)
     return kwargs
 
 
@@ -119,7 +88,7 @@ def main():
         resnet = build_resnet("resnet18", path)
         resnet.fc = nn.Identity()
         resnet.eval()
-        right = {name: probe((features(resnet, train[0]), train[1]), (features(resnet, val[0]), val[1]))
+        right = {name: probe_objects(features(resnet, train[0]), train[1], features(resnet, val[0]), val[1])
                  for name, (train, val) in splits.items()}
         rows.append((os.path.basename(item), seconds, heldout.get("heldout_single_shape_accuracy"), right))
         print(f"done: {item} ({seconds:.0f} s)", flush=True)

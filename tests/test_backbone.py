@@ -16,6 +16,8 @@ from captioning.standin import (
     PRETRAINING_SHAPES,
     ensure_standin,
     pretrain_standin,
+    probe_objects,
+    recorded_objects,
     resolution_schedule,
     scene_targets,
     standin_path,
@@ -125,3 +127,30 @@ def test_resolution_schedule_ends_at_the_captioners_size():
     assert resolution_schedule(700, 256, 224, 32) == [(300, 146, 128, 64), (400, 256, 224, 32)]
     assert resolution_schedule(7, 36, 32, 64) == [(7, 36, 32, 64)]           # already small: one phase
     assert sum(s for s, *_ in resolution_schedule(5, 64, 56, 64)) == 5
+
+
+def test_the_object_probe_reads_objects_that_features_hold_and_not_others():
+    rng = random.Random(0)
+    kinds = [(c, s) for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
+    objects = [rng.sample(kinds, rng.choice((1, 2))) for _ in range(400)]
+    hot = torch.tensor([[float(k in o) for k in kinds] for o in objects])
+    torch.manual_seed(0)
+    telling = hot @ torch.randn(len(kinds), 32) + 0.05 * torch.randn(400, 32)   # features that hold the objects
+    blind = torch.randn(400, 32)                                                 # features that do not
+    assert probe_objects(telling[:300], objects[:300], telling[300:], objects[300:]) >= 0.95
+    assert probe_objects(blind[:300], objects[:300], blind[300:], objects[300:]) <= 0.3
+
+
+def test_recorded_objects_reads_the_generators_record_and_is_none_without_one(tiny_data, tmp_path):
+    from captioning.data import eval_transform
+
+    captions = tiny_data / "annotations" / "captions_val2014.json"
+    images, objects = recorded_objects(str(captions), str(tiny_data / "val2014"), eval_transform(64, 56),
+                                       limit=5, resize=64)
+    record = json.loads(captions.read_text())["images"][:5]
+    assert images.shape == (5, 3, 56, 56)
+    assert objects == [[(o["colour"], o["shape"]) for o in im["objects"]] for im in record]
+    coco = {k: v for k, v in json.loads(captions.read_text()).items()}
+    coco["images"] = [{k: v for k, v in im.items() if k != "objects"} for im in coco["images"]]
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    assert recorded_objects(str(tmp_path / "coco.json"), str(tiny_data / "val2014"), eval_transform(64, 56)) is None

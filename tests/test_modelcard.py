@@ -201,8 +201,8 @@ def test_a_card_that_cannot_be_written_is_a_warning_for_training_and_evaluation(
     monkeypatch.setattr(modelcard, "atomic_write", full)
     logged = []
     run = types.SimpleNamespace(config=get_config("tiny", models_dir=str(tmp_path)), vocab=[None] * 43, step=3,
-                                epoch=0, epochs=14, device=torch.device("cpu"), init_from=None, train_ds=None, val_loader=None,
-                                log=logged.append, path=lambda name: str(tmp_path / name))
+                                epoch=0, epochs=14, device=torch.device("cpu"), init_from=None, train_ds=None,
+                                val_loader=None, log=logged.append, path=lambda name: str(tmp_path / name))
     _write_model_card(run, time.time())
     assert len(logged) == 1 and logged[0].startswith("warning: the model card ") and "No space left" in logged[0]
     assert _complete_model_card(str(tmp_path / "best.ckpt"), fake_result(), "val", 3) is None

@@ -70,6 +70,9 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
     assert len(_images(executed_07)) >= 3  # the captioned images are shown inline, and a saliency strip
     # the pretraining scenes and the random-vs-stand-in feature map
     assert len(_images(nbformat.read(out / "05_model.ipynb", as_version=4))) >= 2
+    probes = re.findall(r"(random|stand-in) ResNet-18: a linear read of its features names every object of \d+% "
+                        r"of the 8 val images", _text(out / "05_model.ipynb"))
+    assert probes == ["random", "stand-in"]                    # the probe on the user's own images ran, both ways
     assert len(list((root / "pretrained").glob("standin-resnet18-64to56px-3steps-seed0-*.pth"))) == 1
     for path in out.iterdir():      # progress bars are saved at their last frame, not at 0%
         text = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
