@@ -8,13 +8,16 @@ exactly the true objects? A probe takes seconds where training a captioner takes
 two rank recipes alike, so it is the quick way to compare pretraining recipes.
 
     python benchmarks/standin_probe.py [--recipes default steps=1400,lr=2e-3 ...] [--files OLD.pth ...]
+                                       [--breakdown "own shapes"]
 
 A recipe is "default" (pretrain_standin's defaults) or NAME=VALUE,... overriding them: steps,
 low_share (the share of steps on small images), low_batch (how many times the batch those take),
-lr, label_smoothing, bf16=1 (bfloat16 autocast), radius=LOW-HIGH, aspect=LOW-HIGH, shapes=NAME/NAME/... or shapes=tiny11
-(the eleven shapes of the recipe before the thin ones were added).
+batch_size, lr, label_smoothing, bf16=1 (bfloat16 autocast), radius=LOW-HIGH, aspect=LOW-HIGH,
+shapes=NAME/NAME/..., shapes=tiny11 (the eleven shapes of the recipe before the thin ones were added)
+or shapes=all17 (every drawable shape but the held-out ones).
 """
 import argparse
+import json
 import os
 import time
 
@@ -24,7 +27,7 @@ from standin_quality import SETS
 
 from captioning.backbone import build_resnet
 from captioning.data import eval_transform
-from captioning.standin import pretrain_standin, probe_objects, recorded_objects
+from captioning.standin import pretrain_standin, probe_hits, probe_objects, recorded_objects
 from captioning.tinyset import DRAWABLE_SHAPES, HELDOUT_SHAPES, make_tinyset
 
 SIZE, CROP = 64, 56   # the tiny preset's
@@ -63,12 +66,38 @@ def parse_recipe(text):
     return kwargs
 
 
+def breakdown(resnet, root, train, val):
+    """Objects right, and shapes right leaving colours aside, by object count and by the pictures' proportions."""
+    with open(os.path.join(root, "annotations", "captions_val2014.json")) as f:
+        aspect = [im["width"] / im["height"] for im in json.load(f)["images"] if im.get("objects")]
+    x, xv = features(resnet, train[0]), features(resnet, val[0])
+    objects = probe_hits(x, train[1], xv, val[1])
+    shapes = probe_hits(x, [[s for _, s in o] for o in train[1]], xv, [[s for _, s in o] for o in val[1]])
+    groups = {"one object": [len(o) == 1 for o in val[1]], "two objects": [len(o) == 2 for o in val[1]],
+              "width/height < 0.8": [a < 0.8 for a in aspect], "0.8 to 1.25": [0.8 <= a < 1.25 for a in aspect],
+              "1.25 to 1.8": [1.25 <= a < 1.8 for a in aspect], "1.8 and over": [a >= 1.8 for a in aspect]}
+    print(f"{'':<22}{'images':>8}{'objects right':>15}{'shapes right':>14}")
+    for name, chosen in groups.items():
+        n = sum(chosen)
+        if n:
+            right = sum(h for h, c in zip(objects, chosen) if c) / n
+            shape_right = sum(h for h, c in zip(shapes, chosen) if c) / n
+            print(f"{name:<22}{n:>8}{right:>15.1%}{shape_right:>14.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="*", default=["default"])
+    parser.add_argument("--recipes", nargs="*", help="recipes to pretrain and probe (default: 'default' unless "
+                                                      "--files is given)")
     parser.add_argument("--files", nargs="*", default=[], help="stand-in weights files to probe as they are")
+    parser.add_argument("--breakdown", metavar="SET", help="also split SET's val images by object count and "
+                                                           "proportions, with shapes scored apart from colours")
     parser.add_argument("--out", default="runs/standin_probe")
     args = parser.parse_args()
+    if args.recipes is None:
+        args.recipes = [] if args.files else ["default"]
+    if args.breakdown and args.breakdown not in SETS:
+        parser.error(f"--breakdown takes one of {', '.join(SETS)}")
     splits = {}
     for name, spec in SETS.items():
         data = os.path.join(args.out, name.replace(" ", "_"))
@@ -92,6 +121,8 @@ def main():
                  for name, (train, val) in splits.items()}
         rows.append((os.path.basename(item), seconds, heldout.get("heldout_single_shape_accuracy"), right))
         print(f"done: {item} ({seconds:.0f} s)", flush=True)
+        if args.breakdown:
+            breakdown(resnet, os.path.join(args.out, args.breakdown.replace(" ", "_")), *splits[args.breakdown])
     print(f"\n{'recipe':<44}{'s':>6}{'lone shapes':>13}" + "".join(f"{name:>15}" for name in SETS))
     for item, seconds, single, right in rows:
         single = "" if single is None else f"{single:.1%}"

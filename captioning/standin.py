@@ -370,13 +370,23 @@ def recorded_objects(captions_json: str, image_folder: str, transform: Callable,
 def probe_objects(train_features: torch.Tensor, train_objects: Sequence[Sequence[tuple[str, str]]],
                   val_features: torch.Tensor, val_objects: Sequence[Sequence[tuple[str, str]]],
                   steps: int = 500, seed: int = 0) -> float:
-    """A linear probe: the share of val images whose objects a linear read of the pooled features names exactly.
+    """A linear probe: the share of val images whose objects a linear read of the pooled features names exactly
+    (probe_hits, image by image)."""
+    hits = probe_hits(train_features, train_objects, val_features, val_objects, steps, seed)
+    return sum(hits) / max(1, len(hits))
+
+
+def probe_hits(train_features: torch.Tensor, train_objects: Sequence[Sequence[Any]],
+               val_features: torch.Tensor, val_objects: Sequence[Sequence[Any]],
+               steps: int = 500, seed: int = 0) -> list[bool]:
+    """For each val image, whether a linear read of its pooled features names its objects exactly.
 
     A logistic regression from the standardised features to which colour-shape objects an image
     shows is fitted on the training images; on a val image, given how many objects it holds, its
     top-scoring objects must be exactly the true ones. Linear, like the captioner's encoder head:
     what it cannot read, a frozen-backbone captioner rarely says. A probe takes seconds where a
-    captioner takes minutes, which makes it the quick test of a backbone on a dataset.
+    captioner takes minutes, which makes it the quick test of a backbone on a dataset. An object is
+    anything hashable: (colour, shape) pairs, or shapes alone to leave colours aside.
     """
     kinds = sorted({o for objects in (*train_objects, *val_objects) for o in objects})
     index = {o: i for i, o in enumerate(kinds)}
@@ -406,6 +416,5 @@ def probe_objects(train_features: torch.Tensor, train_objects: Sequence[Sequence
     with torch.no_grad():
         scores = linear((val_features - mean) / std)
     counts = y_val.sum(1).long()
-    right = [set(row.topk(int(k)).indices.tolist()) == set(truth.nonzero().flatten().tolist())
-             for row, k, truth in zip(scores, counts, y_val)]
-    return sum(right) / max(1, len(right))
+    return [set(row.topk(int(k)).indices.tolist()) == set(truth.nonzero().flatten().tolist())
+            for row, k, truth in zip(scores, counts, y_val)]
