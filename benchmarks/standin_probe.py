@@ -27,7 +27,7 @@ from standin_quality import SETS
 
 from captioning.backbone import build_resnet
 from captioning.data import eval_transform
-from captioning.standin import pretrain_standin, probe_hits, probe_objects, recorded_objects
+from captioning.standin import pooled_features, pretrain_standin, probe_hits, probe_objects, recorded_objects
 from captioning.tinyset import DRAWABLE_SHAPES, HELDOUT_SHAPES, make_tinyset
 
 SIZE, CROP = 64, 56   # the tiny preset's
@@ -37,11 +37,6 @@ def load_split(root, split):
     """(images as the captioner's cache sees them at eval, their (colour, shape) objects)."""
     return recorded_objects(os.path.join(root, "annotations", f"captions_{split}2014.json"),
                             os.path.join(root, f"{split}2014"), eval_transform(SIZE, CROP), resize=SIZE)
-
-
-@torch.no_grad()
-def features(resnet, images):
-    return torch.cat([resnet(images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
 ELEVEN = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon", "octagon", "star", "cross", "heart",
@@ -70,7 +65,7 @@ def breakdown(resnet, root, train, val):
     """Objects right, and shapes right leaving colours aside, by object count and by the pictures' proportions."""
     with open(os.path.join(root, "annotations", "captions_val2014.json")) as f:
         aspect = [im["width"] / im["height"] for im in json.load(f)["images"] if im.get("objects")]
-    x, xv = features(resnet, train[0]), features(resnet, val[0])
+    x, xv = pooled_features(resnet, train[0]), pooled_features(resnet, val[0])
     objects = probe_hits(x, train[1], xv, val[1])
     shapes = probe_hits(x, [[s for _, s in o] for o in train[1]], xv, [[s for _, s in o] for o in val[1]])
     groups = {"one object": [len(o) == 1 for o in val[1]], "two objects": [len(o) == 2 for o in val[1]],
@@ -117,7 +112,8 @@ def main():
         resnet = build_resnet("resnet18", path)
         resnet.fc = nn.Identity()
         resnet.eval()
-        right = {name: probe_objects(features(resnet, train[0]), train[1], features(resnet, val[0]), val[1])
+        right = {name: probe_objects(pooled_features(resnet, train[0]), train[1], pooled_features(resnet, val[0]),
+                                     val[1])
                  for name, (train, val) in splits.items()}
         rows.append((os.path.basename(item), seconds, heldout.get("heldout_single_shape_accuracy"), right))
         print(f"done: {item} ({seconds:.0f} s)", flush=True)

@@ -14,13 +14,16 @@ statistics are estimated from the training images (`--set weights=none`), and th
 pretrained on synthetic scenes (the preset's default). Everything else is the preset's.
 
     python benchmarks/standin_quality.py [--out runs/standin_quality] [--epochs N] [--standin-only]
+                                         [--sets "own shapes" ...] [--set lr=0.002 ...]
 """
 import argparse
+import dataclasses
 import os
 import time
 
+from captioning.__main__ import _parse_value
 from captioning.backbone import STANDIN
-from captioning.config import get_config
+from captioning.config import Config, get_config
 from captioning.evaluation import evaluate_checkpoint
 from captioning.tinyset import HELDOUT_SHAPES, NAMED_COLOURS, make_tinyset
 from captioning.training import train
@@ -36,8 +39,8 @@ UNSEEN = dict(train=1500, val=200, seed=8, shapes=HELDOUT_SHAPES,
 SETS = {"tiny set": dict(train=3000, val=250, seed=0), "own shapes": OWN, "unseen shapes": UNSEEN}
 
 
-def run(name, data_dir, models_dir, weights, epochs):
-    overrides = {"epochs": epochs} if epochs else {}
+def run(name, data_dir, models_dir, weights, epochs, overrides=None):
+    overrides = {**({"epochs": epochs} if epochs else {}), **(overrides or {})}
     config = get_config("tiny", data_dir=data_dir, models_dir=models_dir, weights=weights, progress=False,
                         **overrides)
     t = time.time()                          # train() builds the stand-in first when it is missing
@@ -54,8 +57,18 @@ def main():
     parser.add_argument("--out", default="runs/standin_quality")
     parser.add_argument("--epochs", type=int, help="decoder epochs (default: the tiny preset's)")
     parser.add_argument("--standin-only", action="store_true", help="leave out the random-backbone baselines")
+    parser.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="another captioner setting than the preset's, as train's --set")
     args = parser.parse_args()
-    sets = SETS
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            parser.error(f"--set expects FIELD=VALUE with FIELD a Config field; got {item!r}")
+        overrides[name] = _parse_value(fields[name], value)
+    sets = {name: SETS[name] for name in args.sets}
     backbones = [("random ResNet-18, BatchNorm estimated", None), ("stand-in", STANDIN)][args.standin_only:]
     rows = []
     for set_name, spec in sets.items():
@@ -64,7 +77,7 @@ def main():
             make_tinyset(data, **spec)
         for backbone, weights in backbones:
             models = os.path.join(args.out, "models", f"{set_name.replace(' ', '_')}-{weights or 'random'}")
-            row = run(f"{set_name}: {backbone}", data, models, weights, args.epochs)
+            row = run(f"{set_name}: {backbone}", data, models, weights, args.epochs, overrides)
             rows.append(row)
             print(f"done: {row['name']} ({row['seconds']:.0f} s)", flush=True)
     print(f"\n{'':<48}{'objects':>9}{'colours':>9}{'shapes':>9}{'relation':>9}{'BLEU-4':>8}{'CIDEr':>7}")

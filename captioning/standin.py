@@ -367,6 +367,13 @@ def recorded_objects(captions_json: str, image_folder: str, transform: Callable,
     return torch.stack(tensors), [[(o["colour"], o["shape"]) for o in im["objects"]] for im in images]
 
 
+@torch.no_grad()
+def pooled_features(extract: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    batch_size: int = 256) -> torch.Tensor:
+    """`extract` (CNNModel.extract, or a ResNet without its fc) over `images` in batches, without gradients."""
+    return torch.cat([extract(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 def probe_objects(train_features: torch.Tensor, train_objects: Sequence[Sequence[tuple[str, str]]],
                   val_features: torch.Tensor, val_objects: Sequence[Sequence[tuple[str, str]]],
                   steps: int = 500, seed: int = 0) -> float:
