@@ -19,14 +19,18 @@ convention: step 0 reads the image alone (a zero word) and predicts <start>, as 
 LSTM does after its image embedding, so teacher forcing, the loss, beam search and scoring are
 the same code for both decoders (captioning.decoding.Decoder).
 
-Which grid: the deepest ResNet stage whose map is at least 4 x 4 at the crop size (grid_layer=0),
-i.e. layer4's 7 x 7 at 224 px (COCO) and layer3's 4 x 4 at the tiny preset's 56 px, where layer4
-is only 2 x 2. The tiny preset's stand-in backbone is then used as it is, without retraining it for
-another crop size. The trade-off, measured on the relations world (docs/design_notes.md): a layer3
-cell sees more than the whole crop, so every cell knows the scene's layout and the relations come
-out right, but the attention need not land on what it names; layer2's 7 x 7 cells see little
-beyond their patch, name the objects better and point at them more often, but the decoder did not
-learn to relate two objects it saw in turn.
+Which grid: the tiny preset reads layer2's 7 x 7 map of its 56-pixel crops (grid_layer=2); with
+grid_layer=0, the deepest ResNet stage whose map is at least 4 x 4 at the crop size: layer4's 7 x 7 at
+224 px (COCO), layer3's 4 x 4 at 56 px. The stand-in backbone is used as it is, without retraining it
+for another crop size. The trade-off, measured on the relations world (docs/design_notes.md): a layer3
+cell sees more than the whole crop, so every cell knows the scene's layout, but the attention need not
+land on what it names; layer2's cells see little beyond their patch, so the attention lands on the
+objects more often, but a cell does not say where it is.
+
+Where a cell is: `grid_position` (the tiny preset's) adds a fixed sinusoidal code of each cell's row
+and column to its embedding (`position_code`; not in Xu et al., who read layer4 of a 224-pixel
+crop, where the padding tells a cell where it lies). The context then carries where the decoder
+looked as well as what it saw there, which is what a relation ("to the left of") needs.
 """
 import math
 
@@ -49,6 +53,24 @@ def pick_grid_layer(crop_size: int, min_cells: int = 4) -> int:
     return max([1] + [layer for layer in (1, 2, 3, 4) if math.ceil(crop_size / 2 ** (layer + 1)) >= min_cells])
 
 
+def position_code(rows: int, columns: int, size: int) -> torch.Tensor:
+    """(rows * columns, size): a fixed code of each cell's place, in reading order.
+
+    A quarter of the channels are sin(k * pi / 2 * x) and a quarter cos(...) of the column's place x in
+    [-1, 1], for k = 1 .. size // 4, and the other half the same of the row's; the channels that do
+    not divide into four stay zero. Nothing in it is learned, so a checkpoint need not store it."""
+    k = size // 4
+    frequencies = torch.arange(1, k + 1, dtype=torch.float64) * math.pi / 2
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, rows, dtype=torch.float64),
+                            torch.linspace(-1, 1, columns, dtype=torch.float64), indexing="ij")
+    parts = []
+    for place in (xs.flatten(), ys.flatten()):
+        angles = place[:, None] * frequencies
+        parts += [angles.sin(), angles.cos()]
+    code = torch.cat(parts, 1).float()
+    return nn.functional.pad(code, (0, size - code.size(1)))
+
+
 def grid_cells(crop_size: int, grid_layer: int) -> int:
     """The side h = w of the grid that stage `grid_layer` gives for crop_size-pixel images."""
     return math.ceil(crop_size / 2 ** (grid_layer + 1))
@@ -58,12 +80,13 @@ class GridCNNModel(CNNModel):
     """The chapter's CNNModel without the pooling: ResNet up to `grid_layer`, then Linear + BatchNorm per cell.
 
     extract() gives the frozen grid (B, D, h, w), which the feature cache stores; head() turns it
-    into (B, P, E), what AttentionDecoder reads."""
+    into (B, P, E), what AttentionDecoder reads. With `position_cells` = h (the grid's side at the
+    crop size), head() adds position_code to every cell, so that a cell says where it is."""
 
     feature_kind = "grid"
 
     def __init__(self, embedding_size: int, backbone: str = "resnet152", weights=None,
-                 train_backbone: bool = False, grid_layer: int = 4) -> None:
+                 train_backbone: bool = False, grid_layer: int = 4, position_cells: int = 0) -> None:
         super().__init__(embedding_size, backbone, weights, train_backbone)
         if grid_layer not in (1, 2, 3, 4):
             raise ValueError(f"grid_layer must be a ResNet stage 1..4, got {grid_layer!r}")
@@ -74,6 +97,10 @@ class GridCNNModel(CNNModel):
         self.feature_size = [m for m in last_stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
         self.linear_layer = nn.Linear(self.feature_size, embedding_size)
         self.batch_norm = nn.BatchNorm1d(embedding_size, momentum=0.01)
+        self.position: torch.Tensor | None
+        # not persistent: made from the sizes, so a checkpoint holds nothing of it
+        self.register_buffer("position", position_code(position_cells, position_cells, embedding_size)
+                             if position_cells else None, persistent=False)
 
     def extract(self, input_images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the stage's feature map (B, D, h, w): what the feature cache stores."""
@@ -88,9 +115,16 @@ class GridCNNModel(CNNModel):
         return fold_batchnorm(self.resnet_module)
 
     def head(self, resnet_features: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order; always trained."""
+        """(B, D, h, w) grids -> (B, P, E) cell embeddings, P = h * w in reading order; always trained.
+        With a position code, each cell's place is added to its embedding."""
         cells = self.linear_layer(resnet_features.float().flatten(2).transpose(1, 2))      # (B, P, E)
-        return self.batch_norm(cells.transpose(1, 2)).transpose(1, 2)
+        cells = self.batch_norm(cells.transpose(1, 2)).transpose(1, 2)
+        if self.position is None:
+            return cells
+        if cells.size(1) != self.position.size(0):
+            raise ValueError(f"this grid has {cells.size(1)} cells, but the model's position code was made for "
+                             f"{self.position.size(0)}: feed images at the crop size it was trained on")
+        return cells + self.position
 
 
 class Attention(nn.Module):

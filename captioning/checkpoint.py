@@ -192,9 +192,10 @@ def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -
             raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
                                     f"captioning.standin.ensure_standin(config), or train() which builds it")
     if config.decoder == "attention":
-        from .attention import AttentionDecoder, GridCNNModel
-        encoder: CNNModel = GridCNNModel(config.embedding_size, config.backbone, weights, config.train_backbone,
-                                         config.resolved_grid_layer)
+        from .attention import AttentionDecoder, GridCNNModel, grid_cells
+        layer = config.resolved_grid_layer
+        encoder: CNNModel = GridCNNModel(config.embedding_size, config.backbone, weights, config.train_backbone, layer,
+                                         grid_cells(config.crop_size, layer) if config.grid_position else 0)
         decoder: Any = AttentionDecoder(config.embedding_size, config.hidden_layer_size, vocab_size,
                                         config.attention_size, config.max_seq_len, config.dropout, config.alpha_c)
         return encoder, decoder

@@ -15,7 +15,7 @@ top, exactly as in the chapter. Two kinds of cache:
   a map takes h x w times a pooled vector's space (8 x 8 for ResNet at 256 px).
 - "grids": for the attention decoder (captioning.attention), the K augmented views as a views cache
   makes them, each kept as the chosen stage's grid (D, h, w) instead of its average: h x w times a
-  views cache's space (4 x 4 x 256 per view for the tiny preset's ResNet-18 layer3, 7 x 7 x 2048 for
+  views cache's space (7 x 7 x 128 per view for the tiny preset's ResNet-18 layer2, 7 x 7 x 2048 for
   COCO's ResNet-152 layer4).
 
 Layout: features_dir/<split>-<backbone>-<kind>-<key>/features.npy  (fp16: (images, K, D) or

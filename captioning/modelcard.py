@@ -39,7 +39,7 @@ METRIC_NAMES = (("Bleu_1", "BLEU-1", "bleu"), ("Bleu_2", "BLEU-2", "bleu"), ("Bl
 INDEXED = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")     # the model-index's: the headline scores
 SEMANTIC_KEYS = ("objects", "relation", "all")                 # semantics.semantic_accuracy's, on the card
 # fields that say nothing about a run they do not apply to: left out of its table (they stay in the JSON)
-_ONLY_FOR = {"attention": ("grid_layer", "attention_size", "alpha_c", "dropout"),
+_ONLY_FOR = {"attention": ("grid_layer", "grid_position", "attention_size", "alpha_c", "dropout"),
              "scst": ("scst_samples", "scst_baseline", "scst_xe"),
              "standin": ("standin_steps", "standin_seed"),
              "train_backbone": ("backbone_lr",),
@@ -224,9 +224,10 @@ def _description(training: Mapping[str, Any]) -> list[str]:
     if hyper.get("decoder") == "attention":
         grid = training.get("grid") or {}
         cells = grid.get("cells")
+        placed = ", plus a fixed code of its place" if hyper.get("grid_position") else ""
         what = (f"Show, Attend and Tell: a CNN encoder ({backbone}, weights: {_weights(hyper)}; {frozen}) cut after "
                 f"ResNet layer {grid.get('layer', '?')}, each cell of its {cells} x {cells} grid passed through the "
-                f"chapter's Linear + BatchNorm head to {size}-d; an attention decoder (LSTM cell, hidden size "
+                f"chapter's Linear + BatchNorm head to {size}-d{placed}; an attention decoder (LSTM cell, hidden size "
                 f"{hidden}, additive attention {hyper.get('attention_size')} wide, dropout {hyper.get('dropout')}, "
                 f"doubly stochastic regularisation alpha_c {hyper.get('alpha_c')}) that reads the grid before each "
                 f"word; {words}.")

@@ -20,9 +20,9 @@ attention model too, a second opinion on what its attention shows:
 
 Attention weights show what the decoder read, not what the word depends on: a cell can be read and
 matter little, and a cell beside an object can carry it (a deep cell sees far beyond its patch).
-The pointing game (`pointing_game`) puts the three to the same test; on the tiny set and the
-relations world the attention model's attention seldom peaks on the object a word names, where
-occlusion of the same model often does (benchmarks/attention_pointing.py).
+The pointing game (`pointing_game`) puts the three to the same test; on the relations world the
+attention model's attention peaks on the object a word names about as often as occlusion of the
+same model does, about half the time (benchmarks/attention_pointing.py).
 
 None needs training-time support: the backbone runs on the image here, frozen or not,
 whether the model was trained on cached features or not.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SMALL
 
-from captioning.attention import AttentionDecoder, GridCNNModel, grid_cells, pick_grid_layer
+from captioning.attention import AttentionDecoder, GridCNNModel, grid_cells, pick_grid_layer, position_code
 from captioning.checkpoint import build_models, load_captioner
 from captioning.config import get_config
 from captioning.decoding import beam_search, greedy_search, score_sequences
@@ -18,17 +18,53 @@ from captioning.vocabulary import SPECIAL_TOKENS, START
 START_ID = SPECIAL_TOKENS.index(START)
 
 
-def test_the_grid_is_the_deepest_stage_at_least_4_by_4():
+def test_the_grid_is_the_deepest_stage_at_least_4_by_4_unless_the_preset_names_one():
     assert pick_grid_layer(224) == 4 and grid_cells(224, 4) == 7         # COCO: layer4's 7 x 7
-    assert pick_grid_layer(56) == 3 and grid_cells(56, 3) == 4           # tiny: layer3's 4 x 4 (layer4 is 2 x 2)
+    assert pick_grid_layer(56) == 3 and grid_cells(56, 3) == 4           # 56 px: layer3's 4 x 4 (layer4 is 2 x 2)
     assert grid_cells(56, 2) == 7 and pick_grid_layer(56, min_cells=7) == 2
     assert pick_grid_layer(32) == 2
-    assert get_config("tiny").resolved_grid_layer == 3 and get_config("coco").resolved_grid_layer == 4
-    assert get_config("tiny", grid_layer=2).resolved_grid_layer == 2
+    assert get_config("coco").resolved_grid_layer == 4 and not get_config("coco").grid_position
+    tiny = get_config("tiny", decoder="attention")
+    assert (tiny.resolved_grid_layer, tiny.grid_position, tiny.alpha_c) == (2, True, 0.0)   # 7 x 7, with places
+    assert get_config("tiny", grid_layer=0).resolved_grid_layer == 3
+
+
+def test_the_position_code_tells_every_cell_apart_and_is_fixed():
+    code = position_code(7, 7, 128)
+    assert code.shape == (49, 128) and torch.equal(code, position_code(7, 7, 128))
+    assert torch.cdist(code, code).add(torch.eye(49) * 1e3).min() > 0.5          # no two cells alike
+    # columns and rows have their own channels: cells of one column share the column's half
+    assert torch.allclose(code[0, :64], code[7, :64]) and not torch.allclose(code[0, 64:], code[7, 64:])
+    odd = position_code(3, 4, 10)                                                  # 10 = 4 * 2 + 2 spare
+    assert odd.shape == (12, 10) and odd[:, 8:].abs().max() == 0
+
+
+def test_the_grid_encoder_adds_each_cells_place_without_storing_it():
+    torch.manual_seed(0)
+    plain = GridCNNModel(16, "resnet18", None, grid_layer=2).eval()
+    placed = GridCNNModel(16, "resnet18", None, grid_layer=2, position_cells=4).eval()
+    placed.load_state_dict(plain.state_dict())         # nothing to add: the code is not in the state
+    assert set(placed.state_dict()) == set(plain.state_dict())
+    same = torch.ones(1, 128, 4, 4)                    # every cell sees the same thing
+    assert plain.head(same).std(1).max() < 1e-5
+    cells = placed.head(same)[0]                       # ... and now each says where it is
+    assert torch.cdist(cells, cells).add(torch.eye(16) * 1e3).min() > 0.1
+    assert torch.allclose(placed.head(same) - plain.head(same), position_code(4, 4, 16).unsqueeze(0), atol=1e-5)
+    with pytest.raises(ValueError, match="16 cells.*position code was made for 49"):
+        GridCNNModel(16, "resnet18", None, grid_layer=2, position_cells=7).eval().head(same)
+
+
+def test_a_checkpoint_from_before_grid_position_loads_without_it():
+    saved = get_config("tiny", decoder="attention", grid_layer=0).hyperparameters()
+    del saved["grid_position"]                          # written before the field existed
+    old = get_config(saved=saved)
+    assert not old.grid_position and old.resolved_grid_layer == 3
+    encoder, _ = build_models(get_config(saved={**saved, "weights": None}), 20)
+    assert encoder.position is None
 
 
 @pytest.mark.parametrize("field, value", [("decoder", "transformer"), ("grid_layer", 5), ("dropout", 1.5),
-                                          ("alpha_c", -1), ("attention_size", 0)])
+                                          ("alpha_c", -1), ("attention_size", 0), ("grid_position", "yes")])
 def test_bad_attention_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         get_config("tiny", **{field: value})
@@ -110,6 +146,7 @@ def test_training_reads_cached_grids_and_the_checkpoint_says_attention(tiny_copy
     encoder, decoder, vocab, loaded = load_captioner(summary["last"])          # no flag: the checkpoint says
     assert isinstance(decoder, AttentionDecoder) and isinstance(encoder, GridCNNModel)
     assert loaded.decoder == "attention" and loaded.resolved_grid_layer == 2
+    assert loaded.grid_position and encoder.position is not None and encoder.position.shape == (16, 16)
     images = sorted(str(p) for p in (tiny_copy / "val2014").glob("*.jpg"))[:3]
     for beam in (1, 3):
         results = caption_images(images, encoder, decoder, vocab, loaded, beam_size=beam)

@@ -133,7 +133,8 @@ def test_a_coco_card_speaks_of_photographs_and_an_scst_attention_card_of_its_sta
     text = card_text({"training": info})
     meta = front_matter(text)
     assert meta["tags"] == ["image-captioning", "show-attend-and-tell", "self-critical"]
-    assert "Show, Attend and Tell" in text and "ResNet layer 3" in text and "4 x 4 grid" in text
+    assert "Show, Attend and Tell" in text and "ResNet layer 2" in text and "7 x 7 grid" in text
+    assert "a fixed code of its place" in text
     assert "self-critical sequence training on CIDEr-D" in text and "`tiny/best.ckpt` (xe, step 300)" in text
     assert "unknown training images" in text and "/home/someone" not in text     # no machine's paths on a card
 
