@@ -195,8 +195,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     # decoder="attention" reads layer2's 7 x 7 grid with each cell's place added, without the doubly
     # stochastic term (which spreads 49 cells' attention over a caption of about 20 words): on the
-    # relations world the combination got the relations right where layer3's 4 x 4 grid or either
-    # without the place did not (docs/design_notes.md).
+    # relations world the combination got the relations right where layer3's 4 x 4 grid, and layer2
+    # without the places, did not (docs/design_notes.md).
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, max_seq_len=32, resize_size=64, crop_size=56,
         hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
