@@ -231,14 +231,29 @@ def _check_kind(kind, views):
 
 def _identity(encoder, caption_dataset, transform, views, seed, split, kind):
     """What a cache is made of (meta.json's first fields): the backbone, its weights, the transform, the
-    view count and the image list. `cache_key` hashes it."""
+    view count, the image list and the images' file sizes. `cache_key` hashes all but the sizes."""
     names = [caption_dataset.coco.imgs[i]["file_name"] for i in caption_dataset.image_ids]
     return {
         "kind": kind, "backbone": encoder.backbone_name, "weights": encoder.weights_id,
         "fingerprint": backbone_fingerprint(encoder), "transform": repr(transform),
         "views": views, "seed": seed, "split": split, "dim": encoder.feature_size,
         "images": len(names), "image_list": hashlib.sha1("\n".join(names).encode()).hexdigest(),
+        "image_sizes": image_sizes_sha1(caption_dataset),
     }
+
+
+def image_sizes_sha1(caption_dataset: CocoCaptionDataset) -> str:
+    """A hash of every image file's size, in the dataset's order (-1 for a file that is gone).
+
+    Images made again under the same names (a data folder generated anew, photos replaced) keep the
+    image list and change the sizes: a cache extracted from the old ones is then extracted again
+    rather than read. One stat per image, no reading: cheap at COCO's scale."""
+    def size(k: int) -> int:
+        try:
+            return os.path.getsize(caption_dataset.image_path(k))
+        except OSError:
+            return -1
+    return hashlib.sha1(",".join(str(size(k)) for k in range(len(caption_dataset.image_ids))).encode()).hexdigest()
 
 
 def cache_key(meta: dict) -> str:
@@ -246,8 +261,9 @@ def cache_key(meta: dict) -> str:
 
     The weights are known by their fingerprint, not by their name: the same weights file reached
     through two paths (two models folders, a moved data_dir) is one cache, and a file retrained in
-    place is another."""
-    identity = {k: v for k, v in meta.items() if k not in ("weights", "done", "complete", "map")}
+    place is another. The images' sizes are not in the key but checked when the cache is opened
+    (_verify), so that a cache made before they were recorded keeps its folder."""
+    identity = {k: v for k, v in meta.items() if k not in ("weights", "done", "complete", "map", "image_sizes")}
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -343,7 +359,11 @@ def _verify(meta_path, array_path, shape, expected):
         return "meta.json is not a JSON object"
     if "checksum" in meta and meta["checksum"] != meta_checksum(meta):
         return "meta.json does not match its checksum"
-    other = [k for k, v in expected.items() if k != "weights" and meta.get(k, v if k == "map" else None) != v]
+    # "map" and "image_sizes" came later: a cache without them was made before they were recorded
+    other = [k for k, v in expected.items()
+             if k != "weights" and meta.get(k, v if k in ("map", "image_sizes") else None) != v]
+    if other == ["image_sizes"]:
+        return "its images have changed since it was extracted: their file sizes differ"
     if other:
         return f"meta.json describes another cache: {', '.join(other)} differ"
     done = meta.get("done", 0)

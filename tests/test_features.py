@@ -9,7 +9,13 @@ from conftest import SMALL, run_cli
 
 from captioning.config import get_config
 from captioning.data import CocoCaptionDataset, eval_transform
-from captioning.features import CachedCaptionDataset, build_feature_cache, pool_window, window_weights
+from captioning.features import (
+    CachedCaptionDataset,
+    build_feature_cache,
+    meta_checksum,
+    pool_window,
+    window_weights,
+)
 from captioning.model import CNNModel
 from captioning.training import train
 from captioning.vocabulary import Vocab
@@ -344,6 +350,49 @@ def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_pa
     damage(edit_meta, "meta.json does not match its checksum")
     damage(lambda: open(meta_path, "w").write("{not json"),
            "meta.json cannot be read: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
+
+
+def test_images_made_again_under_the_same_names_are_extracted_again(dataset, tmp_path):
+    """A data folder generated anew keeps its file names: the cache sees the new files by their sizes and
+    extracts them again, instead of serving the old images' features. A cache from before the sizes
+    were recorded keeps its folder and is read as it is."""
+    import gc
+
+    from PIL import Image
+
+    torch.manual_seed(0)
+    encoder = CNNModel(8, "resnet18", weights=None).eval()
+    tf = eval_transform(32, 32)
+    said = []
+
+    def build():
+        cache = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
+                                    batch_size=16, progress=False, log=said.append)
+        values, folder = np.array(cache), os.path.dirname(cache.filename)
+        del cache
+        gc.collect()
+        return values, folder
+
+    old, folder = build()
+    row = 3
+    path = dataset.image_path(row)
+    before = os.path.getsize(path)
+    Image.new("RGB", Image.open(path).size, (250, 20, 20)).save(path, format=Image.open(path).format)
+    assert os.path.getsize(path) != before
+    said.clear()
+    new, again = build()
+    assert again == folder                                 # the same folder, extracted again
+    assert said == [f"feature cache {folder} is damaged (its images have changed since it was extracted: their "
+                    f"file sizes differ): extracting it again"]
+    assert not np.array_equal(new[row], old[row]) and np.array_equal(np.delete(new, row, 0), np.delete(old, row, 0))
+
+    meta_path = os.path.join(folder, "meta.json")          # as written before "image_sizes" existed
+    meta = json.load(open(meta_path))
+    del meta["image_sizes"], meta["checksum"]
+    json.dump({**meta, "checksum": meta_checksum(meta)}, open(meta_path, "w"))
+    said.clear()
+    kept, same = build()
+    assert same == folder and np.array_equal(kept, new) and not any("damaged" in s for s in said)
 
 
 @pytest.mark.parametrize("kind", ["maps", "grids"])
