@@ -1,4 +1,5 @@
 """The map cache (crops taken in feature space, kind="maps") and the views cache's jitter."""
+import gc
 import json
 import os
 
@@ -210,7 +211,6 @@ def _on_batch(encoder, batch, action):
 
 
 def test_prune_keeps_a_cache_that_is_being_extracted_or_read(dataset, tiny_copy, tmp_path):
-    import gc
 
     from captioning.features import list_feature_caches, prune_feature_caches
 
@@ -287,23 +287,28 @@ def test_an_interrupted_extraction_is_never_reported_complete(dataset, tmp_path)
     assert cache["complete"] and cache["done"] == cache["images"] == len(dataset.image_ids)
 
 
+def _extract_and_release(encoder, dataset, tf, features_dir, log):
+    """Build (or open) a one-view train cache: (its values, its folder), the memmap closed again so that
+    its shared lock goes with it."""
+    cache = build_feature_cache(encoder, dataset, tf, 1, str(features_dir), "train", torch.device("cpu"),
+                                batch_size=16, progress=False, log=log)
+    values, folder = np.array(cache), os.path.dirname(cache.filename)
+    del cache
+    gc.collect()
+    return values, folder
+
+
 def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_path):
     """A truncated or grown features.npy, a corrupted header, a meta.json that does not match: each is
     found before anything is read, named, and extracted again to the same features."""
-    import gc
 
     torch.manual_seed(0)
     encoder = CNNModel(8, "resnet18", weights=None).eval()
     tf = eval_transform(32, 32)
-    said = []
+    said: list[str] = []
 
     def build():
-        cache = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
-                                    batch_size=16, progress=False, log=said.append)
-        values, folder = np.array(cache), os.path.dirname(cache.filename)
-        del cache
-        gc.collect()                          # the memmap's shared lock goes with it
-        return values, folder
+        return _extract_and_release(encoder, dataset, tf, tmp_path / "f", said.append)
 
     good, folder = build()
     array, meta_path = os.path.join(folder, "features.npy"), os.path.join(folder, "meta.json")
@@ -356,22 +361,16 @@ def test_images_made_again_under_the_same_names_are_extracted_again(dataset, tmp
     """A data folder generated anew keeps its file names: the cache sees the new files by their sizes and
     extracts them again, instead of serving the old images' features. A cache from before the sizes
     were recorded keeps its folder and is read as it is."""
-    import gc
 
     from PIL import Image
 
     torch.manual_seed(0)
     encoder = CNNModel(8, "resnet18", weights=None).eval()
     tf = eval_transform(32, 32)
-    said = []
+    said: list[str] = []
 
     def build():
-        cache = build_feature_cache(encoder, dataset, tf, 1, str(tmp_path / "f"), "train", torch.device("cpu"),
-                                    batch_size=16, progress=False, log=said.append)
-        values, folder = np.array(cache), os.path.dirname(cache.filename)
-        del cache
-        gc.collect()
-        return values, folder
+        return _extract_and_release(encoder, dataset, tf, tmp_path / "f", said.append)
 
     old, folder = build()
     row = 3
