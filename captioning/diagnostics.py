@@ -102,8 +102,12 @@ def caption_artifacts(predictions: Mapping[Any, str], references: Mapping[Any, S
 
 
 def caption_diagnostics(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]],
-                        training_captions: Iterable[str] = ()) -> dict[str, Any]:
+                        training_captions: Iterable[str] = (), tokenized: bool = False) -> dict[str, Any]:
     """predictions {image_id: caption}, references {image_id: [captions]}, training_captions: strings.
+
+    `tokenized`: the training captions are already tokens joined by spaces, as
+    `vocabulary.caption_tokens` caches them, and are used as they are: tokenizing COCO's 414k
+    captions again would take a minute.
 
     Returns a dict: images, distinct (share of distinct captions), top_caption and top_share (the
     most frequent caption and the share of images it was given to), copied (share of captions that
@@ -117,7 +121,7 @@ def caption_diagnostics(predictions: Mapping[Any, str], references: Mapping[Any,
     said = [" ".join(t) for t in tokens]
     counts = Counter(said)
     top, top_count = counts.most_common(1)[0]
-    seen = {_words(c) for c in training_captions}
+    seen = set(training_captions) if tokenized else {_words(c) for c in training_captions}
     reference_words = {i: [tokenize(r) for r in refs] for i, refs in references.items()}
     ref_lengths = [len(r) for i in predictions for r in reference_words.get(i, ())]
     artifacts = _artifacts(tokens, originals, (r for refs in reference_words.values() for r in refs))

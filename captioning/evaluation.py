@@ -405,7 +405,7 @@ def evaluate_checkpoint(checkpoint: str | None, split: str = "val", beam_size: i
     result = {"metrics": metrics, "per_image": per_image, "predictions": predictions, "references": references,
               "paths": paths, "semantic": semantic, "config": config, "skipped_images": sorted(failed),
               "skipped_metrics": details.get("skipped", {}),
-              "diagnostics": diagnostics.caption_diagnostics(predictions, references, training),
+              "diagnostics": diagnostics.caption_diagnostics(predictions, references, training, tokenized=True),
               "intervals": _intervals(per_image),
               "signature": diagnostics.signature(details["tokenizer"], references, split, len(per_image), beam_size,
                                                  LENGTH_PENALTY)}

@@ -73,6 +73,15 @@ def test_paired_comparison():
         dg.compare_results({"metrics": {}}, b)
 
 
+def test_training_captions_already_tokenized_are_taken_as_they_are():
+    predictions = {i: "a red circle" for i in REFS}
+    raw = dg.caption_diagnostics(predictions, REFS, ["A Red circle.", "a blue square"])
+    joined = dg.caption_diagnostics(predictions, REFS, ["a red circle", "a blue square"], tokenized=True)
+    assert raw["copied"] == joined["copied"] == 1.0
+    # taken as they are, not tokenized again: a raw string passed as tokens matches nothing
+    assert dg.caption_diagnostics(predictions, REFS, ["A Red circle."], tokenized=True)["copied"] == 0.0
+
+
 def test_collapse_warning_fires_on_one_caption_and_not_on_the_references():
     training = ["a red circle", "a blue square"]
     collapsed = dg.caption_diagnostics({i: "a red circle ." for i in REFS}, REFS, training)
