@@ -7,6 +7,7 @@
     python -m captioning train    --preset tiny|coco [--data-dir D] [--any-config-field VALUE ...]
                                   [--resume | --overwrite [delete]] [--init-from CKPT --objective scst]
     python -m captioning features [--preset tiny|coco] [--data-dir D] [--prune [--keep N]]
+    python -m captioning standin  [--steps N] [--seed S] [--models-dir D] [--ship]
     python -m captioning caption  IMAGE_OR_DIR... --checkpoint CKPT | --model DIR [--runtime onnx] [--beam K] [--json]
                                   [--explain OUT_DIR [--explain-method attention|occlusion|gradcam]]
     python -m captioning evaluate --checkpoint CKPT | --model DIR --data-dir D [--runtime onnx] [--split val] [--beam K]
@@ -149,6 +150,21 @@ def cmd_features(args: argparse.Namespace) -> None:
     print(format_caches(caches))
 
 
+def cmd_standin(args: argparse.Namespace) -> None:
+    from .standin import SHIPPED_DIR, ensure_standin, ship_standin  # lazy: torch
+
+    overrides = {name: value for name, value in (("standin_steps", args.steps), ("standin_seed", args.seed),
+                                                 ("models_dir", args.models_dir)) if value is not None}
+    path = ensure_standin(get_config("tiny", **overrides))
+    print(f"the stand-in backbone: {path}")
+    if args.ship:
+        if os.path.dirname(path) == SHIPPED_DIR:
+            print("it is the one that ships already")
+        else:
+            print(f"shipped: {ship_standin(path)} (commit it and its .json; the stand-in it replaces stays until "
+                  f"you remove it)")
+
+
 def cmd_caption(args: argparse.Namespace) -> None:
     # lazy, all four: torch
     from .device import pick_device
@@ -267,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize_command(sub)
     _add_train_command(sub)
     _add_features_command(sub)
+    _add_standin_command(sub)
     _add_caption_command(sub)
     _add_evaluate_command(sub)
     _add_export_command(sub)
@@ -349,6 +366,17 @@ def _add_features_command(sub):
                    help="delete all but the most recently used cache of each split (never one in use)")
     p.add_argument("--keep", type=int, default=1, help="with --prune: how many caches of each split to keep")
     p.set_defaults(func=cmd_features)
+
+
+def _add_standin_command(sub):
+    p = sub.add_parser("standin", help="the tiny preset's stand-in backbone: find it, or pretrain it on synthetic "
+                                       "scenes (--ship: copy it into the package, to commit)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default: the tiny preset's standin_steps)")
+    p.add_argument("--seed", type=int, help="default: the tiny preset's standin_seed")
+    p.add_argument("--models-dir", help="its pretrained/ folder is made beside this one (default: the preset's)")
+    p.add_argument("--ship", action="store_true",
+                   help="write a half-precision copy into captioning/pretrained/, the stand-in that ships")
+    p.set_defaults(func=cmd_standin)
 
 
 # export.RUNTIMES, written out for the same reason (tests/test_export.py checks that the two agree)

@@ -30,7 +30,7 @@ from .atomic import atomic_write, interrupts_deferred
 from .backbone import STANDIN
 from .config import Config, get_config
 from .model import CNNModel, LSTMModel
-from .standin import standin_path
+from .standin import find_standin, standin_path
 from .vocabulary import Vocab
 
 # The checkpoint's layout version: 2 added "schema" and "data". A newer one is refused by name rather
@@ -187,10 +187,11 @@ def build_models(config: Config, vocab_size: int, weights: Any = _FROM_CONFIG) -
     """
     weights = config.weights if weights is _FROM_CONFIG else weights
     if weights == STANDIN:
-        weights = standin_path(config)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"the stand-in backbone {weights} is not built yet: run notebook 05, or "
-                                    f"captioning.standin.ensure_standin(config), or train() which builds it")
+        found = find_standin(config)
+        if found is None:
+            raise FileNotFoundError(f"the stand-in backbone {standin_path(config)} is not built yet: run notebook 05, "
+                                    f"or captioning.standin.ensure_standin(config), or train() which builds it")
+        weights = found
     if config.decoder == "attention":
         from .attention import AttentionDecoder, GridCNNModel, grid_cells
         layer = config.resolved_grid_layer

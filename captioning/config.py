@@ -28,7 +28,7 @@ class Config:
     # model
     backbone: str = "resnet152"
     weights: str | None = "DEFAULT"        # "DEFAULT", an enum name, None, a local .pth file, or "standin"
-    standin_steps: int = 1400              # weights="standin": pretraining steps on synthetic scenes
+    standin_steps: int = 5600              # weights="standin": pretraining steps on synthetic scenes (this one ships)
     standin_seed: int = 0
     train_backbone: bool = False
     embedding_size: int = 256

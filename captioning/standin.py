@@ -10,9 +10,12 @@ no ImageNet, so this module makes one:
   says which shapes are present, and the shape and colour of each object from left to right and
   from top to bottom;
 - `pretrain_standin`: the training loop, small images first (`resolution_schedule`);
-- `ensure_standin(config)`: pretrain once, save an ordinary weights file under
-  `models_dir/pretrained/` (loaded through the same `weights=<path>` route as a user's own ImageNet
-  file), reuse it afterwards.
+- `ensure_standin(config)`: the stand-in that ships with the project (`SHIPPED_DIR`) when it was
+  made by this very recipe, else pretrain once and save an ordinary weights file under
+  `models_dir/pretrained/`; either is loaded through the same `weights=<path>` route as a user's
+  own ImageNet file;
+- `ship_standin`: the half-precision copy of a stand-in that goes into `SHIPPED_DIR`
+  (`python -m captioning standin --ship`).
 
 It pretrains on eleven of tinyset's shapes and never on `tinyset.HELDOUT_SHAPES`, which stay
 unseen so that benchmarks can measure how well the features carry over to a user's own shapes.
@@ -311,21 +314,37 @@ def recipe_fingerprint() -> str:
 
 
 def standin_path(config: Config) -> str:
-    """Where the stand-in for this backbone, image size and recipe lives: beside the run folders, shared by them."""
+    """Where the stand-in for this backbone, image size and recipe is built: beside the run folders, shared by them."""
     folder = os.path.join(os.path.dirname(os.path.abspath(config.models_dir)), "pretrained")
     name = (f"standin-{config.backbone}-{config.resize_size}to{config.crop_size}px-"
             f"{config.standin_steps}steps-seed{config.standin_seed}-{recipe_fingerprint()}.pth")
     return os.path.join(folder, name)
 
 
+# The tiny preset's stand-in, pretrained once with the preset's settings and committed with the code:
+# pretraining long enough for features that carry over to a user's own shapes takes half an hour
+# on two CPU cores, too long to ask of every learner in notebook 05. Its name is the one
+# standin_path gives, so a changed recipe or step count never finds it and pretrains its own.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+
+
+def find_standin(config: Config) -> str | None:
+    """The stand-in's weights file for `config` if one exists: one built under models_dir's
+    `pretrained/` first, else the one that ships in SHIPPED_DIR if it was made by the same recipe."""
+    path = standin_path(config)
+    shipped = os.path.join(SHIPPED_DIR, os.path.basename(path))
+    return next((p for p in (path, shipped) if os.path.isfile(p)), None)
+
+
 def ensure_standin(config: Config, log: Callable[[str], Any] = print) -> str:
-    """The stand-in's weights file for `config`, pretrained and saved first if it is not on disk yet.
+    """The stand-in's weights file for `config` (find_standin), pretrained and saved first if there is none.
 
     Pretraining holds a lock (`<weights>.lock`): a second run wanting the same stand-in waits for the
     first, then uses the file it saved instead of pretraining it again."""
+    found = find_standin(config)
+    if found:
+        return found
     path = standin_path(config)
-    if os.path.isfile(path):
-        return path
     with build_lock(path, "the stand-in backbone", log):
         if os.path.isfile(path):                    # built by the process we waited for
             log(f"using the stand-in backbone another process just pretrained: {path}")
@@ -334,15 +353,40 @@ def ensure_standin(config: Config, log: Callable[[str], Any] = print) -> str:
             f"scenes), saved for reuse as {os.path.basename(path)} in {os.path.dirname(path)}")
         state, report = pretrain_standin(config.backbone, config.resize_size, config.crop_size,
                                          config.standin_steps, seed=config.standin_seed, progress=config.progress)
-        log(f"stand-in backbone, on {report['heldout_scenes']} scenes it never saw: the shape of a lone object "
-            f"named right {report['heldout_single_shape_accuracy']:.0%} of the time, of each object in two- and "
-            f"three-object scenes by its place {report['heldout_shape_accuracy']:.0%} (chance: "
-            f"{1 / len(report['shapes']):.0%}); colours off by {report['heldout_colour_error']:.2f} (RGB, 0..1)")
+        log(describe_standin(report))
         with atomic_write(path + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with atomic_write(path) as f:
             torch.save(state, f)
     return path
+
+
+def describe_standin(report: dict[str, Any]) -> str:
+    """One line from a stand-in's report (the .json beside its weights): how it does its own task on new scenes."""
+    return (f"stand-in backbone ({report['steps']} steps), on {report['heldout_scenes']} scenes it never saw: the "
+            f"shape of a lone object named right {report['heldout_single_shape_accuracy']:.0%} of the time, of each "
+            f"object in two- and three-object scenes by its place {report['heldout_shape_accuracy']:.0%} (chance: "
+            f"{1 / len(report['shapes']):.0%}); colours off by {report['heldout_colour_error']:.2f} (RGB, 0..1)")
+
+
+def ship_standin(path: str, folder: str | None = None) -> str:
+    """Copy the stand-in `path` (and its report) into `folder` (default: SHIPPED_DIR) under the same name,
+    its convolutions in half precision: half the size in git, and features within rounding of the original's.
+
+    BatchNorm's statistics stay in single precision, whose range they need; `build_resnet` loads
+    every tensor back as float32. Returns the new file's path."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    half = {k: v.half() if v.is_floating_point() and v.dim() > 1 else v for k, v in state.items()}
+    with open(path + ".json") as f:
+        report = json.load(f)
+    folder = folder or SHIPPED_DIR
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, os.path.basename(path))
+    with atomic_write(out + ".json", "w") as f:
+        json.dump({**report, "stored": "convolution weights in float16"}, f, indent=1)
+    with atomic_write(out) as f:
+        torch.save(half, f)
+    return out
 
 
 # ---- does a backbone separate a dataset's objects? ----------------------------------------------

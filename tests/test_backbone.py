@@ -12,14 +12,18 @@ from conftest import SMALL
 from captioning.backbone import build_resnet
 from captioning.checkpoint import load_captioner
 from captioning.config import get_config
+from captioning.data import _to_normalized_tensor
 from captioning.standin import (
     PRETRAINING_SHAPES,
+    SHIPPED_DIR,
     ensure_standin,
+    find_standin,
     pretrain_standin,
     probe_objects,
     recorded_objects,
     resolution_schedule,
     scene_targets,
+    ship_standin,
     standin_path,
     synthetic_scene,
 )
@@ -84,6 +88,77 @@ def test_the_standin_is_pretrained_without_the_heldout_shapes_and_named_by_its_r
             assert renamed == (parameter != "workers"), f"{parameter}: the recipe renames the file; drawing in a " \
                                                          f"worker does not"
     assert os.path.basename(standin_path(config)) == name
+
+
+def test_the_shipped_standin_is_the_current_recipes_and_sees_shapes(tmp_path, monkeypatch):
+    """A change to the recipe or the preset's step count renames the stand-in; the file that ships must be
+    made again (python -m captioning standin --ship), or make demo would pretrain for half an hour."""
+    import captioning.standin as standin
+
+    config = get_config("tiny", models_dir=str(tmp_path / "m"))
+    shipped = os.path.join(SHIPPED_DIR, os.path.basename(standin_path(config)))
+    assert os.path.isfile(shipped), f"no stand-in ships for this recipe: {os.path.basename(shipped)} " \
+                                    f"(in {SHIPPED_DIR}: {sorted(os.listdir(SHIPPED_DIR))})"
+    report = json.load(open(shipped + ".json"))
+    assert report["steps"] == config.standin_steps and report["shapes"] == list(PRETRAINING_SHAPES)
+    assert (report["resize_size"], report["crop_size"], report["seed"]) == (64, 56, 0)
+    # found without pretraining, by ensure_standin and by everything that builds the model
+    # (pretrain_standin itself stays: its defaults are the recipe, and so the file's name)
+    monkeypatch.setattr(standin, "StandinHead", lambda *a, **k: pytest.fail("pretrained again"))
+    assert ensure_standin(config, log=lambda *a: None) == shipped == find_standin(config)
+    resnet = build_resnet("resnet18", shipped)
+    assert all(p.dtype == torch.float32 for p in resnet.state_dict().values() if p.is_floating_point())
+    # it sees: a linear read of its pooled features names the shape of lone objects in scenes it never saw
+    rng = random.Random(123)
+    scenes = [synthetic_scene(rng, PRETRAINING_SHAPES, 64, 56) for _ in range(900)]
+    lone = [(image, objects[0][0]) for image, objects in scenes if len(objects) == 1][:300]
+    resnet.fc = torch.nn.Identity()
+    resnet.eval()
+    with torch.no_grad():
+        features = resnet(torch.stack([_to_normalized_tensor(image) for image, _ in lone]))
+    shapes = [[s] for _, s in lone]
+    right = probe_objects(features[:200], shapes[:200], features[200:], shapes[200:])
+    # (a random ResNet-18 names 11%, a stand-in pretrained for 1,400 steps 67%, for 2,800 steps 91%)
+    assert right > 0.8, f"the shipped stand-in names {right:.0%} of lone shapes"
+    # a stand-in built under models_dir with the same name is used before the shipped one
+    local = standin_path(config)
+    os.makedirs(os.path.dirname(local))
+    open(local, "wb").close()
+    assert find_standin(config) == ensure_standin(config, log=lambda *a: None) == local
+
+
+def test_ship_standin_halves_the_convolutions_and_keeps_the_statistics(tmp_path):
+    state, report = pretrain_standin("resnet18", 36, 32, steps=2, batch_size=4, progress=False)
+    path = str(tmp_path / "standin-x.pth")
+    torch.save(state, path)
+    json.dump(report, open(path + ".json", "w"))
+    out = ship_standin(path, str(tmp_path / "shipped"))
+    assert out == str(tmp_path / "shipped" / "standin-x.pth")
+    half = torch.load(out, weights_only=True)
+    assert half["layer4.1.conv2.weight"].dtype == torch.float16
+    assert half["layer4.1.bn2.running_var"].dtype == torch.float32
+    assert half["bn1.num_batches_tracked"].dtype == torch.long
+    assert os.path.getsize(out) < 0.6 * os.path.getsize(path)
+    resnet = build_resnet("resnet18", out)                    # loaded back in single precision
+    assert torch.equal(resnet.layer4[1].conv2.weight, state["layer4.1.conv2.weight"].half().float())
+    assert torch.equal(resnet.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert json.load(open(out + ".json"))["steps"] == 2
+
+
+def test_the_standin_command_pretrains_and_ships(tmp_path, monkeypatch, capsys):
+    import captioning.standin as standin
+    from captioning.__main__ import main
+
+    monkeypatch.setattr(standin, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    main(["standin", "--steps", "2", "--models-dir", str(tmp_path / "m"), "--ship"])
+    built = next((tmp_path / "pretrained").glob("standin-resnet18-64to56px-2steps-seed0-*.pth"))
+    shipped = tmp_path / "shipped" / built.name
+    out = capsys.readouterr().out
+    assert f"the stand-in backbone: {built}" in out and f"shipped: {shipped}" in out
+    assert torch.load(shipped, weights_only=True)["conv1.weight"].dtype == torch.float16
+    built.unlink()                                        # now the shipped one is found, and not copied onto itself
+    main(["standin", "--steps", "2", "--models-dir", str(tmp_path / "m"), "--ship"])
+    assert "it is the one that ships already" in capsys.readouterr().out and not built.exists()
 
 
 def test_weights_files_load_whatever_their_classifier(tmp_path):

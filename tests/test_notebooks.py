@@ -74,6 +74,7 @@ def test_every_notebook_runs_in_order_on_the_tiny_preset(executed):
                         r"of the 8 val images", _text(out / "05_model.ipynb"))
     assert probes == ["random", "stand-in"]                    # the probe on the user's own images ran, both ways
     assert len(list((root / "pretrained").glob("standin-resnet18-64to56px-3steps-seed0-*.pth"))) == 1
+    assert "stand-in backbone (3 steps), on 512 scenes it never saw" in _text(out / "05_model.ipynb")  # its report
     for path in out.iterdir():      # progress bars are saved at their last frame, not at 0%
         text = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
                        if c.cell_type == "code" for o in c.outputs)
