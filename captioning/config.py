@@ -222,7 +222,7 @@ BOOK = {"backbone": "resnet152", "weights": "ImageNet (pretrained=True)", "resiz
         "hflip": True, "vocab_threshold": 4, "embedding_size": 256, "hidden_layer_size": 512, "num_layers": 1,
         "max_seq_len": 20, "batch_size": 128, "lr": 1e-3, "epochs": 5, "cache": "none"}
 WHY = {
-    "backbone": "tiny: a ResNet-18 trains its stand-in and runs on 2 CPU cores in minutes",
+    "backbone": "tiny: a ResNet-18 (its stand-in ships pretrained) runs on 2 CPU cores in minutes",
     "weights": "tiny: ImageNet weights cannot be downloaded offline, and do not know drawn shapes",
     "resize_size": "tiny: its images are 64 px; the crop keeps the same 8/7 ratio as 256/224",
     "crop_size": "",

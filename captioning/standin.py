@@ -434,8 +434,9 @@ def probe_hits(train_features: torch.Tensor, train_objects: Sequence[Sequence[An
 
     A logistic regression from the standardised features to which colour-shape objects an image
     shows is fitted on the training images; on a val image, given how many objects it holds, its
-    top-scoring objects must be exactly the true ones. Linear, like the captioner's encoder head:
-    what it cannot read, a frozen-backbone captioner rarely says. A probe takes seconds where a
+    top-scoring objects must be exactly the true ones. Linear, like the captioner's encoder head, it
+    follows what a frozen-backbone captioner names, a little below it: scoring colour-shape pairs, it
+    cannot tell which colour goes with which shape in a picture of two. A probe takes seconds where a
     captioner takes minutes, which makes it the quick test of a backbone on a dataset. An object is
     anything hashable: (colour, shape) pairs, or shapes alone to leave colours aside.
     """
