@@ -362,11 +362,13 @@ def ensure_standin(config: Config, log: Callable[[str], Any] = print) -> str:
 
 
 def describe_standin(report: dict[str, Any]) -> str:
-    """One line from a stand-in's report (the .json beside its weights): how it does its own task on new scenes."""
-    return (f"stand-in backbone ({report['steps']} steps), on {report['heldout_scenes']} scenes it never saw: the "
-            f"shape of a lone object named right {report['heldout_single_shape_accuracy']:.0%} of the time, of each "
-            f"object in two- and three-object scenes by its place {report['heldout_shape_accuracy']:.0%} (chance: "
-            f"{1 / len(report['shapes']):.0%}); colours off by {report['heldout_colour_error']:.2f} (RGB, 0..1)")
+    """A few lines from a stand-in's report (the .json beside its weights): how it does its own task on new scenes."""
+    return (f"stand-in backbone ({report['steps']} steps), on {report['heldout_scenes']} scenes it never saw:\n"
+            f"  a lone object's shape named right {report['heldout_single_shape_accuracy']:.0%} of the time "
+            f"(chance: {1 / len(report['shapes']):.0%})\n"
+            f"  each object's shape in two- and three-object scenes, by its place: "
+            f"{report['heldout_shape_accuracy']:.0%}\n"
+            f"  colours off by {report['heldout_colour_error']:.2f} (RGB distance, 0 to 1.7)")
 
 
 def ship_standin(path: str, folder: str | None = None) -> str:
