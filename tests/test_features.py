@@ -2,6 +2,7 @@
 import gc
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -298,10 +299,10 @@ def _extract_and_release(encoder, dataset, tf, features_dir, log):
     return values, folder
 
 
-def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_path):
-    """A truncated or grown features.npy, a corrupted header, a meta.json that does not match: each is
-    found before anything is read, named, and extracted again to the same features."""
-
+@pytest.fixture
+def cache_builder(dataset, tmp_path):
+    """build() extracts a random ResNet-18's cache of `dataset` into tmp_path/f (_extract_and_release),
+    its log lines going to .said; .encoder and .transform are what it extracts with."""
     torch.manual_seed(0)
     encoder = CNNModel(8, "resnet18", weights=None).eval()
     tf = eval_transform(32, 32)
@@ -309,6 +310,15 @@ def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_pa
 
     def build():
         return _extract_and_release(encoder, dataset, tf, tmp_path / "f", said.append)
+
+    return SimpleNamespace(build=build, said=said, encoder=encoder, transform=tf)
+
+
+def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_path, cache_builder):
+    """A truncated or grown features.npy, a corrupted header, a meta.json that does not match: each is
+    found before anything is read, named, and extracted again to the same features."""
+    build, said = cache_builder.build, cache_builder.said
+    encoder, tf = cache_builder.encoder, cache_builder.transform
 
     good, folder = build()
     array, meta_path = os.path.join(folder, "features.npy"), os.path.join(folder, "meta.json")
@@ -357,20 +367,14 @@ def test_a_damaged_cache_is_reported_by_path_and_extracted_again(dataset, tmp_pa
            "meta.json cannot be read: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
 
 
-def test_images_made_again_under_the_same_names_are_extracted_again(dataset, tmp_path):
+def test_images_made_again_under_the_same_names_are_extracted_again(dataset, cache_builder):
     """A data folder generated anew keeps its file names: the cache sees the new files by their sizes and
     extracts them again, instead of serving the old images' features. A cache from before the sizes
     were recorded keeps its folder and is read as it is."""
 
     from PIL import Image
 
-    torch.manual_seed(0)
-    encoder = CNNModel(8, "resnet18", weights=None).eval()
-    tf = eval_transform(32, 32)
-    said: list[str] = []
-
-    def build():
-        return _extract_and_release(encoder, dataset, tf, tmp_path / "f", said.append)
+    build, said = cache_builder.build, cache_builder.said
 
     old, folder = build()
     row = 3
