@@ -193,13 +193,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A small ResNet-18 pretrained on synthetic shape scenes instead of ImageNet (backbone.py's
     # stand-in, built once), then frozen and cached as for COCO.
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
+    # Sixteen views of each training image: on a set of 1,500 the pooled captioner learns which
+    # colour goes with which shape in its own pictures and misses it in new ones; more crops narrow
+    # that gap (benchmarks/README.md, "The captioner's side").
     # decoder="attention" reads layer2's 7 x 7 grid with each cell's place added, without the doubly
     # stochastic term (which spreads 49 cells' attention over a caption of about 20 words): on the
     # relations world the combination got the relations right where layer3's 4 x 4 grid, and layer2
     # without the places, did not (docs/design_notes.md).
     "tiny": dict(
         preset="tiny", data_dir="data_dir/tiny", vocab_threshold=2, max_seq_len=32, resize_size=64, crop_size=56,
-        hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=8, cache_jitter=0.0,
+        hflip=False, backbone="resnet18", weights="standin", train_backbone=False, cache_views=16, cache_jitter=0.0,
         embedding_size=128, hidden_layer_size=256, grid_layer=2, grid_position=True, attention_size=128, alpha_c=0.0,
         batch_size=128, lr=5e-3, backbone_lr=2e-3,
         epochs=14, min_steps=1650, save_every=100, log_every=10, num_workers=0, val_max_captions=1250, heldout_images=0,
@@ -213,6 +216,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 SCST_PRESETS: dict[str, dict[str, Any]] = {
     "coco": dict(lr=5e-5, epochs=20, batch_size=50, min_steps=0),
     "tiny": dict(lr=5e-4, epochs=4, batch_size=32, min_steps=0, scst_xe=1.0, save_every=50, log_every=5),
+}
+
+# What decoder="attention" changes in a preset, for the fields not given. tiny: eight views, as its
+# attention figures were measured; a grid view stores 49 cells where a pooled view stores one, so
+# sixteen would double a 300 MB cache and its extraction for a model that already binds colours.
+DECODER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {"attention": dict(cache_views=8)},
 }
 
 
@@ -280,6 +290,9 @@ def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, 
       relative paths are taken from the project root, so a notebook finds the same files whether
       Jupyter runs it from notebooks/ or papermill from the root (`root` sets another folder).
 
+    objective="scst" and decoder="attention" bring their own values for the fields not given
+    (SCST_PRESETS, DECODER_PRESETS).
+
     models_dir, unless given, is derived from data_dir by Config itself. `config.given` records the
     fields asked for, not the preset's: a resume keeps the rest from its checkpoint. An `epochs`
     given without `min_steps` sets min_steps to 0: the run trains exactly the epochs asked for.
@@ -298,6 +311,7 @@ def get_config(preset: str = "tiny", *, saved: Mapping[str, Any] | None = None, 
         base = PRESETS[preset]
         if overrides.get("objective") == "scst":
             base = {**base, **SCST_PRESETS[preset]}
+        base = {**base, **DECODER_PRESETS.get(preset, {}).get(overrides.get("decoder", ""), {})}
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if "epochs" in overrides and "min_steps" not in overrides:

@@ -9,7 +9,7 @@ from conftest import SMALL
 
 from captioning.attention import AttentionDecoder, GridCNNModel, grid_cells, pick_grid_layer, position_code
 from captioning.checkpoint import build_models, load_captioner
-from captioning.config import get_config
+from captioning.config import DECODER_PRESETS, SCST_PRESETS, get_config
 from captioning.decoding import beam_search, greedy_search, score_sequences
 from captioning.inference import caption_images
 from captioning.training import train
@@ -27,6 +27,17 @@ def test_the_grid_is_the_deepest_stage_at_least_4_by_4_unless_the_preset_names_o
     tiny = get_config("tiny", decoder="attention")
     assert (tiny.resolved_grid_layer, tiny.grid_position, tiny.alpha_c) == (2, True, 0.0)   # 7 x 7, with places
     assert get_config("tiny", grid_layer=0).resolved_grid_layer == 3
+
+
+def test_the_attention_decoder_keeps_its_own_number_of_views_unless_one_is_given():
+    # a grid view stores 49 cells: the tiny preset's 16 pooled views would double its cache
+    assert get_config("tiny").cache_views == get_config("tiny", decoder="lstm").cache_views == 16
+    attention = get_config("tiny", decoder="attention")
+    assert attention.cache_views == DECODER_PRESETS["tiny"]["attention"]["cache_views"] == 8
+    assert get_config("tiny", decoder="attention", cache_views=3).cache_views == 3
+    assert get_config("coco", decoder="attention").cache_views == get_config("coco").cache_views    # no entry
+    scst = get_config("tiny", decoder="attention", objective="scst")
+    assert scst.cache_views == 8 and scst.lr == SCST_PRESETS["tiny"]["lr"]                # both apply
 
 
 def test_the_position_code_tells_every_cell_apart_and_is_fixed():

@@ -201,13 +201,13 @@ def test_a_new_vocab_threshold_rebuilds_the_vocabulary_and_a_resume_keeps_its_ow
 
 def test_a_resume_that_would_change_the_run_is_refused_first_naming_every_field(tiny_copy, tmp_path):
     models = tmp_path / "m"
-    train(config(tiny_copy, models, max_steps=3))                          # mid-epoch, crop 32, 8 views
+    train(config(tiny_copy, models, max_steps=3))                          # mid-epoch, crop 32, 16 views
     features = sorted(os.listdir(tiny_copy / "features"))
     before = (models / "last.ckpt").read_bytes()
     started = time.time()
     message = cli_error(*_train_cmd(tiny_copy, models, "--resume", "--set", "crop_size=28", "--cache-views", "3")[3:])
     assert time.time() - started < 20
-    assert "crop_size 32 -> 28" in message and "cache_views 8 -> 3" in message, message
+    assert "crop_size 32 -> 28" in message and "cache_views 16 -> 3" in message, message
     assert "last.ckpt" in message and "--overwrite" in message
     assert sorted(os.listdir(tiny_copy / "features")) == features          # no cache extracted
     assert (models / "last.ckpt").read_bytes() == before
