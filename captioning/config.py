@@ -195,7 +195,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No flips: its captions say "to the left of", and a mirrored image would contradict them.
     # Sixteen views of each training image: on a set of 1,500 the pooled captioner learns which
     # colour goes with which shape in its own pictures and misses it in new ones; more crops narrow
-    # that gap (benchmarks/README.md, "The captioner's side").
+    # that gap (benchmarks/README.md, "Views against binding").
     # decoder="attention" reads layer2's 7 x 7 grid with each cell's place added, without the doubly
     # stochastic term (which spreads 49 cells' attention over a caption of about 20 words): on the
     # relations world the combination got the relations right where layer3's 4 x 4 grid, and layer2
