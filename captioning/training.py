@@ -6,6 +6,8 @@
   chapter-faithful loop that runs the encoder at every step.
 - models_dir/<dataset>/last.ckpt every `save_every` steps, at each epoch end and when stopped
   (max_steps or Ctrl-C); best.ckpt whenever the validation loss improves. Atomic writes.
+- `lr_decay`: the last share of the epochs at a tenth of the learning rates (constant, as the chapter's,
+  by default; the tiny preset's last fifth).
 - `resume=True` continues from last.ckpt with the same data order and augmentation.
 - torchrun: DistributedDataParallel (NCCL on CUDA, gloo on CPU); only rank 0 logs and saves.
 """
@@ -312,12 +314,19 @@ def make_optimizer(config, encoder, decoder):
     return torch.optim.Adam(groups)
 
 
-def set_learning_rates(optimizer, config):
-    """The config's learning rates into the optimizer's groups (make_optimizer's order): a resume that
-    changes --lr must not have it undone by the restored optimizer state."""
-    rates = [config.lr, config.backbone_lr]
-    for group, lr in zip(optimizer.param_groups, rates):
-        group["lr"] = lr
+def decay_epoch(config, epochs):
+    """The first epoch (counted from 0) run at a tenth of the learning rates: the last `lr_decay` share of
+    `epochs`, rounded to whole epochs, never the first; `epochs` (none) when the rates stay constant."""
+    return max(1, epochs - int(epochs * config.lr_decay + 0.5))
+
+
+def set_learning_rates(optimizer, config, epoch=0, epochs=1):
+    """The config's learning rates for this epoch into the optimizer's groups (make_optimizer's order): a
+    tenth of them from decay_epoch on. Set at every epoch's start, so that a resume, which restores the
+    optimizer's state, or changes --lr or --epochs, still trains each epoch at its own rate."""
+    factor = 0.1 if epoch >= decay_epoch(config, epochs) else 1.0
+    for group, lr in zip(optimizer.param_groups, [config.lr, config.backbone_lr]):
+        group["lr"] = lr * factor
 
 
 def check_prebuilt(config: Config, vocab: Any, encoder: Any, decoder: nn.Module, log: Any) -> None:
@@ -432,7 +441,6 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
         log(f"resumed from {run.path('last.ckpt')} at epoch {run.epoch}, step {run.step}")
         if master:  # drop rows logged after that checkpoint was written, and a torn last line
             trim_log(log_path, run.step, log)
-        set_learning_rates(optimizer, config)
     elif master and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     run.log_file = open(log_path, "a") if master else None
@@ -447,6 +455,9 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
         f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, "
         f"{'cached features' if config.use_cache else 'images'}, "
         f"amp={amp_dtype}, checkpoints in {config.models_dir}")
+    if decay_epoch(config, epochs) < epochs:
+        log(f"learning rates {config.lr:g} until epoch {decay_epoch(config, epochs) - 1}, a tenth of that after "
+            f"(lr_decay={config.lr_decay:g}: the last {epochs - decay_epoch(config, epochs)} of {epochs} epochs)")
     return run
 
 
@@ -491,6 +502,7 @@ def train_one_epoch(run, bar, t0):
     autocast = torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
     run.sampler.set_epoch(run.epoch)
     run.train_ds.set_epoch(run.epoch)
+    set_learning_rates(run.optimizer, config, run.epoch, run.epochs)
     run.model.train()
     loader = _loader(run.train_ds, _SkipSampler(run.sampler, run.batch * config.batch_size), config, device,
                      collate=run.objective.collate)
@@ -509,7 +521,8 @@ def train_one_epoch(run, bar, t0):
         if run.loss is not None and (run.step % config.log_every == 0 or run.step == run.total_steps):
             # .item() waits for the GPU: only here, so the CPU prepares the next batches meanwhile
             run.last_loss = run.loss.item()
-            row = {"step": run.step, "epoch": run.epoch, "loss": run.last_loss}
+            row = {"step": run.step, "epoch": run.epoch, "loss": run.last_loss,
+                   "lr": run.optimizer.param_groups[0]["lr"]}
             if run.scalars:
                 row.update(run.scalars)
             else:

@@ -202,11 +202,18 @@ def read_log(path: str) -> list[dict[str, Any]]:
 
 
 def plot_training_log(path: str) -> Figure:
-    """Training loss and perplexity per logged step, validation loss per epoch."""
+    """Training loss and perplexity per logged step, validation loss per epoch; a dashed line where the
+    learning rate dropped (lr_decay), so that the step it makes in the losses can be told from noise."""
     rows = read_log(path)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
+    rates = [(r["step"], r["lr"]) for r in train if "lr" in r]      # logs written before it was logged: none
+    for (_, before), (step, lr) in zip(rates, rates[1:]):
+        if lr < before:
+            for ax in (ax1, ax2):
+                ax.axvline(step, color="grey", linestyle="--", linewidth=1,
+                           label=f"learning rate {before:g} -> {lr:g}" if ax is ax1 else None)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (epoch end)")

@@ -230,15 +230,16 @@ def test_the_training_notebook_runs_on_its_own_into_any_models_dir(tiny_copy, tm
                         progress_bar=False, **kernel_options())
     assert (models / "last.ckpt").exists() and (tiny_copy / "vocabulary.pkl").exists()
     assert list((tmp_path / "elsewhere" / "pretrained").glob("standin-*-40to32px-2steps-*.pth"))
-    # change a parameter, set RESUME = True, run again: the run's own sizes are kept, a new lr is taken ...
+    # change a parameter, set RESUME = True, run again: the run's own sizes are kept, a new lr and lr_decay taken ...
     from captioning.checkpoint import load_checkpoint
 
     again = {"DATA_DIR": str(tiny_copy), "MODELS_DIR": str(models), "RESUME": True, "MAX_STEPS": 4,
-             "LEARNING_RATE": 0.002, "CHAPTER_STEPS": 1}
+             "LEARNING_RATE": 0.002, "LR_DECAY": 0.5, "CHAPTER_STEPS": 1}
     pm.execute_notebook(notebook, str(tmp_path / "06b.ipynb"), parameters=again, kernel_name="python3",
                         progress_bar=False, **kernel_options())
     ckpt = load_checkpoint(str(models / "last.ckpt"))
     assert ckpt["step"] == 4 and ckpt["config"]["crop_size"] == 32 and ckpt["config"]["lr"] == 0.002
+    assert ckpt["config"]["lr_decay"] == 0.5
     # ... and one that would change the run stops before any work, naming it with both values
     with pytest.raises(pm.PapermillExecutionError, match="crop_size 32 -> 28"):
         pm.execute_notebook(notebook, str(tmp_path / "06c.ipynb"), parameters={**again, "CROP_SIZE": 28},

@@ -13,7 +13,7 @@ from conftest import ROOT, SMALL, run_cli
 from captioning.checkpoint import atomic_save, load_checkpoint
 from captioning.config import get_config
 from captioning.rundir import read_log
-from captioning.training import train
+from captioning.training import decay_epoch, train
 
 FINETUNE = dict(SMALL, log_every=1, save_every=1000, train_backbone=True, group_by_image=True)  # one item per image
 FROZEN = dict(train_backbone=False, weights=None, cache=True, cache_views=2)  # the tiny preset's way
@@ -317,7 +317,7 @@ def test_bad_data_dir_and_bad_overrides_are_clear_errors(tmp_path):
     # out-of-range hyperparameters are refused by name before any work starts (no data dir is read)
     for args, field in ((["--lr", "-1"], "lr"), (["--set", "log_every=0"], "log_every"),
                         (["--epochs", "0"], "epochs"), (["--set", "max_seq_len=0"], "max_seq_len"),
-                        (["--batch-size", "-3"], "batch_size")):
+                        (["--batch-size", "-3"], "batch_size"), (["--set", "lr_decay=1"], "lr_decay")):
         proc = run_cli("train", "--data-dir", tmp_path / "nowhere", *args, check=False)
         assert proc.returncode == 1 and proc.stderr.startswith(f"error: {field} must be"), (args, proc.stderr)
         assert "Traceback" not in proc.stderr and not (tmp_path / "nowhere").exists()
@@ -402,3 +402,30 @@ def test_min_steps_gives_a_small_set_more_epochs_and_an_explicit_epochs_is_kept(
     card = (tmp_path / "m" / "README.md").read_text()
     assert "3 of 3 epochs done" in card
     assert train(small_config(tiny_copy, tmp_path / "n", epochs=1))["step"] == 8
+
+
+def _rates(path):
+    return [group["lr"] for group in torch.load(path, weights_only=True)["optimizer"]["param_groups"]]
+
+
+def test_lr_decay_trains_the_last_epochs_at_a_tenth_and_a_resume_keeps_each_epochs_rate(tiny_copy, tmp_path,
+                                                                                      capsys):
+    tiny = get_config("tiny")
+    assert [decay_epoch(tiny, e) for e in (1, 2, 3, 14, 28)] == [1, 2, 2, 11, 22]   # the last fifth, never the first
+    assert decay_epoch(get_config("coco"), 5) == 5                                  # the chapter's: constant
+    assert get_config("tiny", objective="scst").lr_decay == 0                       # as SCST's figures were measured
+    for bad in (1, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="lr_decay must be"):
+            get_config("tiny", lr_decay=bad)
+    # 5 epochs of 6 steps with the last two at a tenth; stopped in epoch 1, then resumed to the end
+    config = dict(FROZEN, epochs=5, lr_decay=0.4, lr=0.004, batch_size=50)
+    first = train(small_config(tiny_copy, tmp_path / "m", max_steps=10, **config))
+    assert "learning rates 0.004 until epoch 2, a tenth of that after" in capsys.readouterr().out
+    assert first["step"] == 10 and _rates(first["last"]) == [0.004]
+    done = train(small_config(tiny_copy, tmp_path / "m", max_steps=0, **config), resume=True)
+    assert done["step"] == 30 and _rates(done["last"]) == [pytest.approx(0.0004)]
+    # a resume into the decayed epochs that turns the decay off trains the rest at the full rate
+    train(small_config(tiny_copy, tmp_path / "n", max_steps=22, **config))
+    assert _rates(tmp_path / "n" / "last.ckpt") == [pytest.approx(0.0004)]
+    off = train(small_config(tiny_copy, tmp_path / "n", max_steps=0, **{**config, "lr_decay": 0.0}), resume=True)
+    assert "lr_decay 0.4 -> 0.0" in capsys.readouterr().out and _rates(off["last"]) == [0.004]

@@ -72,3 +72,27 @@ def test_saliency_strip_titles_each_word_and_the_attention_style_lights_where_th
     assert len([ax for ax in heat_fig.axes if ax.images][1].images) == 2
     with pytest.raises(ValueError, match="style"):
         show_saliency(picture, ["a"], [heat], style="glow")
+
+
+def test_the_training_plot_marks_where_the_learning_rate_dropped(tmp_path):
+    import json
+
+    from captioning.viz import plot_training_log
+
+    def log(rates):
+        path = tmp_path / f"log{len(rates)}-{rates[-1]}.jsonl"
+        rows = [{"step": 10 * (i + 1), "epoch": i // 3, "loss": 1.0 / (i + 1), "perplexity": 2.0, **rate}
+                for i, rate in enumerate(rates)]
+        rows.append({"step": 60, "epoch": 1, "val_loss": 0.5})
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    def dashed(fig):
+        return [(line.get_xdata()[0], line.get_label()) for line in fig.axes[0].lines if line.get_linestyle() == "--"]
+
+    decayed = log([{"lr": 0.005}] * 4 + [{"lr": 0.0005}] * 2)
+    assert dashed(plot_training_log(decayed)) == [(50, "learning rate 0.005 -> 0.0005")]
+    assert len([ln for ln in plot_training_log(decayed).axes[1].lines if ln.get_linestyle() == "--"]) == 1
+    assert dashed(plot_training_log(log([{"lr": 0.005}] * 6))) == []        # a constant rate: no line
+    assert dashed(plot_training_log(log([{}] * 5))) == []                   # a log from before rates were logged
+    matplotlib.pyplot.close("all")
