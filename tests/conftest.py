@@ -74,6 +74,7 @@ SLOW = {
                          "test_training_builds_prerequisites_and_writes_a_self_contained_checkpoint",
                          "test_torchrun_ddp_on_cpu", "test_kill_9_during_training_then_resume",
                          "test_min_steps_gives_a_small_set_more_epochs_and_an_explicit_epochs_is_kept",
+                         "test_lr_decay_trains_the_last_epochs_at_a_tenth_and_a_resume_keeps_each_epochs_rate",
                          "test_train_trains_prebuilt_modules_in_place_and_says_when_the_library_cannot_rebuild_them",
                          "test_train_refuses_prebuilt_modules_that_do_not_fit"},
     "test_run_safety.py": {"test_a_second_trainer_is_kept_out_and_a_killed_ones_files_are_cleaned",
