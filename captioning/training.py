@@ -320,7 +320,7 @@ def decay_epoch(config, epochs):
     return max(1, epochs - int(epochs * config.lr_decay + 0.5))
 
 
-def set_learning_rates(optimizer, config, epoch=0, epochs=1):
+def set_learning_rates(optimizer, config, epoch, epochs):
     """The config's learning rates for this epoch into the optimizer's groups (make_optimizer's order): a
     tenth of them from decay_epoch on. Set at every epoch's start, so that a resume, which restores the
     optimizer's state, or changes --lr or --epochs, still trains each epoch at its own rate."""
@@ -455,9 +455,10 @@ def setup_run(config, resume, rank, world, device, master, log, changes=None, pr
         f"{steps_per_epoch} steps/epoch{' (all captions of an image per item)' if group else ''}, "
         f"{'cached features' if config.use_cache else 'images'}, "
         f"amp={amp_dtype}, checkpoints in {config.models_dir}")
-    if decay_epoch(config, epochs) < epochs:
-        log(f"learning rates {config.lr:g} until epoch {decay_epoch(config, epochs) - 1}, a tenth of that after "
-            f"(lr_decay={config.lr_decay:g}: the last {epochs - decay_epoch(config, epochs)} of {epochs} epochs)")
+    decay_from = decay_epoch(config, epochs)
+    if decay_from < epochs:
+        log(f"learning rates {config.lr:g} until epoch {decay_from - 1}, a tenth of that after "
+            f"(lr_decay={config.lr_decay:g}: the last {epochs - decay_from} of {epochs} epochs)")
     return run
 
 

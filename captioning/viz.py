@@ -203,7 +203,8 @@ def read_log(path: str) -> list[dict[str, Any]]:
 
 def plot_training_log(path: str) -> Figure:
     """Training loss and perplexity per logged step, validation loss per epoch; a dashed line where the
-    learning rate dropped (lr_decay), so that the step it makes in the losses can be told from noise."""
+    learning rate dropped (lr_decay, or a resume with a smaller lr), so that the step it makes in the
+    losses can be told from noise."""
     rows = read_log(path)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
